@@ -1,0 +1,3 @@
+//! The instance agent: bootstraps, configures and supervises one PostgreSQL instance.
+
+pub mod cli;

@@ -1,0 +1,43 @@
+//! The `pgrs` command line: one binary, one subcommand per role. Each layer owns its own
+//! arguments (`agent::cli`, `local::cli`); this file only dispatches.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pgrs",
+    version,
+    about = "PostgreSQL streaming replication with split-brain-safe failover"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the instance agent: bootstrap, configure and supervise one PostgreSQL instance.
+    Agent(crate::agent::cli::AgentArgs),
+    /// Run a whole cluster of local postgres processes (no Kubernetes).
+    Local(crate::local::cli::LocalArgs),
+}
+
+/// Logs go to stderr; `PGRS_LOG` takes an `EnvFilter` directive, `PGRS_LOG_FORMAT=json` switches
+/// to JSON lines.
+pub fn init_tracing() {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_env("PGRS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if std::env::var("PGRS_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent(args) => crate::agent::cli::run(args).await,
+        Command::Local(args) => crate::local::cli::run(args).await,
+    }
+}

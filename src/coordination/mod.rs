@@ -1,0 +1,1 @@
+//! coordination layer (see docs/architecture.md).

@@ -1,0 +1,1 @@
+//! postgres layer (see docs/architecture.md).

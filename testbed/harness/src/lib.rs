@@ -1,0 +1,1 @@
+//! Test bed: a real Kubernetes control plane for tests.
