@@ -15,11 +15,15 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the agent's arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the instance agent: bootstrap, configure and supervise one PostgreSQL instance.
     Agent(crate::agent::cli::AgentArgs),
     /// Run a whole cluster of local postgres processes (no Kubernetes).
     Local(crate::local::cli::LocalArgs),
+    /// Print the PgReplicaSet CustomResourceDefinition (YAML) to stdout.
+    Crd,
 }
 
 /// Logs go to stderr; `PGRS_LOG` takes an `EnvFilter` directive, `PGRS_LOG_FORMAT=json` switches
@@ -39,5 +43,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => crate::agent::cli::run(args).await,
         Command::Local(args) => crate::local::cli::run(args).await,
+        Command::Crd => Ok(crate::api::print_crd()?),
     }
 }

@@ -6,8 +6,10 @@
 //! `cli` ties them into the single `pgrs` binary.
 
 pub mod agent;
+pub mod api;
 pub mod cli;
 pub mod coordination;
 pub mod engine;
 pub mod local;
+pub mod operator;
 pub mod postgres;

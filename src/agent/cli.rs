@@ -1,10 +1,277 @@
-//! `pgrs agent` arguments.
+//! `pgrs agent`: the command line of the instance agent, and its main loop.
+//!
+//! The agent never decides roles by itself: `--role` (and later the HTTP actions) come from an
+//! external controller (local mode, the operator).
 
-use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+
+use crate::agent::api::{Role, Upstream};
+use crate::agent::config::{PostgresSettings, parse_parameters};
+use crate::agent::http::{HttpState, router};
+use crate::agent::instance::{
+    AgentConfig, Secret, bootstrap_primary, bootstrap_replica, prepare_run_dir, sibling,
+};
+use crate::agent::supervisor;
+use crate::postgres::process::{OsIdentity, PgBinaries};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InitialRole {
+    /// Initialize (initdb) or reuse the data directory and run as a primary.
+    Primary,
+    /// Clone (pg_basebackup) from `--primary-host:--primary-port` or reuse, run as a standby.
+    Replica,
+}
 
 #[derive(Debug, Args)]
-pub struct AgentArgs {}
+pub struct AgentArgs {
+    /// Cluster name; recorded in the data directory (`pgrs.cluster`) to refuse foreign ones.
+    #[arg(long, env = "PGRS_CLUSTER", default_value = "pgrs")]
+    pub cluster: String,
+    /// Instance name: `cluster_name`, the replication `application_name` and slot `pgrs_<name>`.
+    #[arg(long, env = "PGRS_NAME")]
+    pub name: String,
+    /// PostgreSQL data directory (created if missing).
+    #[arg(long, env = "PGRS_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Directory for the Unix socket and the libpq passfile [default: <data-dir>.pgrs-run].
+    #[arg(long, env = "PGRS_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Directory of the PostgreSQL 15 programs.
+    #[arg(
+        long,
+        env = "PGRS_PG_BIN",
+        default_value = "/usr/lib/postgresql/15/bin"
+    )]
+    pub pg_bin: PathBuf,
+    /// Role at startup, decided by the controller.
+    #[arg(long, value_enum)]
+    pub role: InitialRole,
+    /// Primary to clone from and stream from (`--role replica`).
+    #[arg(long, required_if_eq("role", "replica"))]
+    pub primary_host: Option<String>,
+    #[arg(long, default_value_t = 5432)]
+    pub primary_port: u16,
+    /// Physical slot on the primary [default: pgrs_<name>].
+    #[arg(long)]
+    pub slot: Option<String>,
+    /// postgres port.
+    #[arg(long, env = "PGRS_PORT", default_value_t = 5432)]
+    pub port: u16,
+    /// postgres `listen_addresses`.
+    #[arg(long, default_value = "*")]
+    pub listen_addresses: String,
+    /// Address of the agent's HTTP API.
+    #[arg(long, env = "PGRS_HTTP_LISTEN", default_value = "0.0.0.0:8008")]
+    pub http_listen: SocketAddr,
+    /// File holding the bearer token required by every HTTP action.
+    #[arg(long, env = "PGRS_TOKEN_FILE")]
+    pub token_file: PathBuf,
+    /// File holding the password of the superuser (`--superuser`).
+    #[arg(long, env = "PGRS_SUPERUSER_PASSWORD_FILE")]
+    pub superuser_password_file: PathBuf,
+    #[arg(long, default_value = "postgres")]
+    pub superuser: String,
+    /// File holding the password of the replication user.
+    #[arg(long, env = "PGRS_REPLICATION_PASSWORD_FILE")]
+    pub replication_password_file: PathBuf,
+    #[arg(long, default_value = "replicator")]
+    pub replication_user: String,
+    #[arg(long, default_value_t = 10)]
+    pub max_wal_senders: u32,
+    #[arg(long, default_value_t = 10)]
+    pub max_replication_slots: u32,
+    #[arg(long, default_value_t = 128)]
+    pub wal_keep_size_mb: u64,
+    /// Cap of WAL kept for slots (a dead replica's slot cannot fill the disk); 0 = unlimited.
+    #[arg(long, default_value_t = 4096)]
+    pub max_slot_wal_keep_size_mb: u64,
+    /// Enables `archive_mode` with this `archive_command`.
+    #[arg(long)]
+    pub archive_command: Option<String>,
+    /// `synchronous_standby_names` (e.g. `ANY 1 (*)`); empty = asynchronous.
+    #[arg(long)]
+    pub synchronous_standby_names: Option<String>,
+    /// Extra postgres parameter `NAME=VALUE` (repeatable); agent-owned names are refused.
+    #[arg(long = "parameter", value_name = "NAME=VALUE")]
+    pub parameters: Vec<String>,
+    /// Timeout to connect to a primary, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub primary_timeout_secs: u64,
+    /// Time postgres may take to accept connections after a start, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub start_timeout_secs: u64,
+    /// Bound of a fast shutdown before immediate, in seconds (SIGTERM, stop, rejoin).
+    #[arg(long, default_value_t = 5)]
+    pub stop_timeout_secs: u64,
+    /// Time a rejoined instance may take to stream before falling back to re-clone, seconds.
+    #[arg(long, default_value_t = 60)]
+    pub verify_timeout_secs: u64,
+    /// Lease fencing (`--lease-url`, timings): see `coordination::LeaseArgs`.
+    #[command(flatten)]
+    pub lease: crate::coordination::LeaseArgs,
+}
 
-pub async fn run(_args: AgentArgs) -> anyhow::Result<()> {
-    anyhow::bail!("pgrs agent is not built yet")
+impl AgentArgs {
+    fn config(&self) -> anyhow::Result<AgentConfig> {
+        let binaries = PgBinaries::locate(&self.pg_bin)?;
+        let identity = OsIdentity::for_postgres()?;
+        let parameters = parse_parameters(&self.parameters)?;
+        let run_dir = self
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| sibling(&self.data_dir, "run"));
+        Ok(AgentConfig {
+            cluster: self.cluster.clone(),
+            settings: PostgresSettings {
+                instance_name: self.name.clone(),
+                port: self.port,
+                listen_addresses: self.listen_addresses.clone(),
+                socket_dir: run_dir.clone(),
+                max_wal_senders: self.max_wal_senders,
+                max_replication_slots: self.max_replication_slots,
+                wal_keep_size_mb: self.wal_keep_size_mb,
+                max_slot_wal_keep_size_mb: (self.max_slot_wal_keep_size_mb > 0)
+                    .then_some(self.max_slot_wal_keep_size_mb),
+                archive_command: self.archive_command.clone(),
+                synchronous_standby_names: self.synchronous_standby_names.clone(),
+                parameters,
+            },
+            data_dir: self.data_dir.clone(),
+            run_dir,
+            binaries,
+            identity,
+            superuser: self.superuser.clone(),
+            superuser_password: Secret::from_file(&self.superuser_password_file)?,
+            replication_user: self.replication_user.clone(),
+            replication_password: Secret::from_file(&self.replication_password_file)?,
+            primary_timeout: Duration::from_secs(self.primary_timeout_secs),
+            start_timeout: Duration::from_secs(self.start_timeout_secs),
+            stop_timeout: Duration::from_secs(self.stop_timeout_secs),
+            verify_timeout: Duration::from_secs(self.verify_timeout_secs),
+        })
+    }
+}
+
+async fn termination_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("failed to install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("failed to install SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let config = Arc::new(args.config()?);
+    let token = Secret::from_file(&args.token_file)?;
+    prepare_run_dir(&config)?;
+    let listener = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("failed to listen for HTTP on {}", args.http_listen))?;
+
+    let (intended_role, upstream) = match args.role {
+        InitialRole::Primary => (Role::Primary, None),
+        InitialRole::Replica => {
+            let host = args
+                .primary_host
+                .clone()
+                .context("--role replica needs --primary-host")?;
+            let upstream = Upstream {
+                host,
+                port: args.primary_port,
+                slot: Some(args.slot.clone().unwrap_or_else(|| config.default_slot())),
+            };
+            (Role::Replica, Some(upstream))
+        }
+    };
+    let (handle, supervisor_task) =
+        supervisor::spawn(config.clone(), intended_role, upstream.clone());
+    let app = router(HttpState {
+        supervisor: handle.clone(),
+        token: Arc::new(token),
+    });
+    let fencing = start_fencing(&args, &config, &handle)?;
+    let app = match &fencing {
+        Some(fencing) => fencing.gate_promote(app, crate::agent::api::PROMOTE_PATH),
+        None => app,
+    };
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http_task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = http_stopped.await;
+            })
+            .await
+    });
+    tracing::info!(name = config.name(), http = %args.http_listen, role = ?args.role, "agent starting");
+
+    let bootstrap = async {
+        let system_identifier = match &upstream {
+            None => bootstrap_primary(&config).await?,
+            Some(upstream) => bootstrap_replica(&config, upstream).await?,
+        };
+        supervisor::set_system_identifier(&handle, system_identifier);
+        handle.start().await?;
+        anyhow::Ok(())
+    };
+    let signal = termination_signal();
+    tokio::pin!(signal);
+    tokio::select! {
+        result = bootstrap => result.context("failed to bootstrap the instance")?,
+        received = &mut signal => {
+            tracing::info!(signal = received?, "terminated during bootstrap");
+            let _ = handle.shutdown().await;
+            return Ok(());
+        }
+    }
+    tracing::info!(name = config.name(), "instance is up");
+
+    let received = signal.await?;
+    tracing::info!(signal = received, "shutting down: fast stop of postgres");
+    let result = handle.shutdown().await;
+    if let (Some(fencing), Ok(_)) = (&fencing, &result) {
+        fencing.release_after_stop().await;
+    }
+    let _ = stop_http.send(());
+    let _ = http_task.await;
+    let _ = supervisor_task.await;
+    result.context("failed to stop postgres")?;
+    Ok(())
+}
+
+/// Lease fencing (when `--lease-url` is given): the keeper fences through the supervisor's
+/// immediate shutdown, and is armed while postgres runs as primary.
+fn start_fencing(
+    args: &AgentArgs,
+    config: &AgentConfig,
+    handle: &supervisor::SupervisorHandle,
+) -> anyhow::Result<Option<crate::coordination::AgentFencing>> {
+    use crate::coordination::{AgentFencing, FenceFn, LocalPrimaryState};
+    let fence_handle = handle.clone();
+    let fence: FenceFn = Arc::new(move |reason: String| {
+        let handle = fence_handle.clone();
+        Box::pin(async move {
+            if let Err(error) = handle.fence(&reason).await {
+                tracing::error!(%error, "fencing through the supervisor failed");
+            }
+        })
+    });
+    let state_handle = handle.clone();
+    let state = Arc::new(move || {
+        let state = state_handle.state();
+        match (state.phase, state.intended_role) {
+            (supervisor::Phase::Running, Role::Primary) => LocalPrimaryState::Serving,
+            (supervisor::Phase::Starting, Role::Primary) => LocalPrimaryState::Restarting,
+            (supervisor::Phase::Stopped, _) => LocalPrimaryState::StoppedOnRequest,
+            _ => LocalPrimaryState::NotPrimary,
+        }
+    });
+    AgentFencing::start(&args.lease, config.name(), &config.data_dir, fence, state)
 }

@@ -1,3 +1,10 @@
-//! The instance agent: bootstraps, configures and supervises one PostgreSQL instance.
+//! The instance agent: bootstraps, configures and supervises one PostgreSQL instance, and serves
+//! its HTTP API ([`api`]); [`client`] is the matching client.
 
+pub mod api;
 pub mod cli;
+pub mod client;
+pub mod config;
+pub mod http;
+pub mod instance;
+pub mod supervisor;

@@ -1,0 +1,226 @@
+//! The agent's HTTP API: paths and JSON bodies. Shared by the agent (server), `AgentClient`,
+//! local mode and the operator, so every field is documented and changes are additive only.
+//!
+//! Paths (all JSON):
+//! - `GET  /v1/status`  → [`AgentStatus`]. Not authenticated: it carries no secret, and probes
+//!   and dashboards must read it without credentials.
+//! - `POST /v1/promote` [`PromoteRequest`] → [`ActionResponse`]
+//! - `POST /v1/follow`  [`FollowRequest`]  → [`ActionResponse`]
+//! - `POST /v1/rejoin`  [`RejoinRequest`]  → [`ActionResponse`] (with `rejoin`)
+//! - `POST /v1/stop`    [`StopRequest`]    → [`ActionResponse`]
+//! - `POST /v1/start`   (empty body `{}`)  → [`ActionResponse`]
+//! - `POST /v1/fence`   [`FenceRequest`]   → [`ActionResponse`]
+//!
+//! Every `POST` needs `Authorization: Bearer <token>` (the shared token from the agent's
+//! `--token-file`); a missing or wrong token gets `401` with an [`ErrorResponse`]. A refused or
+//! failed action gets `409` (not allowed in the current role) or `500` (it ran and failed), also
+//! with an [`ErrorResponse`]. Actions are executed one at a time, in arrival order.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::postgres::lsn::Lsn;
+/// Re-exported: the probe fills them, the API carries them unchanged.
+pub use crate::postgres::probe::{ReplicationPeer, WalReceiver};
+
+pub const STATUS_PATH: &str = "/v1/status";
+pub const PROMOTE_PATH: &str = "/v1/promote";
+pub const FOLLOW_PATH: &str = "/v1/follow";
+pub const REJOIN_PATH: &str = "/v1/rejoin";
+pub const STOP_PATH: &str = "/v1/stop";
+pub const START_PATH: &str = "/v1/start";
+pub const FENCE_PATH: &str = "/v1/fence";
+
+/// What the instance is, as far as its agent knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// postgres runs and is not in recovery: it accepts writes.
+    Primary,
+    /// postgres runs in recovery (hot standby), streaming or trying to stream from a primary.
+    Replica,
+    /// Bootstrapping, starting, restarting after a crash, or running an action (rewind, clone).
+    Starting,
+    /// Stopped on a fencing order; postgres is not restarted until a `follow` or `rejoin`.
+    Fenced,
+    /// Stopped on request (`/v1/stop`); restarted by `/v1/start`, `follow` or `rejoin`.
+    Stopped,
+}
+
+/// `GET /v1/status`. Every PostgreSQL-derived field is `None` when postgres is down or the
+/// probe failed (`probe_error` says why): unknown is never reported as 0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// The instance name (`--name`); also the replication slot suffix and `application_name`.
+    pub name: String,
+    /// The cluster name (`--cluster`).
+    pub cluster: String,
+    pub role: Role,
+    /// The role the agent is driving towards (`primary` or `replica`); differs from `role` while
+    /// starting, stopped or fenced.
+    pub intended_role: Role,
+    /// postgres accepted a connection during this status request.
+    pub postgres_up: bool,
+    /// postmaster process id, when the agent's child is running.
+    pub postgres_pid: Option<u32>,
+    /// TCP port postgres listens on.
+    pub postgres_port: u16,
+    /// `pg_control_system().system_identifier` (as a decimal string: it does not fit a JSON
+    /// double), read from the running server or, when down, from `pg_controldata`.
+    pub system_identifier: Option<String>,
+    /// Current timeline: `pg_control_checkpoint().timeline_id` on a primary (after the
+    /// post-promotion checkpoint), the WAL receiver's `received_tli` on a streaming replica.
+    pub timeline: Option<u32>,
+    /// `pg_is_in_recovery()`.
+    pub in_recovery: Option<bool>,
+    /// Primary only: `pg_current_wal_lsn()`.
+    pub current_lsn: Option<Lsn>,
+    /// Replica only: `pg_last_wal_receive_lsn()` (flushed by the WAL receiver).
+    pub receive_lsn: Option<Lsn>,
+    /// Replica only: `pg_last_wal_replay_lsn()`.
+    pub replay_lsn: Option<Lsn>,
+    /// Replica only: `pg_last_xact_replay_timestamp()`: commit time of the last replayed
+    /// transaction (not "now" on an idle primary: compare LSNs to know whether it is caught up).
+    pub last_replay_timestamp: Option<DateTime<Utc>>,
+    /// Primary only: one row per connected WAL sender (`pg_stat_replication`).
+    pub replication: Vec<ReplicationPeer>,
+    /// Replica only: `pg_stat_wal_receiver`, `None` when no receiver runs.
+    pub wal_receiver: Option<WalReceiver>,
+    /// The upstream a replica is configured to stream from (`primary_conninfo`).
+    pub upstream: Option<Upstream>,
+    pub data_dir: DataDirHealth,
+    /// How postgres was restarted after crashes since the agent started.
+    pub crash_restarts: u32,
+    /// The last rejoin, if any: which path ran (rewind or re-clone) and when.
+    pub last_rejoin: Option<RejoinReport>,
+    /// Why the agent is fenced, when `role` is `fenced`.
+    pub fence_reason: Option<String>,
+    /// Last error of the supervisor or of an action, for humans.
+    pub last_error: Option<String>,
+    /// Why the SQL probe failed, when postgres should be up but could not be queried.
+    pub probe_error: Option<String>,
+    /// When this status was computed (agent clock).
+    pub observed_at: DateTime<Utc>,
+}
+
+/// Where a replica streams from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    /// Physical slot on the upstream (`primary_slot_name`), if any.
+    pub slot: Option<String>,
+}
+
+/// Health of the data directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataDirHealth {
+    pub path: String,
+    /// The directory exists.
+    pub exists: bool,
+    /// It contains `PG_VERSION` (an initialized cluster).
+    pub initialized: bool,
+    /// Contents of `PG_VERSION`.
+    pub pg_version: Option<String>,
+    /// `standby.signal` is present.
+    pub standby_signal: bool,
+    /// Free bytes on its filesystem.
+    pub free_bytes: Option<u64>,
+}
+
+/// Which way a former primary was brought back as a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejoinPath {
+    /// `pg_rewind` succeeded and the instance streams from the new primary.
+    Rewind,
+    /// `pg_rewind` failed or the rewound instance did not stream; it was re-cloned with
+    /// `pg_basebackup` into a fresh directory, which then replaced the old one.
+    Reclone,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RejoinReport {
+    pub path: RejoinPath,
+    /// Why `pg_rewind` was not enough, when the path is `reclone`.
+    pub rewind_failure: Option<String>,
+    pub upstream: Upstream,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// `POST /v1/promote`: make a replica a primary (`pg_promote`, then a CHECKPOINT so the control
+/// file and `pg_rewind` see the new timeline). Refused (409) unless the role is `replica`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromoteRequest {
+    /// Seconds to wait for the promotion to finish (default 60).
+    #[serde(default)]
+    pub wait_seconds: Option<u64>,
+}
+
+/// `POST /v1/follow`: stream from another primary. A running replica gets its `primary_conninfo`
+/// rewritten and a reload (following the new timeline: `recovery_target_timeline = latest`); a
+/// stopped or fenced instance is started as a standby. Refused (409) on a running primary: a
+/// former primary must `rejoin`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowRequest {
+    pub host: String,
+    pub port: u16,
+    /// Physical slot to use on the new primary; default `pgrs_<name>`, created if missing.
+    #[serde(default)]
+    pub slot: Option<String>,
+}
+
+/// `POST /v1/rejoin`: turn a former primary (running, stopped or fenced) into a replica of
+/// `host:port`: stop, CHECKPOINT on the new primary, `pg_rewind`, re-render the configuration,
+/// start as a standby and verify it streams; else re-clone. The response's `rejoin` says which
+/// path ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejoinRequest {
+    pub host: String,
+    pub port: u16,
+    #[serde(default)]
+    pub slot: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMode {
+    /// SIGINT: roll back sessions, checkpoint, exit (bounded; escalates to immediate).
+    #[default]
+    Fast,
+    /// SIGQUIT: exit at once, crash recovery at next start.
+    Immediate,
+}
+
+/// `POST /v1/stop`: stop postgres and keep it stopped (role `stopped`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopRequest {
+    #[serde(default)]
+    pub mode: StopMode,
+}
+
+/// `POST /v1/fence`: immediate stop, role `fenced`, no restart until `follow` or `rejoin`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceRequest {
+    /// Recorded in the status (`fence_reason`) and the logs.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Reply to every successful action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionResponse {
+    /// What was done, for humans.
+    pub message: String,
+    /// Set by `rejoin`: which path ran.
+    #[serde(default)]
+    pub rejoin: Option<RejoinReport>,
+    /// The status right after the action.
+    pub status: AgentStatus,
+}
+
+/// Body of every error reply (401, 409, 500).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    pub error: String,
+}

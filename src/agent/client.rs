@@ -1,0 +1,157 @@
+//! HTTP client of the agent API (see [`crate::agent::api`]), used by local mode, the operator
+//! and tests.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::agent::api::{
+    ActionResponse, AgentStatus, ErrorResponse, FENCE_PATH, FOLLOW_PATH, FenceRequest,
+    FollowRequest, PROMOTE_PATH, PromoteRequest, REJOIN_PATH, RejoinRequest, START_PATH,
+    STATUS_PATH, STOP_PATH, StopRequest,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("failed to reach agent at {url}: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("agent at {url} answered {status}: {message}")]
+    Api {
+        url: String,
+        status: StatusCode,
+        message: String,
+    },
+    #[error("failed to decode agent reply from {url}: {source}")]
+    Decode {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("failed to build HTTP client: {0}")]
+    Build(#[source] reqwest::Error),
+}
+
+impl ClientError {
+    /// The HTTP status when the agent answered with an error (401, 409, 500).
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A client for one agent. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    base_url: String,
+    token: Option<String>,
+    http: reqwest::Client,
+    /// Long actions (rejoin with a re-clone) need a longer timeout than a status read.
+    action_timeout: Duration,
+}
+
+impl AgentClient {
+    /// `base_url` like `http://127.0.0.1:8008`; `token` is sent as a bearer token on actions.
+    pub fn new(base_url: impl Into<String>, token: Option<String>) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(ClientError::Build)?;
+        Ok(AgentClient {
+            base_url: base_url.into().trim_end_matches('/').to_string(),
+            token,
+            http,
+            action_timeout: Duration::from_secs(600),
+        })
+    }
+
+    /// Overrides the timeout of action requests (default 600 s).
+    pub fn with_action_timeout(mut self, timeout: Duration) -> Self {
+        self.action_timeout = timeout;
+        self
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// `GET /v1/status`, with a 5 s timeout.
+    pub async fn status(&self) -> Result<AgentStatus, ClientError> {
+        let url = format!("{}{}", self.base_url, STATUS_PATH);
+        let request = self.http.get(&url).timeout(Duration::from_secs(5));
+        Self::send(url, request).await
+    }
+
+    pub async fn promote(&self, request: &PromoteRequest) -> Result<ActionResponse, ClientError> {
+        self.post(PROMOTE_PATH, request).await
+    }
+
+    pub async fn follow(&self, request: &FollowRequest) -> Result<ActionResponse, ClientError> {
+        self.post(FOLLOW_PATH, request).await
+    }
+
+    pub async fn rejoin(&self, request: &RejoinRequest) -> Result<ActionResponse, ClientError> {
+        self.post(REJOIN_PATH, request).await
+    }
+
+    pub async fn stop(&self, request: &StopRequest) -> Result<ActionResponse, ClientError> {
+        self.post(STOP_PATH, request).await
+    }
+
+    pub async fn start(&self) -> Result<ActionResponse, ClientError> {
+        self.post(START_PATH, &serde_json::json!({})).await
+    }
+
+    pub async fn fence(&self, request: &FenceRequest) -> Result<ActionResponse, ClientError> {
+        self.post(FENCE_PATH, request).await
+    }
+
+    async fn post<B: Serialize + ?Sized>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<ActionResponse, ClientError> {
+        let url = format!("{}{}", self.base_url, path);
+        let mut request = self.http.post(&url).timeout(self.action_timeout).json(body);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        Self::send(url, request).await
+    }
+
+    async fn send<T: DeserializeOwned>(
+        url: String,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let response = request
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport {
+                url: url.clone(),
+                source,
+            })?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<ErrorResponse>(&text)
+                .map(|body| body.error)
+                .unwrap_or(text);
+            return Err(ClientError::Api {
+                url,
+                status,
+                message,
+            });
+        }
+        response
+            .json::<T>()
+            .await
+            .map_err(|source| ClientError::Decode { url, source })
+    }
+}

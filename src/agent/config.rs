@@ -1,0 +1,403 @@
+//! Rendering `postgresql.conf`, `pg_hba.conf` and the libpq passfile from typed settings.
+//! Pure: no IO, so every rule is unit-tested.
+//!
+//! The agent owns the whole configuration: it rewrites `postgresql.conf` and `pg_hba.conf` and
+//! empties `postgresql.auto.conf` at every start, promote, follow and rejoin (pg_rewind and
+//! pg_basebackup copy the source's files, whose node-specific settings would be wrong here).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use crate::agent::api::Upstream;
+
+/// Parameters the agent sets itself; users cannot override them through `--parameter`.
+pub const AGENT_OWNED_PARAMETERS: &[&str] = &[
+    "archive_command",
+    "archive_mode",
+    "cluster_name",
+    "config_file",
+    "data_directory",
+    "hba_file",
+    "hot_standby",
+    "ident_file",
+    "listen_addresses",
+    "logging_collector",
+    "max_replication_slots",
+    "max_slot_wal_keep_size",
+    "max_wal_senders",
+    "port",
+    "primary_conninfo",
+    "primary_slot_name",
+    "promote_trigger_file",
+    "recovery_target_timeline",
+    "restore_command",
+    "synchronous_standby_names",
+    "unix_socket_directories",
+    "wal_keep_size",
+    "wal_level",
+    "wal_log_hints",
+];
+
+/// Typed settings of one instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PostgresSettings {
+    /// Instance name: `cluster_name` and the `application_name` it streams with.
+    pub instance_name: String,
+    pub port: u16,
+    /// `listen_addresses` (e.g. `*` in a pod, `127.0.0.1` locally).
+    pub listen_addresses: String,
+    /// Directory of the Unix socket (the agent's run directory).
+    pub socket_dir: PathBuf,
+    pub max_wal_senders: u32,
+    pub max_replication_slots: u32,
+    pub wal_keep_size_mb: u64,
+    /// `None` = unlimited (`-1`): a dead replica's slot may fill the disk.
+    pub max_slot_wal_keep_size_mb: Option<u64>,
+    /// When set, `archive_mode = on` with this `archive_command`.
+    pub archive_command: Option<String>,
+    /// `synchronous_standby_names`, empty for asynchronous replication.
+    pub synchronous_standby_names: Option<String>,
+    /// User parameters, rendered last; names in [`AGENT_OWNED_PARAMETERS`] are refused.
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// How a standby reaches its primary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StandbySettings {
+    pub upstream: Upstream,
+    pub replication_user: String,
+    /// libpq passfile holding the replication password (never the password itself).
+    pub passfile: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("failed to accept parameter {0:?}: the agent owns it (see `pgrs agent --help`)")]
+    AgentOwned(String),
+    #[error("failed to accept parameter {0:?}: names are lowercase letters, digits, `_` and `.`")]
+    BadName(String),
+    #[error("failed to parse parameter {0:?}: expected NAME=VALUE")]
+    NotAnAssignment(String),
+}
+
+/// Parses `NAME=VALUE` user parameters, refusing agent-owned names.
+pub fn parse_parameters(items: &[String]) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut parameters = BTreeMap::new();
+    for item in items {
+        let (name, value) = item
+            .split_once('=')
+            .ok_or_else(|| ConfigError::NotAnAssignment(item.clone()))?;
+        let name = name.trim().to_ascii_lowercase();
+        validate_parameter_name(&name)?;
+        parameters.insert(name, value.trim().to_string());
+    }
+    Ok(parameters)
+}
+
+fn validate_parameter_name(name: &str) -> Result<(), ConfigError> {
+    let well_formed = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
+    if !well_formed {
+        return Err(ConfigError::BadName(name.to_string()));
+    }
+    if AGENT_OWNED_PARAMETERS.contains(&name) {
+        return Err(ConfigError::AgentOwned(name.to_string()));
+    }
+    Ok(())
+}
+
+/// A postgresql.conf string literal.
+fn conf_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// A libpq conninfo value.
+fn conninfo_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// The libpq connection string a standby (or pg_basebackup / pg_rewind) uses to reach `upstream`.
+pub fn conninfo(
+    upstream_host: &str,
+    upstream_port: u16,
+    user: &str,
+    passfile: &std::path::Path,
+    application_name: &str,
+    dbname: Option<&str>,
+) -> String {
+    let mut text = format!(
+        "host={} port={} user={} passfile={} application_name={} connect_timeout=5",
+        conninfo_quote(upstream_host),
+        upstream_port,
+        conninfo_quote(user),
+        conninfo_quote(&passfile.to_string_lossy()),
+        conninfo_quote(application_name),
+    );
+    if let Some(dbname) = dbname {
+        let _ = write!(text, " dbname={}", conninfo_quote(dbname));
+    }
+    text
+}
+
+/// Renders `postgresql.conf`. `standby` is `Some` for a replica: the recovery settings are then
+/// set (postgres also needs `standby.signal`, which the caller writes).
+pub fn render_postgresql_conf(
+    settings: &PostgresSettings,
+    standby: Option<&StandbySettings>,
+) -> Result<String, ConfigError> {
+    for name in settings.parameters.keys() {
+        validate_parameter_name(name)?;
+    }
+    let mut lines: Vec<(String, String)> = vec![
+        (
+            "listen_addresses".into(),
+            conf_quote(&settings.listen_addresses),
+        ),
+        ("port".into(), settings.port.to_string()),
+        (
+            "unix_socket_directories".into(),
+            conf_quote(&settings.socket_dir.to_string_lossy()),
+        ),
+        ("cluster_name".into(), conf_quote(&settings.instance_name)),
+        ("wal_level".into(), "replica".into()),
+        ("wal_log_hints".into(), "on".into()),
+        ("hot_standby".into(), "on".into()),
+        (
+            "max_wal_senders".into(),
+            settings.max_wal_senders.to_string(),
+        ),
+        (
+            "max_replication_slots".into(),
+            settings.max_replication_slots.to_string(),
+        ),
+        (
+            "wal_keep_size".into(),
+            format!("'{}MB'", settings.wal_keep_size_mb),
+        ),
+        (
+            "max_slot_wal_keep_size".into(),
+            match settings.max_slot_wal_keep_size_mb {
+                Some(mb) => format!("'{mb}MB'"),
+                None => "-1".into(),
+            },
+        ),
+        ("password_encryption".into(), "'scram-sha-256'".into()),
+        // The agent captures stderr and forwards it to its own log.
+        ("logging_collector".into(), "off".into()),
+        ("log_destination".into(), "'stderr'".into()),
+        ("log_line_prefix".into(), "'%m [%p] '".into()),
+        ("recovery_target_timeline".into(), "'latest'".into()),
+    ];
+    match &settings.archive_command {
+        Some(command) => {
+            lines.push(("archive_mode".into(), "on".into()));
+            lines.push(("archive_command".into(), conf_quote(command)));
+        }
+        None => lines.push(("archive_mode".into(), "off".into())),
+    }
+    lines.push((
+        "synchronous_standby_names".into(),
+        conf_quote(settings.synchronous_standby_names.as_deref().unwrap_or("")),
+    ));
+    match standby {
+        Some(standby) => {
+            let info = conninfo(
+                &standby.upstream.host,
+                standby.upstream.port,
+                &standby.replication_user,
+                &standby.passfile,
+                &settings.instance_name,
+                None,
+            );
+            lines.push(("primary_conninfo".into(), conf_quote(&info)));
+            lines.push((
+                "primary_slot_name".into(),
+                conf_quote(standby.upstream.slot.as_deref().unwrap_or("")),
+            ));
+        }
+        None => {
+            lines.push(("primary_conninfo".into(), "''".into()));
+            lines.push(("primary_slot_name".into(), "''".into()));
+        }
+    }
+    let mut text = String::from(
+        "# Rendered by the pgrs agent at every start and role change: edits are lost.\n\
+         # Set parameters with `pgrs agent --parameter NAME=VALUE`.\n",
+    );
+    for (name, value) in lines {
+        let _ = writeln!(text, "{name} = {value}");
+    }
+    if !settings.parameters.is_empty() {
+        text.push_str("\n# User parameters\n");
+        for (name, value) in &settings.parameters {
+            let _ = writeln!(text, "{name} = {}", conf_quote(value));
+        }
+    }
+    Ok(text)
+}
+
+/// Renders `pg_hba.conf`: SCRAM everywhere, replication only for the replication user.
+pub fn render_pg_hba(replication_user: &str) -> String {
+    let mut text = String::from("# Rendered by the pgrs agent: edits are lost.\n");
+    text.push_str("local   all          all                       scram-sha-256\n");
+    for network in ["0.0.0.0/0", "::/0"] {
+        let _ = writeln!(
+            text,
+            "host    replication  {replication_user:<12} {network:<12} scram-sha-256"
+        );
+        let _ = writeln!(
+            text,
+            "host    all          all          {network:<12} scram-sha-256"
+        );
+    }
+    text
+}
+
+/// A libpq passfile line matching any host, port and database for `user`.
+pub fn passfile_line(user: &str, password: &str) -> String {
+    let escape = |text: &str| text.replace('\\', "\\\\").replace(':', "\\:");
+    format!("*:*:*:{}:{}\n", escape(user), escape(password))
+}
+
+/// The physical slot a replica named `instance` uses on its primary.
+pub fn slot_name_for(instance: &str) -> String {
+    let cleaned: String = instance
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut name = format!("pgrs_{cleaned}");
+    name.truncate(63);
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> PostgresSettings {
+        PostgresSettings {
+            instance_name: "db-1".into(),
+            port: 5433,
+            listen_addresses: "127.0.0.1".into(),
+            socket_dir: "/run/pgrs".into(),
+            max_wal_senders: 10,
+            max_replication_slots: 10,
+            wal_keep_size_mb: 64,
+            max_slot_wal_keep_size_mb: Some(1024),
+            archive_command: None,
+            synchronous_standby_names: None,
+            parameters: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn primary_config_has_replication_settings_and_no_upstream() {
+        let text = render_postgresql_conf(&settings(), None).unwrap();
+        for expected in [
+            "port = 5433\n",
+            "wal_level = replica\n",
+            "hot_standby = on\n",
+            "max_wal_senders = 10\n",
+            "wal_keep_size = '64MB'\n",
+            "max_slot_wal_keep_size = '1024MB'\n",
+            "archive_mode = off\n",
+            "primary_conninfo = ''\n",
+            "unix_socket_directories = '/run/pgrs'\n",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn standby_config_points_at_upstream_with_passfile_and_slot() {
+        let standby = StandbySettings {
+            upstream: Upstream {
+                host: "10.0.0.1".into(),
+                port: 5432,
+                slot: Some("pgrs_db_1".into()),
+            },
+            replication_user: "replicator".into(),
+            passfile: "/run/pgrs/pgpass".into(),
+        };
+        let text = render_postgresql_conf(&settings(), Some(&standby)).unwrap();
+        assert!(
+            text.contains(
+                "primary_conninfo = 'host=''10.0.0.1'' port=5432 user=''replicator'' \
+             passfile=''/run/pgrs/pgpass'' application_name=''db-1'' connect_timeout=5'\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("primary_slot_name = 'pgrs_db_1'\n"), "{text}");
+        assert!(!text.contains("password="), "{text}");
+    }
+
+    #[test]
+    fn archive_and_sync_settings_are_rendered_when_asked() {
+        let mut s = settings();
+        s.archive_command = Some("cp %p /archive/%f".into());
+        s.synchronous_standby_names = Some("ANY 1 (*)".into());
+        s.max_slot_wal_keep_size_mb = None;
+        let text = render_postgresql_conf(&s, None).unwrap();
+        assert!(text.contains("archive_mode = on\n"));
+        assert!(text.contains("archive_command = 'cp %p /archive/%f'\n"));
+        assert!(text.contains("synchronous_standby_names = 'ANY 1 (*)'\n"));
+        assert!(text.contains("max_slot_wal_keep_size = -1\n"));
+    }
+
+    #[test]
+    fn user_parameters_are_quoted_and_agent_owned_ones_refused() {
+        let parsed =
+            parse_parameters(&["shared_buffers=16MB".into(), "log_line_prefix=it's".into()])
+                .unwrap();
+        let mut s = settings();
+        s.parameters = parsed;
+        let text = render_postgresql_conf(&s, None).unwrap();
+        assert!(text.contains("shared_buffers = '16MB'\n"));
+        assert!(text.contains("log_line_prefix = 'it''s'\n"));
+        assert_eq!(
+            parse_parameters(&["port=1".into()]),
+            Err(ConfigError::AgentOwned("port".into()))
+        );
+        assert_eq!(
+            parse_parameters(&["Primary_Conninfo=x".into()]),
+            Err(ConfigError::AgentOwned("primary_conninfo".into()))
+        );
+        assert!(matches!(
+            parse_parameters(&["bad name=1".into()]),
+            Err(ConfigError::BadName(_))
+        ));
+        assert!(matches!(
+            parse_parameters(&["novalue".into()]),
+            Err(ConfigError::NotAnAssignment(_))
+        ));
+    }
+
+    #[test]
+    fn hba_uses_scram_only() {
+        let text = render_pg_hba("replicator");
+        assert!(text.contains("host    replication  replicator"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.ends_with("scram-sha-256"), "{line}");
+        }
+    }
+
+    #[test]
+    fn passfile_escapes_separators() {
+        assert_eq!(passfile_line("rep", "a:b\\c"), "*:*:*:rep:a\\:b\\\\c\n");
+    }
+
+    #[test]
+    fn slot_names_are_valid_identifiers() {
+        assert_eq!(slot_name_for("Db-1.x"), "pgrs_db_1_x");
+        assert!(slot_name_for(&"a".repeat(100)).len() <= 63);
+    }
+}

@@ -1,0 +1,625 @@
+//! One instance's files: the agent configuration, the data directory (inspection, identity
+//! marker, rendered configuration, `standby.signal`), the run directory (socket, passfile) and
+//! bootstrap (initdb for a first primary, pg_basebackup for a replica).
+//!
+//! Nothing here deletes a data directory that the agent did not create in the same step: a
+//! directory that holds something else is refused with an error naming what was found.
+
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::agent::api::Upstream;
+use crate::agent::config::{
+    self, ConfigError, PostgresSettings, StandbySettings, passfile_line, render_pg_hba,
+    render_postgresql_conf,
+};
+use crate::postgres::probe::{self, ConnectTarget, ProbeError};
+use crate::postgres::process::{
+    ControlDataError, OsIdentity, PgBinaries, ToolError, read_controldata, run_tool,
+};
+
+/// A secret read from a file; `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Reads a secret file, trimming the trailing newline.
+    pub fn from_file(path: &Path) -> Result<Self, InstanceError> {
+        let text = std::fs::read_to_string(path).map_err(|source| InstanceError::Io {
+            what: "read secret file",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let value = text.trim_end_matches(['\n', '\r']).to_string();
+        if value.is_empty() {
+            return Err(InstanceError::EmptySecret(path.to_path_buf()));
+        }
+        Ok(Secret(value))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Everything the agent needs to know about its instance (resolved from the command line).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub cluster: String,
+    pub settings: PostgresSettings,
+    pub data_dir: PathBuf,
+    /// Socket, passfile; outside the data directory so that pg_rewind / pg_basebackup never
+    /// copy or overwrite them.
+    pub run_dir: PathBuf,
+    pub binaries: PgBinaries,
+    pub identity: OsIdentity,
+    pub superuser: String,
+    pub superuser_password: Secret,
+    pub replication_user: String,
+    pub replication_password: Secret,
+    /// Connection timeout when reaching a primary.
+    pub primary_timeout: Duration,
+    /// How long postgres may take to accept connections after a start.
+    pub start_timeout: Duration,
+    /// Bound of a fast shutdown before escalating to immediate.
+    pub stop_timeout: Duration,
+    /// How long a rejoined instance may take to stream before the rejoin is declared failed.
+    pub verify_timeout: Duration,
+}
+
+impl AgentConfig {
+    pub fn name(&self) -> &str {
+        &self.settings.instance_name
+    }
+
+    pub fn passfile(&self) -> PathBuf {
+        self.run_dir.join("pgpass")
+    }
+
+    pub fn default_slot(&self) -> String {
+        config::slot_name_for(self.name())
+    }
+
+    /// Superuser connection to this instance over its Unix socket.
+    pub fn local_target(&self) -> ConnectTarget {
+        ConnectTarget {
+            host: self.run_dir.to_string_lossy().into_owned(),
+            port: self.settings.port,
+            user: self.superuser.clone(),
+            password: self.superuser_password.expose().to_string(),
+            dbname: "postgres".into(),
+        }
+    }
+
+    /// Superuser connection to another instance (all instances share the superuser secret).
+    pub fn remote_target(&self, host: &str, port: u16) -> ConnectTarget {
+        ConnectTarget {
+            host: host.to_string(),
+            port,
+            user: self.superuser.clone(),
+            password: self.superuser_password.expose().to_string(),
+            dbname: "postgres".into(),
+        }
+    }
+}
+
+/// File in the data directory naming the pgrs cluster it belongs to (copied to replicas by
+/// pg_basebackup and pg_rewind along with everything else).
+pub const CLUSTER_MARKER: &str = "pgrs.cluster";
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("failed to {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("secret file {0} is empty")]
+    EmptySecret(PathBuf),
+    #[error(
+        "refusing data directory {path}: it belongs to another cluster ({found}; expected {expected}). Nothing was changed; point --data-dir at an empty or missing directory, or remove it yourself"
+    )]
+    ForeignDataDir {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error(
+        "refusing data directory {path}: it is not empty and holds no PostgreSQL cluster (no PG_VERSION). Nothing was changed"
+    )]
+    NotADataDir { path: PathBuf },
+    #[error("failed to reach the primary {host}:{port} for bootstrap: {cause}")]
+    PrimaryUnreachable {
+        host: String,
+        port: u16,
+        cause: String,
+    },
+    #[error("failed to create the replica by pg_basebackup from {host}:{port}: {cause}")]
+    BaseBackup {
+        host: String,
+        port: u16,
+        cause: String,
+    },
+    #[error("failed to initialize the data directory with initdb: {0}")]
+    Initdb(#[source] ToolError),
+    #[error("failed to read the control data: {0}")]
+    ControlData(#[from] ControlDataError),
+    #[error("failed to render the configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("failed to query {host}:{port}: {source}")]
+    Probe {
+        host: String,
+        port: u16,
+        #[source]
+        source: ProbeError,
+    },
+}
+
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> InstanceError {
+    let path = path.to_path_buf();
+    move |source| InstanceError::Io { what, path, source }
+}
+
+/// What a data directory path holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataDirState {
+    Missing,
+    Empty,
+    /// Has `PG_VERSION`.
+    Initialized,
+    /// Has files but no `PG_VERSION`.
+    NotPostgres,
+}
+
+pub fn inspect_data_dir(path: &Path) -> Result<DataDirState, InstanceError> {
+    if !path.exists() {
+        return Ok(DataDirState::Missing);
+    }
+    if path.join("PG_VERSION").is_file() {
+        return Ok(DataDirState::Initialized);
+    }
+    let mut entries = std::fs::read_dir(path).map_err(io_error("read directory", path))?;
+    Ok(if entries.next().is_none() {
+        DataDirState::Empty
+    } else {
+        DataDirState::NotPostgres
+    })
+}
+
+/// Creates `path` (0700) for the postgres user if missing.
+pub fn create_private_dir(identity: &OsIdentity, path: &Path) -> Result<(), InstanceError> {
+    if !path.exists() {
+        std::fs::create_dir_all(path).map_err(io_error("create directory", path))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_error("set permissions of", path))?;
+    identity.chown(path).map_err(io_error("chown", path))
+}
+
+/// Writes a file readable only by the postgres user.
+fn write_private_file(
+    identity: &OsIdentity,
+    path: &Path,
+    contents: &str,
+) -> Result<(), InstanceError> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_error("write", path))?;
+    file.write_all(contents.as_bytes())
+        .map_err(io_error("write", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_error("set permissions of", path))?;
+    identity.chown(path).map_err(io_error("chown", path))
+}
+
+/// Creates the run directory and the libpq passfile (both users' passwords; 0600, postgres).
+pub fn prepare_run_dir(config: &AgentConfig) -> Result<(), InstanceError> {
+    create_private_dir(&config.identity, &config.run_dir)?;
+    let contents = format!(
+        "{}{}",
+        passfile_line(&config.superuser, config.superuser_password.expose()),
+        passfile_line(
+            &config.replication_user,
+            config.replication_password.expose()
+        )
+    );
+    write_private_file(&config.identity, &config.passfile(), &contents)
+}
+
+/// Renders the configuration into `data_dir`: postgresql.conf, pg_hba.conf, an empty
+/// postgresql.auto.conf, and `standby.signal` iff `upstream` is set.
+pub fn write_configuration(
+    config: &AgentConfig,
+    data_dir: &Path,
+    upstream: Option<&Upstream>,
+) -> Result<(), InstanceError> {
+    let standby = upstream.map(|upstream| StandbySettings {
+        upstream: upstream.clone(),
+        replication_user: config.replication_user.clone(),
+        passfile: config.passfile(),
+    });
+    let conf = render_postgresql_conf(&config.settings, standby.as_ref())?;
+    write_private_file(&config.identity, &data_dir.join("postgresql.conf"), &conf)?;
+    write_private_file(
+        &config.identity,
+        &data_dir.join("pg_hba.conf"),
+        &render_pg_hba(&config.replication_user),
+    )?;
+    write_private_file(
+        &config.identity,
+        &data_dir.join("postgresql.auto.conf"),
+        "# Emptied by the pgrs agent: ALTER SYSTEM settings are not kept.\n",
+    )?;
+    let signal = data_dir.join("standby.signal");
+    if upstream.is_some() {
+        write_private_file(&config.identity, &signal, "")?;
+    } else if signal.exists() {
+        std::fs::remove_file(&signal).map_err(io_error("remove", &signal))?;
+    }
+    Ok(())
+}
+
+fn read_marker(data_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(data_dir.join(CLUSTER_MARKER)).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("cluster=").map(str::to_string))
+}
+
+fn write_marker(config: &AgentConfig, data_dir: &Path) -> Result<(), InstanceError> {
+    write_private_file(
+        &config.identity,
+        &data_dir.join(CLUSTER_MARKER),
+        &format!("cluster={}\n", config.cluster),
+    )
+}
+
+/// Checks that an initialized data directory belongs to this cluster: its marker names the
+/// cluster and, when `expected_system_identifier` is known (a replica asks its primary), the
+/// control file agrees. Returns the system identifier.
+pub async fn check_identity(
+    config: &AgentConfig,
+    data_dir: &Path,
+    expected_system_identifier: Option<&str>,
+) -> Result<String, InstanceError> {
+    let control = read_controldata(&config.binaries, &config.identity, data_dir).await?;
+    if let Some(expected) = expected_system_identifier
+        && control.system_identifier != expected
+    {
+        return Err(InstanceError::ForeignDataDir {
+            path: data_dir.to_path_buf(),
+            found: format!("system identifier {}", control.system_identifier),
+            expected: format!("system identifier {expected} of the primary"),
+        });
+    }
+    match read_marker(data_dir) {
+        Some(cluster) if cluster == config.cluster => Ok(control.system_identifier),
+        found => Err(InstanceError::ForeignDataDir {
+            path: data_dir.to_path_buf(),
+            found: match found {
+                Some(other) => format!(
+                    "pgrs cluster {other:?}, system identifier {}",
+                    control.system_identifier
+                ),
+                None => format!(
+                    "a PostgreSQL cluster not created by pgrs, system identifier {}",
+                    control.system_identifier
+                ),
+            },
+            expected: format!("pgrs cluster {:?}", config.cluster),
+        }),
+    }
+}
+
+/// Bootstraps a first primary with initdb (data checksums on, so pg_rewind works), or checks
+/// an existing data directory. Returns the system identifier.
+pub async fn bootstrap_primary(config: &AgentConfig) -> Result<String, InstanceError> {
+    let data_dir = &config.data_dir;
+    match inspect_data_dir(data_dir)? {
+        DataDirState::Initialized => {
+            let id = check_identity(config, data_dir, None).await?;
+            tracing::info!(data_dir = %data_dir.display(), system_identifier = %id, "using existing data directory");
+            write_configuration(config, data_dir, None)?;
+            return Ok(id);
+        }
+        DataDirState::NotPostgres => {
+            return Err(InstanceError::NotADataDir {
+                path: data_dir.clone(),
+            });
+        }
+        DataDirState::Missing | DataDirState::Empty => {}
+    }
+    create_private_dir(&config.identity, data_dir)?;
+    // initdb reads the superuser password from a file; it lives in the run dir only meanwhile.
+    let pwfile = config.run_dir.join("initdb.pw");
+    write_private_file(
+        &config.identity,
+        &pwfile,
+        &format!("{}\n", config.superuser_password.expose()),
+    )?;
+    let mut command = config.identity.command(config.binaries.tool("initdb"));
+    command
+        .arg("-D")
+        .arg(data_dir)
+        .arg("-U")
+        .arg(&config.superuser)
+        .arg(format!("--pwfile={}", pwfile.display()))
+        .args([
+            "--data-checksums",
+            "--auth-local=scram-sha-256",
+            "--auth-host=scram-sha-256",
+            "--encoding=UTF8",
+            "--no-instructions",
+        ]);
+    tracing::info!(data_dir = %data_dir.display(), "initializing a new cluster with initdb");
+    let result = run_tool("initdb", command).await;
+    let _ = std::fs::remove_file(&pwfile);
+    result.map_err(InstanceError::Initdb)?;
+    write_marker(config, data_dir)?;
+    write_configuration(config, data_dir, None)?;
+    let control = read_controldata(&config.binaries, &config.identity, data_dir).await?;
+    Ok(control.system_identifier)
+}
+
+/// What [`prepare_upstream`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedUpstream {
+    pub system_identifier: String,
+    /// The slot did not exist and was created now (drop it again if the clone fails).
+    pub slot_created: bool,
+}
+
+/// Reads the primary's system identifier and ensures the replica's slot exists on it.
+pub async fn prepare_upstream(
+    config: &AgentConfig,
+    upstream: &Upstream,
+) -> Result<PreparedUpstream, InstanceError> {
+    let target = config.remote_target(&upstream.host, upstream.port);
+    let client = probe::connect(&target, config.primary_timeout)
+        .await
+        .map_err(|error| InstanceError::PrimaryUnreachable {
+            host: upstream.host.clone(),
+            port: upstream.port,
+            cause: error.cause(),
+        })?;
+    let probe_error = |source| InstanceError::Probe {
+        host: upstream.host.clone(),
+        port: upstream.port,
+        source,
+    };
+    let row = client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .map_err(|source| {
+            probe_error(ProbeError::Query {
+                what: "system identifier",
+                source,
+            })
+        })?;
+    let system_identifier: String = row.get(0);
+    let mut slot_created = false;
+    if let Some(slot) = &upstream.slot {
+        // Reserve WAL now, so nothing the new replica needs is recycled before it connects.
+        let created = client
+            .execute(
+                "SELECT pg_create_physical_replication_slot($1, true) \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                &[slot],
+            )
+            .await
+            .map_err(|source| {
+                probe_error(ProbeError::Query {
+                    what: "create replication slot",
+                    source,
+                })
+            })?;
+        slot_created = created > 0;
+    }
+    Ok(PreparedUpstream {
+        system_identifier,
+        slot_created,
+    })
+}
+
+/// Drops a slot this agent created on `upstream` for a clone that then failed, so it does not
+/// pin WAL on the primary forever. Best effort: the clone's error is what matters.
+async fn drop_created_slot(config: &AgentConfig, upstream: &Upstream) {
+    let Some(slot) = &upstream.slot else {
+        return;
+    };
+    let target = config.remote_target(&upstream.host, upstream.port);
+    let result = match probe::connect(&target, config.primary_timeout).await {
+        Ok(client) => client
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND NOT active",
+                &[slot],
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    if let Err(error) = result {
+        tracing::warn!(%error, slot, "failed to drop the slot of a failed clone");
+    }
+}
+
+/// Clones `upstream` into `target_dir` (created empty, 0700) with pg_basebackup `-X stream`,
+/// then renders this instance's configuration and `standby.signal` into it.
+pub async fn clone_from(
+    config: &AgentConfig,
+    upstream: &Upstream,
+    target_dir: &Path,
+) -> Result<(), InstanceError> {
+    create_private_dir(&config.identity, target_dir)?;
+    let conninfo = config::conninfo(
+        &upstream.host,
+        upstream.port,
+        &config.replication_user,
+        &config.passfile(),
+        config.name(),
+        None,
+    );
+    let mut command = config
+        .identity
+        .command(config.binaries.tool("pg_basebackup"));
+    command.arg("-D").arg(target_dir).args([
+        "-X",
+        "stream",
+        "-c",
+        "fast",
+        "--no-password",
+        "-d",
+        &conninfo,
+    ]);
+    if let Some(slot) = &upstream.slot {
+        command.args(["-S", slot]);
+    }
+    tracing::info!(host = %upstream.host, port = upstream.port, target = %target_dir.display(), "cloning with pg_basebackup");
+    run_tool("pg_basebackup", command)
+        .await
+        .map_err(|error| InstanceError::BaseBackup {
+            host: upstream.host.clone(),
+            port: upstream.port,
+            cause: match &error {
+                ToolError::Failed { stderr, .. } => stderr.clone(),
+                other => other.to_string(),
+            },
+        })?;
+    write_marker(config, target_dir)?;
+    write_configuration(config, target_dir, Some(upstream))
+}
+
+/// Bootstraps a replica of `upstream` (pg_basebackup into a staging directory, renamed into
+/// place only when complete), or checks and reconfigures an existing one. Returns the system
+/// identifier.
+pub async fn bootstrap_replica(
+    config: &AgentConfig,
+    upstream: &Upstream,
+) -> Result<String, InstanceError> {
+    let data_dir = &config.data_dir;
+    let state = inspect_data_dir(data_dir)?;
+    if state == DataDirState::NotPostgres {
+        return Err(InstanceError::NotADataDir {
+            path: data_dir.clone(),
+        });
+    }
+    if state == DataDirState::Initialized {
+        // An existing standby must start even when its primary is down (it may be the one to
+        // promote); the system identifier is then checked against the cluster marker only.
+        let primary_id = match prepare_upstream(config, upstream).await {
+            Ok(prepared) => Some(prepared.system_identifier),
+            Err(InstanceError::PrimaryUnreachable { cause, .. }) => {
+                tracing::warn!(%cause, "primary unreachable; starting the existing standby anyway");
+                None
+            }
+            Err(other) => return Err(other),
+        };
+        let id = check_identity(config, data_dir, primary_id.as_deref()).await?;
+        tracing::info!(data_dir = %data_dir.display(), system_identifier = %id, "using existing data directory as a standby");
+        write_configuration(config, data_dir, Some(upstream))?;
+        return Ok(id);
+    }
+    let prepared = prepare_upstream(config, upstream).await?;
+    let staging = sibling(data_dir, "bootstrap");
+    if staging.exists() {
+        // Our own leftover from an interrupted bootstrap: never a user's directory.
+        std::fs::remove_dir_all(&staging)
+            .map_err(io_error("remove stale staging directory", &staging))?;
+    }
+    if let Err(error) = clone_from(config, upstream, &staging).await {
+        let _ = std::fs::remove_dir_all(&staging);
+        if prepared.slot_created {
+            drop_created_slot(config, upstream).await;
+        }
+        return Err(error);
+    }
+    if state == DataDirState::Empty {
+        std::fs::remove_dir(data_dir).map_err(io_error("replace empty directory", data_dir))?;
+    }
+    std::fs::rename(&staging, data_dir).map_err(io_error("move clone into", data_dir))?;
+    Ok(prepared.system_identifier)
+}
+
+/// `<data_dir>.pgrs-<suffix>`: a sibling on the same filesystem, so renames are atomic.
+pub fn sibling(data_dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = data_dir
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".pgrs-{suffix}"));
+    data_dir.with_file_name(name)
+}
+
+/// Checks that postgres' port is free on every listen address before starting it, so a
+/// conflict gets a clear error rather than a crash loop.
+pub fn check_port_free(settings: &PostgresSettings) -> Result<(), String> {
+    for address in settings.listen_addresses.split(',').map(str::trim) {
+        let host = match address {
+            "*" | "" => "0.0.0.0",
+            other => other,
+        };
+        if let Err(error) = std::net::TcpListener::bind((host, settings.port)) {
+            return Err(format!(
+                "port {} is not available on {host}: {error}",
+                settings.port
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_print() {
+        assert_eq!(
+            format!("{:?}", Secret::new("hunter2")),
+            "Secret(<redacted>)"
+        );
+    }
+
+    #[test]
+    fn inspects_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        assert_eq!(inspect_data_dir(&path).unwrap(), DataDirState::Missing);
+        std::fs::create_dir(&path).unwrap();
+        assert_eq!(inspect_data_dir(&path).unwrap(), DataDirState::Empty);
+        std::fs::write(path.join("notes.txt"), "x").unwrap();
+        assert_eq!(inspect_data_dir(&path).unwrap(), DataDirState::NotPostgres);
+        std::fs::write(path.join("PG_VERSION"), "15\n").unwrap();
+        assert_eq!(inspect_data_dir(&path).unwrap(), DataDirState::Initialized);
+    }
+
+    #[test]
+    fn siblings_stay_in_the_parent() {
+        assert_eq!(
+            sibling(Path::new("/var/lib/pg/data"), "old-1"),
+            PathBuf::from("/var/lib/pg/data.pgrs-old-1")
+        );
+    }
+}

@@ -1,0 +1,942 @@
+//! Supervision of the postgres child process, and the actions on it.
+//!
+//! One task (the supervisor) owns the postmaster child and runs every action to completion, one
+//! at a time, in arrival order. Others talk to it through a cloneable [`SupervisorHandle`].
+//!
+//! Fencing contract (for the lease keeper and `POST /v1/fence`): [`SupervisorHandle::fence`]
+//! marks the instance fenced and sends SIGQUIT (immediate shutdown) to the postmaster *before*
+//! queueing behind any running action, so it takes effect at once; while fenced, nothing
+//! restarts postgres (no crash restart, no `start`, and an action already running fails when it
+//! tries to start postgres). Only `follow` or `rejoin` lift the fence.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Child;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::agent::api::{RejoinPath, RejoinReport, Role, StopMode, Upstream};
+use crate::agent::instance::{
+    AgentConfig, InstanceError, check_port_free, clone_from, prepare_upstream, sibling,
+    write_configuration,
+};
+use crate::postgres::probe::{self, InstanceProbe, ProbeError};
+use crate::postgres::process::run_tool;
+
+const LOG_TAIL_LINES: usize = 20;
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A postgres that ran this long before crashing restarts without accumulated backoff.
+const STABLE_RUN: Duration = Duration::from_secs(60);
+
+/// Lifecycle of postgres as the supervisor sees it (the status' `role` refines `Running` into
+/// primary or replica by probing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Starting,
+    Running,
+    Stopped,
+    Fenced,
+}
+
+/// State shared between the supervisor task and readers (HTTP status).
+#[derive(Debug, Clone)]
+pub struct SupervisorState {
+    pub phase: Phase,
+    /// `Primary` or `Replica`.
+    pub intended_role: Role,
+    pub upstream: Option<Upstream>,
+    pub pid: Option<u32>,
+    pub system_identifier: Option<String>,
+    pub crash_restarts: u32,
+    pub last_rejoin: Option<RejoinReport>,
+    pub fence_reason: Option<String>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    /// Not allowed in the current state (HTTP 409).
+    #[error("{0}")]
+    Refused(String),
+    #[error("failed to start postgres: {0}")]
+    Start(String),
+    #[error("failed to stop postgres: {0}")]
+    Stop(String),
+    #[error("failed to promote: {0}")]
+    Promote(String),
+    #[error("failed to rewind: {0}")]
+    Rewind(String),
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+    #[error("failed to query postgres: {0}")]
+    Probe(#[from] ProbeError),
+    #[error("failed to rejoin: pg_rewind path: {rewind}; re-clone path: {reclone}")]
+    Rejoin { rewind: String, reclone: String },
+    #[error("the supervisor has stopped")]
+    SupervisorGone,
+}
+
+impl ActionError {
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, ActionError::Refused(_))
+    }
+}
+
+/// What an action did.
+#[derive(Debug, Clone)]
+pub struct ActionOutcome {
+    pub message: String,
+    pub rejoin: Option<RejoinReport>,
+}
+
+impl ActionOutcome {
+    fn message(message: impl Into<String>) -> Self {
+        ActionOutcome {
+            message: message.into(),
+            rejoin: None,
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<ActionOutcome, ActionError>>;
+
+enum Command {
+    Start(Reply),
+    Stop(StopMode, Reply),
+    Fence(Reply),
+    Promote(Duration, Reply),
+    Follow(Upstream, Reply),
+    Rejoin(Upstream, Reply),
+    Shutdown(Reply),
+}
+
+/// The cloneable way to drive the supervisor.
+#[derive(Clone)]
+pub struct SupervisorHandle {
+    commands: mpsc::Sender<Command>,
+    state: Arc<Mutex<SupervisorState>>,
+    config: Arc<AgentConfig>,
+    log_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl SupervisorHandle {
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// A snapshot of the shared state.
+    pub fn state(&self) -> SupervisorState {
+        lock(&self.state).clone()
+    }
+
+    /// The last lines postgres wrote to stderr.
+    pub fn log_tail(&self) -> Vec<String> {
+        lock(&self.log_tail).iter().cloned().collect()
+    }
+
+    async fn request(
+        &self,
+        make: impl FnOnce(Reply) -> Command,
+    ) -> Result<ActionOutcome, ActionError> {
+        let (reply, receive) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| ActionError::SupervisorGone)?;
+        receive.await.map_err(|_| ActionError::SupervisorGone)?
+    }
+
+    /// Starts postgres in the intended role (refused while fenced).
+    pub async fn start(&self) -> Result<ActionOutcome, ActionError> {
+        self.request(Command::Start).await
+    }
+
+    /// Stops postgres and keeps it stopped until `start`, `follow` or `rejoin`.
+    pub async fn stop(&self, mode: StopMode) -> Result<ActionOutcome, ActionError> {
+        self.request(|reply| Command::Stop(mode, reply)).await
+    }
+
+    /// Fences at once: marks the instance fenced and sends SIGQUIT to the postmaster right now,
+    /// then waits (behind any running action) until the supervisor has seen postgres exit.
+    pub async fn fence(&self, reason: &str) -> Result<ActionOutcome, ActionError> {
+        let pid = {
+            let mut state = lock(&self.state);
+            state.phase = Phase::Fenced;
+            state.fence_reason = Some(reason.to_string());
+            state.pid
+        };
+        tracing::warn!(reason, ?pid, "fencing: immediate shutdown of postgres");
+        if let Some(pid) = pid {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGQUIT);
+        }
+        self.request(Command::Fence).await
+    }
+
+    pub async fn promote(&self, wait: Duration) -> Result<ActionOutcome, ActionError> {
+        self.request(|reply| Command::Promote(wait, reply)).await
+    }
+
+    pub async fn follow(&self, upstream: Upstream) -> Result<ActionOutcome, ActionError> {
+        self.request(|reply| Command::Follow(upstream, reply)).await
+    }
+
+    pub async fn rejoin(&self, upstream: Upstream) -> Result<ActionOutcome, ActionError> {
+        self.request(|reply| Command::Rejoin(upstream, reply)).await
+    }
+
+    /// Graceful agent exit: fast shutdown bounded by `stop_timeout`, then immediate.
+    pub async fn shutdown(&self) -> Result<ActionOutcome, ActionError> {
+        self.request(Command::Shutdown).await
+    }
+
+    /// Probes the local postgres (superuser over the Unix socket).
+    pub async fn probe(&self, timeout: Duration) -> Result<InstanceProbe, ProbeError> {
+        let client = probe::connect(&self.config.local_target(), timeout).await?;
+        probe::probe_instance(&client).await
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Creates the supervisor task (postgres not started yet: phase `Starting`). Bootstrap the data
+/// directory, then call [`SupervisorHandle::start`].
+pub fn spawn(
+    config: Arc<AgentConfig>,
+    intended_role: Role,
+    upstream: Option<Upstream>,
+) -> (SupervisorHandle, tokio::task::JoinHandle<()>) {
+    let (commands, receiver) = mpsc::channel(16);
+    let state = Arc::new(Mutex::new(SupervisorState {
+        phase: Phase::Starting,
+        intended_role,
+        upstream,
+        pid: None,
+        system_identifier: None,
+        crash_restarts: 0,
+        last_rejoin: None,
+        fence_reason: None,
+        last_error: None,
+    }));
+    let handle = SupervisorHandle {
+        commands,
+        state,
+        config,
+        log_tail: Arc::new(Mutex::new(VecDeque::new())),
+    };
+    let mut supervisor = Supervisor {
+        handle: handle.clone(),
+        commands: receiver,
+        child: None,
+        started_at: None,
+        restart_at: None,
+        backoff: MIN_BACKOFF,
+    };
+    let task = tokio::spawn(async move { supervisor.run().await });
+    (handle, task)
+}
+
+/// Records the system identifier found by bootstrap.
+pub fn set_system_identifier(handle: &SupervisorHandle, id: String) {
+    lock(&handle.state).system_identifier = Some(id);
+}
+
+struct Supervisor {
+    handle: SupervisorHandle,
+    commands: mpsc::Receiver<Command>,
+    child: Option<Child>,
+    started_at: Option<Instant>,
+    restart_at: Option<Instant>,
+    backoff: Duration,
+}
+
+enum Event {
+    Command(Option<Command>),
+    Exited(std::io::Result<ExitStatus>),
+    RestartDue,
+}
+
+async fn wait_child(child: &mut Option<Child>) -> std::io::Result<ExitStatus> {
+    match child {
+        Some(child) => child.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Supervisor {
+    fn config(&self) -> &AgentConfig {
+        &self.handle.config
+    }
+
+    fn update(&self, change: impl FnOnce(&mut SupervisorState)) {
+        change(&mut lock(&self.handle.state));
+    }
+
+    fn phase(&self) -> Phase {
+        lock(&self.handle.state).phase
+    }
+
+    async fn run(&mut self) {
+        loop {
+            let event = tokio::select! {
+                command = self.commands.recv() => Event::Command(command),
+                status = wait_child(&mut self.child) => Event::Exited(status),
+                () = wait_until(self.restart_at) => Event::RestartDue,
+            };
+            match event {
+                Event::Command(None) => {
+                    let _ = self.stop_postgres(StopMode::Fast).await;
+                    return;
+                }
+                Event::Command(Some(Command::Shutdown(reply))) => {
+                    let result = self
+                        .stop_postgres(StopMode::Fast)
+                        .await
+                        .map(|()| ActionOutcome::message("postgres stopped; agent exiting"));
+                    self.update(|s| s.phase = Phase::Stopped);
+                    let _ = reply.send(result);
+                    return;
+                }
+                Event::Command(Some(command)) => self.handle_command(command).await,
+                Event::Exited(status) => self.on_unexpected_exit(status),
+                Event::RestartDue => {
+                    self.restart_at = None;
+                    if matches!(self.phase(), Phase::Fenced | Phase::Stopped) {
+                        continue;
+                    }
+                    if let Err(error) = self.start_postgres().await {
+                        tracing::error!(%error, "restart after crash failed");
+                        self.update(|s| s.last_error = Some(error.to_string()));
+                        self.schedule_restart();
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_unexpected_exit(&mut self, status: std::io::Result<ExitStatus>) {
+        self.child = None;
+        let ran_for = self.started_at.take().map(|t| t.elapsed());
+        let phase = self.phase();
+        self.update(|s| s.pid = None);
+        if matches!(phase, Phase::Fenced | Phase::Stopped) {
+            tracing::info!(?status, "postgres exited while fenced or stopped");
+            return;
+        }
+        let tail = self.handle.log_tail().join("; ");
+        tracing::error!(?status, log_tail = %tail, "postgres exited unexpectedly");
+        if ran_for.is_some_and(|d| d >= STABLE_RUN) {
+            self.backoff = MIN_BACKOFF;
+        }
+        self.update(|s| {
+            s.phase = Phase::Starting;
+            s.crash_restarts += 1;
+            s.last_error = Some(format!("postgres exited unexpectedly ({status:?}): {tail}"));
+        });
+        self.schedule_restart();
+    }
+
+    fn schedule_restart(&mut self) {
+        tracing::info!(
+            backoff_ms = self.backoff.as_millis() as u64,
+            "restarting postgres after backoff"
+        );
+        self.restart_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    async fn handle_command(&mut self, command: Command) {
+        let (result, reply) = match command {
+            Command::Start(reply) => (self.action_start().await, reply),
+            Command::Stop(mode, reply) => (self.action_stop(mode).await, reply),
+            Command::Fence(reply) => (self.action_fence().await, reply),
+            Command::Promote(wait, reply) => (self.action_promote(wait).await, reply),
+            Command::Follow(upstream, reply) => (self.action_follow(upstream).await, reply),
+            Command::Rejoin(upstream, reply) => (self.action_rejoin(upstream).await, reply),
+            Command::Shutdown(reply) => (unreachable_shutdown(), reply),
+        };
+        match &result {
+            Ok(outcome) => tracing::info!(message = %outcome.message, "action done"),
+            Err(error) => {
+                tracing::error!(%error, "action failed");
+                if !error.is_refusal() {
+                    self.update(|s| s.last_error = Some(error.to_string()));
+                }
+            }
+        }
+        let _ = reply.send(result);
+    }
+
+    // ---- process control -------------------------------------------------------------------
+
+    /// Spawns the postmaster and waits until it accepts connections. As primary, also makes sure
+    /// the replication user exists with the password from its file.
+    async fn start_postgres(&mut self) -> Result<(), ActionError> {
+        if self.phase() == Phase::Fenced {
+            return Err(ActionError::Refused(
+                "postgres is fenced: only follow or rejoin may start it".into(),
+            ));
+        }
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let config = self.handle.config.clone();
+        check_port_free(&config.settings).map_err(ActionError::Start)?;
+        self.update(|s| s.phase = Phase::Starting);
+        lock(&self.handle.log_tail).clear();
+        let mut command = config.identity.command(config.binaries.tool("postgres"));
+        command
+            .arg("-D")
+            .arg(&config.data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false);
+        // If the agent dies, postgres must not keep running unsupervised (it could keep
+        // accepting writes after losing the lease): the kernel sends it SIGQUIT.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| ActionError::Start(format!("failed to spawn postgres: {e}")))?;
+        let pid = child.id();
+        if let Some(stdout) = child.stdout.take() {
+            forward_lines(stdout, self.handle.log_tail.clone());
+        }
+        if let Some(stderr) = child.stderr.take() {
+            forward_lines(stderr, self.handle.log_tail.clone());
+        }
+        tracing::info!(
+            ?pid,
+            port = config.settings.port,
+            "postgres started; waiting until it accepts connections"
+        );
+        self.update(|s| s.pid = pid);
+        let deadline = Instant::now() + config.start_timeout;
+        let client = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.update(|s| s.pid = None);
+                // Let the log forwarders catch the last lines.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Err(ActionError::Start(format!(
+                    "postgres exited during startup ({status}): {}",
+                    self.handle.log_tail().join("; ")
+                )));
+            }
+            match probe::connect(&config.local_target(), Duration::from_secs(2)).await {
+                Ok(client) => break client,
+                Err(error) if Instant::now() >= deadline => {
+                    let _ = kill_child(&mut child, Signal::SIGQUIT).await;
+                    self.update(|s| s.pid = None);
+                    return Err(ActionError::Start(format!(
+                        "postgres did not accept connections within {:?} ({}): {}",
+                        config.start_timeout,
+                        error.cause(),
+                        self.handle.log_tail().join("; ")
+                    )));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        let in_recovery: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(|source| ProbeError::Query {
+                what: "recovery state",
+                source,
+            })?
+            .get(0);
+        if !in_recovery {
+            ensure_replication_user(&client, &config).await?;
+        }
+        self.child = Some(child);
+        self.started_at = Some(Instant::now());
+        self.update(|s| {
+            s.phase = Phase::Running;
+            s.last_error = None;
+        });
+        tracing::info!(?pid, in_recovery, "postgres is up");
+        Ok(())
+    }
+
+    /// Stops the postmaster: fast (SIGINT) bounded by `stop_timeout`, then immediate (SIGQUIT),
+    /// then SIGKILL as a last resort.
+    async fn stop_postgres(&mut self, mode: StopMode) -> Result<(), ActionError> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        self.started_at = None;
+        let stop_timeout = self.config().stop_timeout;
+        let first = match mode {
+            StopMode::Fast => Signal::SIGINT,
+            StopMode::Immediate => Signal::SIGQUIT,
+        };
+        tracing::info!(?mode, "stopping postgres");
+        let result = match signal_and_wait(&mut child, first, stop_timeout).await {
+            Ok(_) => Ok(()),
+            Err(()) if mode == StopMode::Fast => {
+                tracing::warn!(
+                    timeout_ms = stop_timeout.as_millis() as u64,
+                    "fast shutdown took too long; escalating to immediate"
+                );
+                match signal_and_wait(&mut child, Signal::SIGQUIT, Duration::from_secs(5)).await {
+                    Ok(_) => Ok(()),
+                    Err(()) => kill_child(&mut child, Signal::SIGKILL).await,
+                }
+            }
+            Err(()) => kill_child(&mut child, Signal::SIGKILL).await,
+        };
+        self.update(|s| s.pid = None);
+        result
+    }
+
+    async fn probe_local(&self) -> Result<InstanceProbe, ProbeError> {
+        self.handle.probe(Duration::from_secs(5)).await
+    }
+
+    // ---- actions ---------------------------------------------------------------------------
+
+    async fn action_start(&mut self) -> Result<ActionOutcome, ActionError> {
+        if self.phase() == Phase::Fenced {
+            return Err(ActionError::Refused(
+                "fenced: use follow or rejoin to restart this instance".into(),
+            ));
+        }
+        let (role, upstream) = {
+            let state = lock(&self.handle.state);
+            (state.intended_role, state.upstream.clone())
+        };
+        let config = self.handle.config.clone();
+        let upstream = if role == Role::Replica {
+            upstream
+        } else {
+            None
+        };
+        write_configuration(&config, &config.data_dir, upstream.as_ref())?;
+        self.restart_at = None;
+        self.update(|s| s.phase = Phase::Starting);
+        if let Err(error) = self.start_postgres().await {
+            self.update(|s| s.phase = Phase::Stopped);
+            return Err(error);
+        }
+        Ok(ActionOutcome::message(
+            format!("postgres started as {role:?}").to_lowercase(),
+        ))
+    }
+
+    async fn action_stop(&mut self, mode: StopMode) -> Result<ActionOutcome, ActionError> {
+        if self.phase() != Phase::Fenced {
+            self.update(|s| s.phase = Phase::Stopped);
+        }
+        self.restart_at = None;
+        self.stop_postgres(mode).await?;
+        Ok(ActionOutcome::message(format!(
+            "postgres stopped ({})",
+            match mode {
+                StopMode::Fast => "fast",
+                StopMode::Immediate => "immediate",
+            }
+        )))
+    }
+
+    async fn action_fence(&mut self) -> Result<ActionOutcome, ActionError> {
+        self.update(|s| s.phase = Phase::Fenced);
+        self.restart_at = None;
+        self.stop_postgres(StopMode::Immediate).await?;
+        Ok(ActionOutcome::message(
+            "fenced: postgres stopped immediately",
+        ))
+    }
+
+    async fn action_promote(&mut self, wait: Duration) -> Result<ActionOutcome, ActionError> {
+        if self.phase() != Phase::Running {
+            return Err(ActionError::Refused(format!(
+                "cannot promote: postgres is not running (phase {:?})",
+                self.phase()
+            )));
+        }
+        let config = self.handle.config.clone();
+        let client = probe::connect(&config.local_target(), Duration::from_secs(5)).await?;
+        let in_recovery: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(|source| ProbeError::Query {
+                what: "recovery state",
+                source,
+            })?
+            .get(0);
+        if !in_recovery {
+            return Err(ActionError::Refused(
+                "cannot promote: already a primary".into(),
+            ));
+        }
+        let wait_seconds = wait.as_secs().clamp(1, i32::MAX as u64) as i32;
+        let promoted: bool = client
+            .query_one("SELECT pg_promote(true, $1)", &[&wait_seconds])
+            .await
+            .map_err(|e| ActionError::Promote(e.to_string()))?
+            .get(0);
+        if !promoted {
+            return Err(ActionError::Promote(format!(
+                "pg_promote did not finish within {wait_seconds} s"
+            )));
+        }
+        // The control file shows the new timeline only after a checkpoint; pg_rewind and
+        // followers read it from there.
+        client
+            .batch_execute("CHECKPOINT")
+            .await
+            .map_err(|e| ActionError::Promote(format!("CHECKPOINT after promotion: {e}")))?;
+        // The configuration on disk must no longer point at the old primary.
+        write_configuration(&config, &config.data_dir, None)?;
+        self.reload()?;
+        ensure_replication_user(&client, &config).await?;
+        self.update(|s| {
+            s.intended_role = Role::Primary;
+            s.upstream = None;
+        });
+        Ok(ActionOutcome::message("promoted to primary"))
+    }
+
+    fn reload(&self) -> Result<(), ActionError> {
+        if let Some(pid) = lock(&self.handle.state).pid {
+            kill(Pid::from_raw(pid as i32), Signal::SIGHUP)
+                .map_err(|e| ActionError::Start(format!("failed to signal a reload: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn with_default_slot(&self, mut upstream: Upstream) -> Upstream {
+        if upstream.slot.is_none() {
+            upstream.slot = Some(self.config().default_slot());
+        }
+        upstream
+    }
+
+    async fn action_follow(&mut self, upstream: Upstream) -> Result<ActionOutcome, ActionError> {
+        let upstream = self.with_default_slot(upstream);
+        let config = self.handle.config.clone();
+        if self.child.is_some() {
+            let probe = self.probe_local().await?;
+            if !probe.in_recovery {
+                return Err(ActionError::Refused(
+                    "cannot follow: this instance is a running primary; use rejoin".into(),
+                ));
+            }
+        }
+        prepare_upstream(&config, &upstream).await?;
+        write_configuration(&config, &config.data_dir, Some(&upstream))?;
+        self.update(|s| {
+            s.intended_role = Role::Replica;
+            s.upstream = Some(upstream.clone());
+        });
+        if self.child.is_some() {
+            self.reload()?;
+            return Ok(ActionOutcome::message(format!(
+                "following {}:{} (configuration reloaded)",
+                upstream.host, upstream.port
+            )));
+        }
+        self.update(|s| {
+            s.phase = Phase::Starting;
+            s.fence_reason = None;
+        });
+        self.restart_at = None;
+        self.start_postgres().await?;
+        Ok(ActionOutcome::message(format!(
+            "following {}:{} (started as a standby)",
+            upstream.host, upstream.port
+        )))
+    }
+
+    async fn action_rejoin(&mut self, upstream: Upstream) -> Result<ActionOutcome, ActionError> {
+        let upstream = self.with_default_slot(upstream);
+        let config = self.handle.config.clone();
+        self.update(|s| {
+            s.phase = Phase::Starting;
+            s.fence_reason = None;
+            s.intended_role = Role::Replica;
+            s.upstream = Some(upstream.clone());
+        });
+        self.restart_at = None;
+        self.stop_postgres(StopMode::Fast).await?;
+
+        // CHECKPOINT on the new primary first: right after a promotion its control file still
+        // shows the old timeline, and pg_rewind would wrongly conclude "no rewind required".
+        let primary = probe::connect(
+            &config.remote_target(&upstream.host, upstream.port),
+            config.primary_timeout,
+        )
+        .await?;
+        primary
+            .batch_execute("CHECKPOINT")
+            .await
+            .map_err(|source| ProbeError::Query {
+                what: "CHECKPOINT on the new primary",
+                source,
+            })?;
+        prepare_upstream(&config, &upstream).await?;
+
+        let rewind_failure = match self.rejoin_by_rewind(&upstream).await {
+            Ok(()) => None,
+            Err(error) => Some(error.to_string()),
+        };
+        let path = match &rewind_failure {
+            None => RejoinPath::Rewind,
+            Some(failure) => {
+                tracing::warn!(%failure, "pg_rewind path failed; re-cloning");
+                if let Err(error) = self.rejoin_by_reclone(&upstream).await {
+                    return Err(ActionError::Rejoin {
+                        rewind: failure.clone(),
+                        reclone: error.to_string(),
+                    });
+                }
+                RejoinPath::Reclone
+            }
+        };
+        let report = RejoinReport {
+            path,
+            rewind_failure,
+            upstream: upstream.clone(),
+            finished_at: Utc::now(),
+        };
+        self.update(|s| s.last_rejoin = Some(report.clone()));
+        Ok(ActionOutcome {
+            message: format!(
+                "rejoined {}:{} by {}",
+                upstream.host,
+                upstream.port,
+                match path {
+                    RejoinPath::Rewind => "pg_rewind",
+                    RejoinPath::Reclone => "re-clone",
+                }
+            ),
+            rejoin: Some(report),
+        })
+    }
+
+    async fn rejoin_by_rewind(&mut self, upstream: &Upstream) -> Result<(), ActionError> {
+        let config = self.handle.config.clone();
+        let source = crate::agent::config::conninfo(
+            &upstream.host,
+            upstream.port,
+            &config.superuser,
+            &config.passfile(),
+            config.name(),
+            Some("postgres"),
+        );
+        let mut command = config.identity.command(config.binaries.tool("pg_rewind"));
+        command
+            .arg("--target-pgdata")
+            .arg(&config.data_dir)
+            .arg(format!("--source-server={source}"))
+            .arg("--progress");
+        tracing::info!(host = %upstream.host, port = upstream.port, "running pg_rewind");
+        run_tool("pg_rewind", command)
+            .await
+            .map_err(|e| ActionError::Rewind(e.to_string()))?;
+        // pg_rewind copied the source's configuration files: render ours again.
+        write_configuration(&config, &config.data_dir, Some(upstream))?;
+        self.start_postgres().await?;
+        self.verify_streaming(upstream).await
+    }
+
+    async fn rejoin_by_reclone(&mut self, upstream: &Upstream) -> Result<(), ActionError> {
+        let config = self.handle.config.clone();
+        self.stop_postgres(StopMode::Fast).await?;
+        let stamp = Utc::now().format("%Y%m%dT%H%M%S%.3f").to_string();
+        let fresh = sibling(&config.data_dir, &format!("reclone-{stamp}"));
+        if let Err(error) = clone_from(&config, upstream, &fresh).await {
+            let _ = std::fs::remove_dir_all(&fresh);
+            return Err(error.into());
+        }
+        let old = sibling(&config.data_dir, &format!("old-{stamp}"));
+        rename(&config.data_dir, &old)?;
+        if let Err(error) = rename(&fresh, &config.data_dir) {
+            // Put the old directory back rather than leave nothing in place.
+            let _ = std::fs::rename(&old, &config.data_dir);
+            return Err(error);
+        }
+        tracing::info!(old = %old.display(), "swapped in the re-cloned data directory");
+        self.start_postgres().await?;
+        self.verify_streaming(upstream).await?;
+        // Only now is the old data directory no longer needed.
+        if let Err(error) = std::fs::remove_dir_all(&old) {
+            tracing::warn!(%error, old = %old.display(), "failed to remove the replaced data directory");
+        }
+        Ok(())
+    }
+
+    /// A rejoin counts only when the instance streams from `upstream` on its timeline.
+    async fn verify_streaming(&mut self, upstream: &Upstream) -> Result<(), ActionError> {
+        let config = self.handle.config.clone();
+        let primary = probe::connect(
+            &config.remote_target(&upstream.host, upstream.port),
+            config.primary_timeout,
+        )
+        .await?;
+        let primary_state = probe::probe_instance(&primary).await?;
+        let deadline = Instant::now() + config.verify_timeout;
+        let mut last_seen = String::from("no probe yet");
+        while Instant::now() < deadline {
+            if self.child.is_none() {
+                return Err(ActionError::Start(format!(
+                    "postgres exited while verifying replication: {}",
+                    self.handle.log_tail().join("; ")
+                )));
+            }
+            match self.probe_local().await {
+                Ok(probe) => {
+                    let receiver = probe.wal_receiver.as_ref();
+                    let streaming = receiver.is_some_and(|r| r.status == "streaming");
+                    let on_timeline =
+                        receiver.and_then(|r| r.received_tli) == primary_state.timeline;
+                    if probe.in_recovery && streaming && on_timeline {
+                        return Ok(());
+                    }
+                    last_seen = format!(
+                        "in_recovery={}, receiver={:?}, primary timeline {:?}",
+                        probe.in_recovery,
+                        receiver.map(|r| (&r.status, r.received_tli)),
+                        primary_state.timeline
+                    );
+                }
+                Err(error) => last_seen = error.to_string(),
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                self.update(|s| s.pid = None);
+                return Err(ActionError::Start(format!(
+                    "postgres exited ({status}) while verifying replication: {}",
+                    self.handle.log_tail().join("; ")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(ActionError::Start(format!(
+            "not streaming from {}:{} after {:?} ({last_seen}); postgres log: {}",
+            upstream.host,
+            upstream.port,
+            config.verify_timeout,
+            self.handle.log_tail().join("; ")
+        )))
+    }
+}
+
+fn unreachable_shutdown() -> Result<ActionOutcome, ActionError> {
+    Err(ActionError::SupervisorGone)
+}
+
+fn rename(from: &Path, to: &Path) -> Result<(), ActionError> {
+    std::fs::rename(from, to).map_err(|source| {
+        ActionError::Instance(InstanceError::Io {
+            what: "rename data directory to",
+            path: to.to_path_buf(),
+            source,
+        })
+    })
+}
+
+/// Sends `signal` and waits up to `timeout` for the exit.
+async fn signal_and_wait(
+    child: &mut Child,
+    signal: Signal,
+    timeout: Duration,
+) -> Result<ExitStatus, ()> {
+    if let Some(pid) = child.id() {
+        let _ = kill(Pid::from_raw(pid as i32), signal);
+    }
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => Ok(status),
+        _ => Err(()),
+    }
+}
+
+async fn kill_child(child: &mut Child, signal: Signal) -> Result<(), ActionError> {
+    signal_and_wait(child, signal, Duration::from_secs(10))
+        .await
+        .map(|_| ())
+        .map_err(|()| ActionError::Stop(format!("postgres did not exit after {signal}")))
+}
+
+/// Forwards postgres output lines to the agent's log and keeps the last few for error messages.
+fn forward_lines<R>(reader: R, tail: Arc<Mutex<VecDeque<String>>>)
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(reader).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::info!(target: "postgres", "{line}");
+            let mut tail = lock(&tail);
+            if tail.len() == LOG_TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    });
+}
+
+/// Creates or updates the replication user with a SCRAM verifier computed here, so the
+/// password itself never travels in SQL text (logs, pg_stat_activity).
+async fn ensure_replication_user(
+    client: &tokio_postgres::Client,
+    config: &AgentConfig,
+) -> Result<(), ActionError> {
+    let verifier =
+        postgres_protocol::password::scram_sha_256(config.replication_password.expose().as_bytes());
+    let user = postgres_protocol::escape::escape_identifier(&config.replication_user);
+    let literal = postgres_protocol::escape::escape_literal(&verifier);
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_roles WHERE rolname = $1",
+            &[&config.replication_user],
+        )
+        .await
+        .map_err(|source| ProbeError::Query {
+            what: "replication user",
+            source,
+        })?
+        .is_some();
+    let statement = if exists {
+        format!("ALTER ROLE {user} WITH REPLICATION LOGIN PASSWORD {literal}")
+    } else {
+        format!("CREATE ROLE {user} WITH REPLICATION LOGIN PASSWORD {literal}")
+    };
+    client
+        .batch_execute(&statement)
+        .await
+        .map_err(|source| ProbeError::Query {
+            what: "create replication user",
+            source,
+        })?;
+    Ok(())
+}

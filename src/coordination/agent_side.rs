@@ -1,0 +1,223 @@
+//! Lease fencing as the agent wires it: command-line options, the keeper and its watchdog, a
+//! monitor that arms the keeper while the local postgres is primary, and the promotion gate (the
+//! agent promotes only when it sees itself as the lease holder).
+//!
+//! Kept generic over the agent (closures for "what is postgres doing" and "fence now"), so that
+//! `coordination` does not depend on `agent`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::http::HttpLeaseStore;
+use super::keeper::{FenceFn, KeeperMode, LeaseKeeper};
+use super::lease::{LeaseStore, LeaseTimings, TimingsError};
+use super::watchdog::{WatchdogCommand, spawn_watchdog};
+
+/// Lease options of `pgrs agent`. Without `--lease-url` the agent does not fence itself (a
+/// standalone agent; the controller then has no split-brain protection).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LeaseArgs {
+    /// URL of the lease service (`pgrs local` serves one on loopback).
+    #[arg(long, env = "PGRS_LEASE_URL")]
+    pub lease_url: Option<String>,
+    /// Timing profile: `default` (8 s lease, renew 1 s, deadline 5 s, shutdown budget 2 s) or
+    /// `aggressive` (3 s / 0.5 s / 1.5 s / 1 s). The options below override single values.
+    #[arg(long, default_value = "default")]
+    pub lease_profile: String,
+    #[arg(long)]
+    pub lease_duration_ms: Option<u64>,
+    #[arg(long)]
+    pub lease_renew_interval_ms: Option<u64>,
+    #[arg(long)]
+    pub lease_renew_deadline_ms: Option<u64>,
+    #[arg(long)]
+    pub lease_shutdown_budget_ms: Option<u64>,
+    /// Do not start the out-of-process fencing watchdog (tests only: a frozen agent then
+    /// cannot fence).
+    #[arg(long, hide = true)]
+    pub no_fence_watchdog: bool,
+}
+
+impl LeaseArgs {
+    pub fn timings(&self) -> Result<LeaseTimings, TimingsError> {
+        let mut timings = LeaseTimings::profile(&self.lease_profile)?;
+        let ms = Duration::from_millis;
+        if let Some(v) = self.lease_duration_ms {
+            timings.lease_duration = ms(v);
+        }
+        if let Some(v) = self.lease_renew_interval_ms {
+            timings.renew_interval = ms(v);
+        }
+        if let Some(v) = self.lease_renew_deadline_ms {
+            timings.renew_deadline = ms(v);
+        }
+        if let Some(v) = self.lease_shutdown_budget_ms {
+            timings.shutdown_budget = ms(v);
+        }
+        timings.validate()?;
+        Ok(timings)
+    }
+
+    /// The same options as command-line arguments (for a controller spawning agents).
+    pub fn to_args(timings: &LeaseTimings, lease_url: &str) -> Vec<String> {
+        vec![
+            format!("--lease-url={lease_url}"),
+            format!("--lease-duration-ms={}", timings.lease_duration.as_millis()),
+            format!(
+                "--lease-renew-interval-ms={}",
+                timings.renew_interval.as_millis()
+            ),
+            format!(
+                "--lease-renew-deadline-ms={}",
+                timings.renew_deadline.as_millis()
+            ),
+            format!(
+                "--lease-shutdown-budget-ms={}",
+                timings.shutdown_budget.as_millis()
+            ),
+        ]
+    }
+}
+
+/// What the local postgres is doing, as far as lease fencing cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalPrimaryState {
+    /// Running as primary: the lease must be held and renewed.
+    Serving,
+    /// Meant to be primary but (re)starting: keep whatever the keeper does.
+    Restarting,
+    /// A replica, or fenced: nothing to renew.
+    NotPrimary,
+    /// Stopped on request (planned): release the lease.
+    StoppedOnRequest,
+}
+
+pub struct AgentFencing {
+    keeper: Arc<LeaseKeeper>,
+    store: Arc<dyn LeaseStore>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for AgentFencing {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Gate {
+    store: Arc<dyn LeaseStore>,
+    identity: String,
+    path: &'static str,
+}
+
+async fn promote_gate(State(gate): State<Gate>, request: Request, next: Next) -> Response {
+    if request.method() != Method::POST || request.uri().path() != gate.path {
+        return next.run(request).await;
+    }
+    let refusal = match gate.store.get().await {
+        Ok(lease) if lease.holder.as_deref() == Some(gate.identity.as_str()) => {
+            return next.run(request).await;
+        }
+        Ok(lease) => format!(
+            "refusing to promote: the lease is held by {}, not by {}",
+            lease.holder.as_deref().unwrap_or("nobody"),
+            gate.identity
+        ),
+        Err(error) => format!("refusing to promote: cannot read the lease: {error}"),
+    };
+    tracing::warn!(identity = %gate.identity, %refusal, "promotion refused");
+    (
+        StatusCode::CONFLICT,
+        axum::Json(serde_json::json!({ "error": refusal })),
+    )
+        .into_response()
+}
+
+impl AgentFencing {
+    /// Starts lease fencing when `args.lease_url` is set: the keeper, its watchdog (for the
+    /// postgres of `data_dir`) and the monitor polling `state`.
+    pub fn start(
+        args: &LeaseArgs,
+        identity: &str,
+        data_dir: &Path,
+        fence: FenceFn,
+        state: Arc<dyn Fn() -> LocalPrimaryState + Send + Sync>,
+    ) -> anyhow::Result<Option<Self>> {
+        let Some(url) = &args.lease_url else {
+            return Ok(None);
+        };
+        let timings = args.timings()?;
+        // A request may not outlive a renew interval: a hung store must not delay fencing.
+        let store: Arc<dyn LeaseStore> =
+            Arc::new(HttpLeaseStore::new(url, timings.renew_interval)?);
+        let keeper = LeaseKeeper::new(store.clone(), identity, timings)?;
+        let mut tasks = vec![tokio::spawn(keeper.clone().run(fence))];
+        if !args.no_fence_watchdog {
+            let command = WatchdogCommand::current_exe()?;
+            tasks.push(spawn_watchdog(&command, data_dir, keeper.clone())?);
+        }
+        let monitored = keeper.clone();
+        tasks.push(tokio::spawn(async move {
+            // After a fence, re-arm only once postgres was seen not serving: until the fence
+            // callback has marked the instance fenced, it may still look like a primary.
+            let mut may_rearm = false;
+            loop {
+                match (state(), monitored.mode()) {
+                    (LocalPrimaryState::Serving, KeeperMode::Idle) => monitored.activate(),
+                    (LocalPrimaryState::Serving, KeeperMode::Fenced) if may_rearm => {
+                        // Serving again after a fence: a promotion; prove the lease anew.
+                        may_rearm = false;
+                        monitored.activate();
+                    }
+                    (LocalPrimaryState::Serving, _) => {}
+                    (_, KeeperMode::Fenced) => may_rearm = true,
+                    (LocalPrimaryState::StoppedOnRequest, KeeperMode::Active) => {
+                        let _ = monitored.release().await;
+                    }
+                    (LocalPrimaryState::NotPrimary, KeeperMode::Active) => monitored.deactivate(),
+                    _ => {}
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+        tracing::info!(identity, lease_url = %url, ?timings, "lease fencing enabled");
+        Ok(Some(AgentFencing {
+            keeper,
+            store,
+            tasks,
+        }))
+    }
+
+    pub fn keeper(&self) -> &Arc<LeaseKeeper> {
+        &self.keeper
+    }
+
+    /// Wraps the agent's router so that `POST promote_path` runs only for the lease holder.
+    pub fn gate_promote(&self, router: Router, promote_path: &'static str) -> Router {
+        router.layer(axum::middleware::from_fn_with_state(
+            Gate {
+                store: self.store.clone(),
+                identity: self.keeper.identity().to_string(),
+                path: promote_path,
+            },
+            promote_gate,
+        ))
+    }
+
+    /// After postgres was shut down gracefully: give the lease up (no-op unless primary).
+    pub async fn release_after_stop(&self) {
+        if self.keeper.mode() == KeeperMode::Active {
+            let _ = self.keeper.release().await;
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! The lease over HTTP, for local mode where agents are separate processes: the `pgrs local`
+//! controller serves a [`LeaseStore`] on loopback ([`lease_router`]) and agents use
+//! [`HttpLeaseStore`].
+//!
+//! `GET /v1/lease`; `POST /v1/lease/{renew,acquire,release}` with `{"holder", "expectedVersion"}`.
+//! 200 returns the record; 409 returns `{"kind": "conflict"|"notHolder", "current": record}`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use super::lease::{LeaseError, LeaseRecord, LeaseStore};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeaseRequest {
+    holder: String,
+    #[serde(default)]
+    expected_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeaseErrorBody {
+    kind: String,
+    message: String,
+    #[serde(default)]
+    expected: Option<String>,
+    #[serde(default)]
+    current: Option<LeaseRecord>,
+}
+
+struct ApiError(LeaseError);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let message = self.0.to_string();
+        let (status, body) = match self.0 {
+            LeaseError::Conflict { expected, current } => (
+                StatusCode::CONFLICT,
+                LeaseErrorBody {
+                    kind: "conflict".to_string(),
+                    message,
+                    expected: Some(expected),
+                    current: Some(current),
+                },
+            ),
+            LeaseError::NotHolder { current, .. } => (
+                StatusCode::CONFLICT,
+                LeaseErrorBody {
+                    kind: "notHolder".to_string(),
+                    message,
+                    expected: None,
+                    current: Some(current),
+                },
+            ),
+            LeaseError::Unavailable(_) | LeaseError::Persist { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                LeaseErrorBody {
+                    kind: "unavailable".to_string(),
+                    message,
+                    expected: None,
+                    current: None,
+                },
+            ),
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+type Store = Arc<dyn LeaseStore>;
+
+async fn get_lease(State(store): State<Store>) -> Result<Json<LeaseRecord>, ApiError> {
+    store.get().await.map(Json).map_err(ApiError)
+}
+
+async fn renew_lease(
+    State(store): State<Store>,
+    Json(request): Json<LeaseRequest>,
+) -> Result<Json<LeaseRecord>, ApiError> {
+    store
+        .renew(&request.holder)
+        .await
+        .map(Json)
+        .map_err(ApiError)
+}
+
+async fn acquire_lease(
+    State(store): State<Store>,
+    Json(request): Json<LeaseRequest>,
+) -> Result<Json<LeaseRecord>, ApiError> {
+    let expected = request.expected_version.unwrap_or_default();
+    store
+        .acquire(&request.holder, &expected)
+        .await
+        .map(Json)
+        .map_err(ApiError)
+}
+
+async fn release_lease(
+    State(store): State<Store>,
+    Json(request): Json<LeaseRequest>,
+) -> Result<Json<LeaseRecord>, ApiError> {
+    store
+        .release(&request.holder)
+        .await
+        .map(Json)
+        .map_err(ApiError)
+}
+
+/// The lease service routes, to be merged into the controller's HTTP server.
+pub fn lease_router(store: Arc<dyn LeaseStore>) -> Router {
+    Router::new()
+        .route("/v1/lease", get(get_lease))
+        .route("/v1/lease/renew", post(renew_lease))
+        .route("/v1/lease/acquire", post(acquire_lease))
+        .route("/v1/lease/release", post(release_lease))
+        .with_state(store)
+}
+
+/// A [`LeaseStore`] reached over HTTP.
+#[derive(Clone)]
+pub struct HttpLeaseStore {
+    base_url: String,
+    client: reqwest::Client,
+}
+
+impl HttpLeaseStore {
+    /// `base_url` like `http://127.0.0.1:7000`; every request gives up after `timeout`, so that
+    /// a hung store never delays a fencing decision.
+    pub fn new(base_url: &str, timeout: Duration) -> Result<Self, LeaseError> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|e| {
+                LeaseError::Unavailable(format!("failed to build the HTTP client: {e}"))
+            })?;
+        Ok(HttpLeaseStore {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            client,
+        })
+    }
+
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        what: &str,
+    ) -> Result<LeaseRecord, LeaseError> {
+        let response = request.send().await.map_err(|e| {
+            LeaseError::Unavailable(format!("failed to {what} at {}: {e}", self.base_url))
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return response.json::<LeaseRecord>().await.map_err(|e| {
+                LeaseError::Unavailable(format!("failed to read the {what} answer: {e}"))
+            });
+        }
+        let body = response.json::<LeaseErrorBody>().await.map_err(|e| {
+            LeaseError::Unavailable(format!(
+                "failed to {what}: HTTP {status}, unreadable body: {e}"
+            ))
+        })?;
+        match (body.kind.as_str(), body.current) {
+            ("conflict", Some(current)) => Err(LeaseError::Conflict {
+                expected: body.expected.unwrap_or_default(),
+                current,
+            }),
+            ("notHolder", Some(current)) => Err(LeaseError::NotHolder {
+                requester: String::new(),
+                current,
+            }),
+            _ => Err(LeaseError::Unavailable(format!(
+                "failed to {what}: HTTP {status}: {}",
+                body.message
+            ))),
+        }
+    }
+
+    fn post(
+        &self,
+        path: &str,
+        holder: &str,
+        expected_version: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}{path}", self.base_url))
+            .json(&LeaseRequest {
+                holder: holder.to_string(),
+                expected_version: expected_version.map(str::to_string),
+            })
+    }
+}
+
+fn with_requester(
+    result: Result<LeaseRecord, LeaseError>,
+    holder: &str,
+) -> Result<LeaseRecord, LeaseError> {
+    result.map_err(|e| match e {
+        LeaseError::NotHolder { current, .. } => LeaseError::NotHolder {
+            requester: holder.to_string(),
+            current,
+        },
+        other => other,
+    })
+}
+
+impl LeaseStore for HttpLeaseStore {
+    fn get(&self) -> BoxFuture<'_, Result<LeaseRecord, LeaseError>> {
+        Box::pin(self.send(
+            self.client.get(format!("{}/v1/lease", self.base_url)),
+            "read the lease",
+        ))
+    }
+
+    fn renew<'a>(&'a self, holder: &'a str) -> BoxFuture<'a, Result<LeaseRecord, LeaseError>> {
+        Box::pin(async move {
+            with_requester(
+                self.send(
+                    self.post("/v1/lease/renew", holder, None),
+                    "renew the lease",
+                )
+                .await,
+                holder,
+            )
+        })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        holder: &'a str,
+        expected_version: &'a str,
+    ) -> BoxFuture<'a, Result<LeaseRecord, LeaseError>> {
+        Box::pin(async move {
+            self.send(
+                self.post("/v1/lease/acquire", holder, Some(expected_version)),
+                "acquire the lease",
+            )
+            .await
+        })
+    }
+
+    fn release<'a>(&'a self, holder: &'a str) -> BoxFuture<'a, Result<LeaseRecord, LeaseError>> {
+        Box::pin(async move {
+            with_requester(
+                self.send(
+                    self.post("/v1/lease/release", holder, None),
+                    "release the lease",
+                )
+                .await,
+                holder,
+            )
+        })
+    }
+}

@@ -1,0 +1,1062 @@
+//! The local controller (`pgrs local run-controller`): plays the operator's part on one machine.
+//! It owns the cluster directory (flock), runs the agents as child processes, serves the lease
+//! service and the status/switchover API on loopback, runs the write endpoint, and loops:
+//! observe agents → engine → act.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::process::Child;
+use tokio::time::Instant;
+
+use crate::agent::api::{
+    AgentStatus, FenceRequest, FollowRequest, PromoteRequest, RejoinRequest, Role, StopMode,
+    StopRequest,
+};
+use crate::agent::client::AgentClient;
+use crate::coordination::{
+    LeaseArgs, LeaseError, LeaseRecord, LeaseStore, MemoryLeaseStore, lease_router,
+};
+use crate::engine::{
+    Action, DataDurability, EngineInput, EngineSpec, Event, InstanceObservation, LeaseView, Memory,
+    MonoTime, ObservedRole, ReplicationMode, Severity, SyncSet, SyncState, decide, plan_switchover,
+};
+use crate::local::forwarder::Forwarder;
+use crate::local::layout::{DirLock, Layout, LocalConfig, NodeConfig, io_error};
+use crate::local::status::{EventRecord, LeaseStatus, LocalStatus, NodeStatus};
+
+/// What the controller persists besides the lease (`memory.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ControllerState {
+    pub memory: Memory,
+    /// Nodes seen running as primary while not holding the lease since their last rejoin.
+    pub former_primaries: BTreeSet<String>,
+    /// `synchronous_standby_names` last applied per node.
+    pub applied_sync: BTreeMap<String, SyncSet>,
+    /// The last lease holder seen.
+    pub last_holder: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SwitchoverBody {
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+struct Observed {
+    at: Instant,
+    result: Result<AgentStatus, String>,
+}
+
+struct NodeRuntime {
+    child: Option<Child>,
+    pid: Option<i32>,
+    busy: bool,
+}
+
+struct Shared {
+    config: LocalConfig,
+    layout: Layout,
+    origin: Instant,
+    store: Arc<MemoryLeaseStore>,
+    state: Mutex<ControllerState>,
+    observed: Mutex<HashMap<String, Observed>>,
+    nodes: Mutex<HashMap<String, NodeRuntime>>,
+    status: Mutex<Option<LocalStatus>>,
+    last_input: Mutex<Option<EngineInput>>,
+    events: Mutex<Vec<EventRecord>>,
+    shutdown: tokio::sync::Notify,
+    shutting_down: std::sync::atomic::AtomicBool,
+    clients: HashMap<String, AgentClient>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    fn mono(&self, at: Instant) -> MonoTime {
+        MonoTime(at.saturating_duration_since(self.origin))
+    }
+
+    fn node(&self, name: &str) -> Option<&NodeConfig> {
+        self.config.nodes.iter().find(|n| n.name == name)
+    }
+
+    fn record(&self, severity: &str, reason: &str, message: String) {
+        let record = EventRecord {
+            at: chrono::Utc::now(),
+            severity: severity.to_string(),
+            reason: reason.to_string(),
+            message,
+        };
+        tracing::info!(severity, reason, message = %record.message, "event");
+        if let Ok(line) = serde_json::to_string(&record) {
+            use std::io::Write;
+            if let Ok(mut file) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.layout.events())
+            {
+                let _ = writeln!(file, "{line}");
+            }
+        }
+        let mut events = lock(&self.events);
+        events.push(record);
+        let excess = events.len().saturating_sub(50);
+        events.drain(..excess);
+    }
+
+    fn persist_state(&self) {
+        let state = lock(&self.state).clone();
+        if let Ok(bytes) = serde_json::to_vec_pretty(&state) {
+            let path = self.layout.memory();
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, bytes).is_ok() {
+                let _ = std::fs::rename(&tmp, &path);
+            }
+        }
+    }
+}
+
+fn load_state(layout: &Layout) -> ControllerState {
+    std::fs::read(layout.memory())
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+/// Agent command line for `node`, starting as primary or as a replica of `primary`.
+fn agent_command(
+    shared: &Shared,
+    node: &NodeConfig,
+    primary: Option<&NodeConfig>,
+) -> anyhow::Result<tokio::process::Command> {
+    let config = &shared.config;
+    let layout = &shared.layout;
+    let exe = std::env::current_exe()?;
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .arg("agent")
+        .arg(format!("--cluster={}", config.cluster))
+        .arg(format!("--name={}", node.name))
+        .arg("--data-dir")
+        .arg(layout.data_dir(&node.name))
+        .arg("--pg-bin")
+        .arg(&config.pg_bin)
+        .arg(format!("--port={}", node.pg_port))
+        .arg("--listen-addresses=127.0.0.1")
+        .arg(format!("--http-listen=127.0.0.1:{}", node.agent_port))
+        .arg("--token-file")
+        .arg(layout.token())
+        .arg("--superuser-password-file")
+        .arg(layout.superuser_password())
+        .arg("--replication-password-file")
+        .arg(layout.replication_password())
+        .arg(format!("--superuser={}", config.superuser))
+        // A rejoined former primary falls back to re-clone if it does not stream quickly.
+        .arg("--verify-timeout-secs=20")
+        .args(LeaseArgs::to_args(
+            &config.timings,
+            &format!("{}", config.controller_url()),
+        ));
+    match primary {
+        None => {
+            command.arg("--role=primary");
+        }
+        Some(primary) => {
+            command
+                .arg("--role=replica")
+                .arg("--primary-host=127.0.0.1")
+                .arg(format!("--primary-port={}", primary.pg_port));
+        }
+    }
+    let log_path = layout.agent_log(&node.name);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io_error("open", &log_path))?;
+    let log_err = log.try_clone().map_err(io_error("open", &log_path))?;
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .env(
+            "PGRS_LOG",
+            std::env::var("PGRS_LOG").unwrap_or_else(|_| "info".to_string()),
+        )
+        // Own process group: a Ctrl-C in the user's terminal must not reach the agents.
+        .process_group(0)
+        .kill_on_drop(false);
+    Ok(command)
+}
+
+/// Starts `node`'s agent: as primary when it holds the lease (or when nobody does and it was the
+/// last primary / the first node of a fresh cluster), else as a replica of the holder.
+async fn start_node(shared: &Arc<Shared>, name: &str, fresh: bool) -> Result<String, String> {
+    let node = shared
+        .node(name)
+        .ok_or_else(|| format!("unknown node {name}"))?
+        .clone();
+    {
+        let nodes = lock(&shared.nodes);
+        if nodes.get(name).is_some_and(|n| n.child.is_some()) {
+            return Err(format!("{name} is already running"));
+        }
+    }
+    let lease = shared.store.get().await.map_err(|e| e.to_string())?;
+    let last_primary = lock(&shared.state)
+        .memory
+        .last_primary
+        .as_ref()
+        .map(|p| p.name.clone());
+    let primary: Option<NodeConfig> = match lease.holder.as_deref() {
+        Some(holder) if holder == name => None,
+        Some(holder) => Some(
+            shared
+                .node(holder)
+                .cloned()
+                .ok_or_else(|| format!("unknown holder {holder}"))?,
+        ),
+        None => {
+            let first = last_primary.unwrap_or_else(|| shared.config.nodes[0].name.clone());
+            if first == name {
+                None
+            } else if fresh {
+                Some(
+                    shared
+                        .node(&first)
+                        .cloned()
+                        .ok_or_else(|| format!("unknown node {first}"))?,
+                )
+            } else {
+                return Err(format!(
+                    "no instance holds the lease right now: {name} has no primary to follow; retry once a primary is elected"
+                ));
+            }
+        }
+    };
+    let mut command = agent_command(shared, &node, primary.as_ref()).map_err(|e| e.to_string())?;
+    let child = command
+        .spawn()
+        .map_err(|e| format!("failed to start the agent of {name}: {e}"))?;
+    let pid = child.id().map(|p| p as i32);
+    if let Some(pid) = pid {
+        let _ = std::fs::write(shared.layout.agent_pid(name), pid.to_string());
+    }
+    lock(&shared.nodes).insert(
+        name.to_string(),
+        NodeRuntime {
+            child: Some(child),
+            pid,
+            busy: false,
+        },
+    );
+    let role = match &primary {
+        None => "primary".to_string(),
+        Some(p) => format!("replica of {}", p.name),
+    };
+    shared.record(
+        "info",
+        "NodeStarted",
+        format!("started the agent of {name} (pid {pid:?}) as {role}"),
+    );
+    Ok(role)
+}
+
+/// Polls one agent continuously; the engine reads the latest answer and its arrival time.
+async fn observe_node(shared: Arc<Shared>, name: String) {
+    let client = shared.clients[&name].clone();
+    loop {
+        let result = match tokio::time::timeout(Duration::from_millis(800), client.status()).await {
+            Ok(Ok(status)) => Ok(status),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err("status request timed out".to_string()),
+        };
+        lock(&shared.observed).insert(
+            name.clone(),
+            Observed {
+                at: Instant::now(),
+                result,
+            },
+        );
+        tokio::time::sleep(Duration::from_millis(shared.config.interval_ms)).await;
+    }
+}
+
+/// Reaps exited agents (a killed agent is not restarted automatically: `pgrs local start`).
+fn reap_children(shared: &Shared) {
+    let mut nodes = lock(&shared.nodes);
+    for (name, runtime) in nodes.iter_mut() {
+        if let Some(child) = runtime.child.as_mut()
+            && let Ok(Some(exit)) = child.try_wait()
+        {
+            runtime.child = None;
+            runtime.pid = None;
+            let _ = std::fs::remove_file(shared.layout.agent_pid(name));
+            let message = format!("the agent of {name} exited ({exit})");
+            drop(message.clone());
+            tracing::warn!(node = %name, %exit, "agent exited");
+        }
+    }
+}
+
+fn observed_role(role: Role) -> ObservedRole {
+    match role {
+        Role::Primary => ObservedRole::Primary,
+        Role::Replica => ObservedRole::Replica,
+        Role::Starting => ObservedRole::Starting,
+        Role::Fenced => ObservedRole::Fenced,
+        Role::Stopped => ObservedRole::Stopped,
+    }
+}
+
+fn sync_state(text: &str) -> Option<SyncState> {
+    match text {
+        "async" => Some(SyncState::Async),
+        "potential" => Some(SyncState::Potential),
+        "sync" => Some(SyncState::Sync),
+        "quorum" => Some(SyncState::Quorum),
+        _ => None,
+    }
+}
+
+struct Round {
+    input: EngineInput,
+    statuses: HashMap<String, (bool, Option<AgentStatus>, Option<String>)>,
+}
+
+fn build_input(
+    shared: &Shared,
+    lease: &LeaseRecord,
+    lease_seen: &mut (Option<String>, String, Instant),
+) -> Round {
+    let now = Instant::now();
+    if (lease.holder.clone(), lease.version.clone()) != (lease_seen.0.clone(), lease_seen.1.clone())
+    {
+        *lease_seen = (lease.holder.clone(), lease.version.clone(), now);
+    }
+    let state = lock(&shared.state).clone();
+    let observed = lock(&shared.observed);
+    let port_to_node: HashMap<u16, String> = shared
+        .config
+        .nodes
+        .iter()
+        .map(|n| (n.pg_port, n.name.clone()))
+        .collect();
+    let mut statuses = HashMap::new();
+    let mut instances = Vec::new();
+    // The primary's view of each standby (sync state).
+    let mut peer_sync: HashMap<String, String> = HashMap::new();
+    for o in observed.values() {
+        if let Ok(status) = &o.result
+            && status.role == Role::Primary
+        {
+            for peer in &status.replication {
+                peer_sync.insert(peer.application_name.clone(), peer.sync_state.clone());
+            }
+        }
+    }
+    for node in &shared.config.nodes {
+        let entry = observed.get(&node.name);
+        let (reachable, status, error, at) = match entry {
+            Some(Observed {
+                at,
+                result: Ok(status),
+            }) => (true, Some(status.clone()), None, Some(*at)),
+            Some(Observed {
+                at,
+                result: Err(error),
+            }) => (false, None, Some(error.clone()), Some(*at)),
+            None => (false, None, None, None),
+        };
+        let role = status
+            .as_ref()
+            .map_or(ObservedRole::Unknown, |s| observed_role(s.role));
+        let streaming_from = status
+            .as_ref()
+            .and_then(|s| s.wal_receiver.as_ref())
+            .and_then(|w| {
+                (w.status == "streaming")
+                    .then(|| {
+                        w.sender_port
+                            .and_then(|p| port_to_node.get(&(p as u16)).cloned())
+                    })
+                    .flatten()
+            });
+        instances.push(InstanceObservation {
+            name: node.name.clone(),
+            reachable,
+            postgres_up: status.as_ref().is_some_and(|s| s.postgres_up),
+            role,
+            timeline: status.as_ref().and_then(|s| s.timeline),
+            received_lsn: status.as_ref().and_then(|s| s.receive_lsn),
+            replayed_lsn: status.as_ref().and_then(|s| s.replay_lsn),
+            flush_lsn: status.as_ref().and_then(|s| s.current_lsn),
+            sync_state: peer_sync.get(&node.name).and_then(|s| sync_state(s)),
+            upstream: streaming_from,
+            applied_sync: (role == ObservedRole::Primary)
+                .then(|| state.applied_sync.get(&node.name).cloned())
+                .flatten(),
+            last_report_at: if reachable {
+                at.map(|a| shared.mono(a))
+            } else {
+                None
+            },
+            former_primary: state.former_primaries.contains(&node.name),
+        });
+        statuses.insert(node.name.clone(), (reachable, status, error));
+    }
+    let spec = EngineSpec {
+        mode: if shared.config.sync {
+            ReplicationMode::Sync
+        } else {
+            ReplicationMode::Async
+        },
+        sync_replicas: 1,
+        durability: DataDurability::Required,
+        lease_duration: shared.config.timings.lease_duration,
+        report_stale_after: Duration::from_millis(1000)
+            .max(Duration::from_millis(shared.config.interval_ms * 5)),
+        ..EngineSpec::default()
+    };
+    let input = EngineInput {
+        now: shared.mono(now),
+        instances,
+        lease: LeaseView {
+            holder: lease.holder.clone(),
+            version: lease.version.clone(),
+            unchanged_since: shared.mono(lease_seen.2),
+            duration: lease.duration,
+        },
+        spec,
+        memory: state.memory.clone(),
+    };
+    Round { input, statuses }
+}
+
+fn node_statuses(shared: &Shared, round: &Round) -> Vec<NodeStatus> {
+    let primary_status = round
+        .statuses
+        .values()
+        .filter_map(|(_, s, _)| s.as_ref())
+        .find(|s| s.role == Role::Primary);
+    let nodes = lock(&shared.nodes);
+    shared
+        .config
+        .nodes
+        .iter()
+        .map(|node| {
+            let (reachable, status, error) = round
+                .statuses
+                .get(&node.name)
+                .cloned()
+                .unwrap_or((false, None, None));
+            let observation = round.input.instance(&node.name);
+            let peer = primary_status.and_then(|p| {
+                p.replication
+                    .iter()
+                    .find(|r| r.application_name == node.name)
+            });
+            let lag_bytes = match (
+                primary_status.and_then(|p| p.current_lsn),
+                status.as_ref().and_then(|s| s.replay_lsn),
+            ) {
+                (Some(current), Some(replay)) => Some(current.bytes_since(replay)),
+                _ => None,
+            };
+            let lag_seconds = peer.and_then(|p| match p.replay_lag_seconds {
+                Some(seconds) => Some(seconds),
+                // NULL lag with the standby replayed up to what was sent: caught up (idle primary).
+                None if p.replay_lsn.is_some() && p.replay_lsn == p.sent_lsn => Some(0.0),
+                None => None,
+            });
+            NodeStatus {
+                name: node.name.clone(),
+                pg_port: node.pg_port,
+                agent_port: node.agent_port,
+                reachable,
+                role: status
+                    .as_ref()
+                    .map(|s| format!("{:?}", s.role).to_lowercase()),
+                postgres_up: status.as_ref().is_some_and(|s| s.postgres_up),
+                timeline: status.as_ref().and_then(|s| s.timeline),
+                current_lsn: status.as_ref().and_then(|s| s.current_lsn),
+                receive_lsn: status.as_ref().and_then(|s| s.receive_lsn),
+                replay_lsn: status.as_ref().and_then(|s| s.replay_lsn),
+                lag_bytes,
+                lag_seconds,
+                sync_state: peer.map(|p| p.sync_state.clone()),
+                upstream: observation.and_then(|o| o.upstream.clone()),
+                agent_pid: nodes.get(&node.name).and_then(|n| n.pid),
+                last_error: error.or_else(|| status.and_then(|s| s.last_error)),
+            }
+        })
+        .collect()
+}
+
+async fn apply_sync(shared: &Shared, primary: &str, sync: &SyncSet) -> Result<(), String> {
+    let node = shared.node(primary).ok_or("unknown node")?;
+    let password =
+        std::fs::read_to_string(shared.layout.superuser_password()).map_err(|e| e.to_string())?;
+    let target = crate::postgres::probe::ConnectTarget {
+        host: "127.0.0.1".to_string(),
+        port: node.pg_port,
+        user: shared.config.superuser.clone(),
+        password: password.trim().to_string(),
+        dbname: "postgres".to_string(),
+    };
+    let client = crate::postgres::probe::connect(&target, Duration::from_secs(2))
+        .await
+        .map_err(|e| e.to_string())?;
+    let names = sync.to_standby_names().replace('\'', "''");
+    let describe = |e: tokio_postgres::Error| {
+        let detail = e.as_db_error().map_or_else(|| e.to_string(), |db| db.message().to_string());
+        format!("failed to set synchronous_standby_names on {primary}: {detail}")
+    };
+    // Separate statements: ALTER SYSTEM refuses to run inside an (implicit) transaction block.
+    client
+        .batch_execute(&format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'"))
+        .await
+        .map_err(describe)?;
+    client.batch_execute("SELECT pg_reload_conf()").await.map_err(describe)?;
+    lock(&shared.state)
+        .applied_sync
+        .insert(primary.to_string(), sync.clone());
+    Ok(())
+}
+
+fn upstream_of(shared: &Shared, primary: &str) -> Result<(String, u16), String> {
+    let node = shared
+        .node(primary)
+        .ok_or_else(|| format!("unknown node {primary}"))?;
+    Ok(("127.0.0.1".to_string(), node.pg_port))
+}
+
+/// Carries out one action. Follow and rejoin run in the background (one at a time per node), so
+/// that a slow rewind never delays a failover decision.
+async fn execute(shared: &Arc<Shared>, action: &Action) -> Result<(), String> {
+    match action {
+        Action::AcquireLease {
+            holder,
+            expected_version,
+        } => shared
+            .store
+            .acquire(holder, expected_version)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Action::Promote { instance } => {
+            let client = &shared.clients[instance];
+            client
+                .promote(&PromoteRequest {
+                    wait_seconds: Some(30),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        Action::Demote { instance } => {
+            let client = &shared.clients[instance];
+            client
+                .stop(&StopRequest {
+                    mode: StopMode::Fast,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            // postgres is down: give the lease up at once (the agent would too, a bit later).
+            match shared.store.release(instance).await {
+                Ok(_) | Err(LeaseError::NotHolder { .. }) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Action::Fence { instance, reason } => {
+            let client = &shared.clients[instance];
+            client
+                .fence(&FenceRequest {
+                    reason: Some(reason.clone()),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        Action::SetSynchronousStandbys { primary, sync } => apply_sync(shared, primary, sync).await,
+        Action::Follow { instance, primary } | Action::Rejoin { instance, primary } => {
+            {
+                let mut nodes = lock(&shared.nodes);
+                let Some(runtime) = nodes.get_mut(instance) else {
+                    return Ok(());
+                };
+                if runtime.busy {
+                    return Ok(());
+                }
+                runtime.busy = true;
+            }
+            let (host, port) = upstream_of(shared, primary)?;
+            let shared = shared.clone();
+            let action = action.clone();
+            let instance = instance.clone();
+            tokio::spawn(async move {
+                let client = &shared.clients[&instance];
+                let started = Instant::now();
+                let result = match &action {
+                    Action::Rejoin { .. } => client
+                        .rejoin(&RejoinRequest {
+                            host,
+                            port,
+                            slot: None,
+                        })
+                        .await
+                        .map(|r| r.message),
+                    _ => client
+                        .follow(&FollowRequest {
+                            host,
+                            port,
+                            slot: None,
+                        })
+                        .await
+                        .map(|r| r.message),
+                };
+                match result {
+                    Ok(message) => {
+                        if matches!(action, Action::Rejoin { .. }) {
+                            lock(&shared.state).former_primaries.remove(&instance);
+                            shared.persist_state();
+                        }
+                        shared.record(
+                            "info",
+                            action.kind(),
+                            format!(
+                                "{instance}: {message} in {} ms",
+                                started.elapsed().as_millis()
+                            ),
+                        );
+                    }
+                    Err(error) => {
+                        shared.record("warning", action.kind(), format!("{instance}: {error}"))
+                    }
+                }
+                if let Some(runtime) = lock(&shared.nodes).get_mut(&instance) {
+                    runtime.busy = false;
+                }
+            });
+            Ok(())
+        }
+    }
+}
+
+fn record_events(shared: &Shared, events: &[Event]) {
+    for event in events {
+        // Waiting is said by the status; do not flood the log with it every round.
+        if matches!(event.reason, crate::engine::EventReason::SwitchoverWaiting) {
+            continue;
+        }
+        let severity = match event.severity {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        };
+        shared.record(
+            severity,
+            &format!("{:?}", event.reason),
+            event.message.clone(),
+        );
+    }
+}
+
+/// One observe → decide → act round. Returns whether anything was done (then the next round
+/// runs at once).
+async fn round(
+    shared: &Arc<Shared>,
+    lease_seen: &mut (Option<String>, String, Instant),
+    forwarder: &Forwarder,
+    last_phase: &mut Option<String>,
+) -> bool {
+    reap_children(shared);
+    let lease = match shared.store.get().await {
+        Ok(lease) => lease,
+        Err(error) => {
+            tracing::error!(%error, "failed to read the lease");
+            return false;
+        }
+    };
+    let round = build_input(shared, &lease, lease_seen);
+    let decision = decide(&round.input);
+
+    // Former primaries: a holder that lost the lease, or a node running as primary while
+    // another one holds it. They rejoin (rewind) rather than merely follow.
+    {
+        let mut state = lock(&shared.state);
+        let holder = round.input.lease.holder.clone();
+        if let Some(previous) = state.last_holder.clone()
+            && holder.as_ref() != Some(&previous)
+        {
+            state.former_primaries.insert(previous);
+        }
+        if holder.is_some() {
+            state.last_holder = holder.clone();
+        }
+        for i in &round.input.instances {
+            if i.role == ObservedRole::Primary
+                && i.reachable
+                && holder.is_some()
+                && holder.as_deref() != Some(&i.name)
+            {
+                state.former_primaries.insert(i.name.clone());
+            }
+        }
+        if let Some(holder) = &holder {
+            state.former_primaries.remove(holder);
+        }
+        if state.memory != decision.memory {
+            state.memory = decision.memory.clone();
+        }
+    }
+
+    // The write endpoint follows the serving holder only.
+    let serving = decision
+        .status
+        .primary
+        .as_ref()
+        .and_then(|p| shared.node(p))
+        .map(|n| SocketAddr::from(([127, 0, 0, 1], n.pg_port)));
+    forwarder.target.send_if_modified(|target| {
+        if *target != serving {
+            *target = serving;
+            true
+        } else {
+            false
+        }
+    });
+
+    record_events(shared, &decision.events);
+    let phase_text = format!("{:?}: {}", decision.status.phase, decision.status.message);
+    if last_phase.as_deref() != Some(phase_text.as_str()) {
+        shared.record("info", "Phase", phase_text.clone());
+        *last_phase = Some(phase_text);
+    }
+
+    let mut acted = false;
+    for action in &decision.actions {
+        let background = matches!(action, Action::Follow { .. } | Action::Rejoin { .. });
+        if !background {
+            shared.record("info", "Action", format!("{action:?}"));
+        }
+        match execute(shared, action).await {
+            Ok(()) => {
+                if !background {
+                    acted = true;
+                }
+            }
+            Err(error) => {
+                shared.record(
+                    "warning",
+                    "ActionFailed",
+                    format!("{}: {error}", action.kind()),
+                );
+                break;
+            }
+        }
+    }
+    shared.persist_state();
+
+    let elapsed = round
+        .input
+        .now
+        .saturating_since(round.input.lease.unchanged_since);
+    let status = LocalStatus {
+        cluster: shared.config.cluster.clone(),
+        phase: decision.status.phase,
+        message: decision.status.message.clone(),
+        primary: decision.status.primary.clone(),
+        lease: LeaseStatus {
+            holder: lease.holder.clone(),
+            version: lease.version.clone(),
+            expires_in_ms: lease.holder.as_ref().map(|_| {
+                round
+                    .input
+                    .lease_duration()
+                    .saturating_sub(elapsed)
+                    .as_millis() as u64
+            }),
+            duration_ms: round.input.lease_duration().as_millis() as u64,
+        },
+        write_endpoint: format!("127.0.0.1:{}", shared.config.write_port),
+        sync: shared.config.sync,
+        nodes: node_statuses(shared, &round),
+        events: lock(&shared.events).clone(),
+        updated_at: chrono::Utc::now(),
+    };
+    *lock(&shared.status) = Some(status);
+    *lock(&shared.last_input) = Some(round.input);
+    acted
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP API
+
+type ApiResult<T> = Result<Json<T>, (StatusCode, Json<ApiError>)>;
+
+fn api_error(status: StatusCode, error: impl Into<String>) -> (StatusCode, Json<ApiError>) {
+    (
+        status,
+        Json(ApiError {
+            error: error.into(),
+        }),
+    )
+}
+
+async fn get_cluster(State(shared): State<Arc<Shared>>) -> ApiResult<LocalStatus> {
+    lock(&shared.status).clone().map(Json).ok_or_else(|| {
+        api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller has not completed a round yet",
+        )
+    })
+}
+
+async fn post_switchover(
+    State(shared): State<Arc<Shared>>,
+    Json(body): Json<SwitchoverBody>,
+) -> ApiResult<crate::engine::SwitchoverPlan> {
+    let input = lock(&shared.last_input).clone();
+    let Some(mut input) = input else {
+        return Err(api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller has not completed a round yet",
+        ));
+    };
+    if let Some(to) = &body.to
+        && shared.node(to).is_none()
+    {
+        let known: Vec<&str> = shared
+            .config
+            .nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect();
+        return Err(api_error(
+            StatusCode::NOT_FOUND,
+            format!("unknown node {to:?}; the nodes are: {}", known.join(", ")),
+        ));
+    }
+    let mut state = lock(&shared.state);
+    input.memory = state.memory.clone();
+    let plan = plan_switchover(&input, body.to.as_deref())
+        .map_err(|e| api_error(StatusCode::CONFLICT, format!("switchover refused: {e}")))?;
+    state.memory.switchover = Some(plan.clone());
+    drop(state);
+    shared.record(
+        "info",
+        "SwitchoverRequested",
+        format!("switchover from {} to {} requested", plan.from, plan.to),
+    );
+    Ok(Json(plan))
+}
+
+async fn post_start(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<serde_json::Value> {
+    if shared.node(&name).is_none() {
+        return Err(api_error(
+            StatusCode::NOT_FOUND,
+            format!("unknown node {name:?}"),
+        ));
+    }
+    start_node(&shared, &name, false)
+        .await
+        .map(|role| Json(serde_json::json!({ "node": name, "startedAs": role })))
+        .map_err(|e| api_error(StatusCode::CONFLICT, e))
+}
+
+async fn post_shutdown(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    shared
+        .shutting_down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    shared.shutdown.notify_waiters();
+    shared.shutdown.notify_one();
+    Json(serde_json::json!({ "shuttingDown": true }))
+}
+
+/// Stops every agent gracefully (SIGTERM; replicas first, then the holder, so that no failover
+/// is needed), escalating to SIGKILL after `grace`.
+async fn stop_agents(shared: &Arc<Shared>, grace: Duration) {
+    let holder = shared.store.get().await.ok().and_then(|l| l.holder);
+    let mut order: Vec<String> = shared.config.nodes.iter().map(|n| n.name.clone()).collect();
+    order.sort_by_key(|n| Some(n) == holder.as_ref());
+    for name in order {
+        let child = lock(&shared.nodes)
+            .get_mut(&name)
+            .and_then(|n| n.child.take());
+        let Some(mut child) = child else { continue };
+        if let Some(pid) = child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if tokio::time::timeout(grace, child.wait()).await.is_err() {
+            let _ = child.kill().await;
+        }
+        let _ = std::fs::remove_file(shared.layout.agent_pid(&name));
+    }
+}
+
+/// `pgrs local run-controller --dir D`.
+pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
+    let layout = Layout::new(dir);
+    let _lock = DirLock::acquire(&layout)?;
+    let pid_path = layout.pid();
+    std::fs::write(&pid_path, std::process::id().to_string())
+        .map_err(io_error("write", &pid_path))?;
+    let config = layout.read_config()?;
+    let store = Arc::new(MemoryLeaseStore::persistent(
+        &layout.lease(),
+        config.timings.lease_duration,
+    )?);
+    let state = load_state(&layout);
+    let token =
+        std::fs::read_to_string(layout.token()).map_err(io_error("read", &layout.token()))?;
+    let clients = config
+        .nodes
+        .iter()
+        .map(|n| {
+            let client = AgentClient::new(config.agent_url(n), Some(token.trim().to_string()))?
+                .with_action_timeout(Duration::from_secs(300));
+            Ok((n.name.clone(), client))
+        })
+        .collect::<anyhow::Result<HashMap<_, _>>>()?;
+    let forwarder = Forwarder::bind(SocketAddr::from(([127, 0, 0, 1], config.write_port))).await?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", config.controller_port))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "failed to listen on 127.0.0.1:{} for the controller API: {e}",
+                config.controller_port
+            )
+        })?;
+
+    let shared = Arc::new(Shared {
+        origin: Instant::now(),
+        store: store.clone(),
+        state: Mutex::new(state),
+        observed: Mutex::new(HashMap::new()),
+        nodes: Mutex::new(HashMap::new()),
+        status: Mutex::new(None),
+        last_input: Mutex::new(None),
+        events: Mutex::new(Vec::new()),
+        shutdown: tokio::sync::Notify::new(),
+        shutting_down: std::sync::atomic::AtomicBool::new(false),
+        clients,
+        layout: layout.clone(),
+        config: config.clone(),
+    });
+    let api = Router::new()
+        .route("/v1/cluster", get(get_cluster))
+        .route("/v1/switchover", post(post_switchover))
+        .route("/v1/nodes/{name}/start", post(post_start))
+        .route("/v1/shutdown", post(post_shutdown))
+        .with_state(shared.clone())
+        .merge(lease_router(store.clone()));
+    let http = tokio::spawn(async move {
+        let _ = axum::serve(listener, api).await;
+    });
+    shared.record(
+        "info",
+        "ControllerStarted",
+        format!(
+            "controller pid {} for {}",
+            std::process::id(),
+            layout.dir.display()
+        ),
+    );
+
+    // Start every agent: the primary first (a replica clones from it).
+    let lease = store.get().await?;
+    let last_primary = lock(&shared.state)
+        .memory
+        .last_primary
+        .as_ref()
+        .map(|p| p.name.clone());
+    let first = lease
+        .holder
+        .clone()
+        .or(last_primary)
+        .unwrap_or_else(|| config.nodes[0].name.clone());
+    if let Err(error) = start_node(&shared, &first, true).await {
+        shared.record("warning", "NodeStartFailed", error);
+    }
+    // Replicas clone from the primary: start them once it serves.
+    let starter = shared.clone();
+    tokio::spawn(async move {
+        let client = starter.clients[&first].clone();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while Instant::now() < deadline {
+            if let Ok(status) = client.status().await
+                && status.postgres_up
+                && status.role == Role::Primary
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for node in starter.config.nodes.iter().filter(|n| n.name != first) {
+            if let Err(error) = start_node(&starter, &node.name, true).await {
+                starter.record("warning", "NodeStartFailed", error);
+            }
+        }
+    });
+    for node in &config.nodes {
+        tokio::spawn(observe_node(shared.clone(), node.name.clone()));
+    }
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut lease_seen = (None, String::new(), Instant::now());
+    let mut last_phase = None;
+    let interval = Duration::from_millis(config.interval_ms);
+    loop {
+        let acted = round(&shared, &mut lease_seen, &forwarder, &mut last_phase).await;
+        if shared
+            .shutting_down
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            break;
+        }
+        let pause = if acted {
+            Duration::from_millis(10)
+        } else {
+            interval
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shared.shutdown.notified() => break,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    shared.record("info", "ControllerStopping", "stopping agents".to_string());
+    forwarder.target.send_replace(None);
+    stop_agents(&shared, Duration::from_secs(20)).await;
+    shared.persist_state();
+    http.abort();
+    let _ = std::fs::remove_file(&pid_path);
+    Ok(())
+}

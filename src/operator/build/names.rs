@@ -1,0 +1,132 @@
+//! Names that matter, in one place: object names derived from the cluster name, label keys,
+//! ports, paths inside the pod. The reconcile loop, the agent's Kubernetes mode and the tests
+//! use these, never string literals.
+
+use std::collections::BTreeMap;
+
+/// `app.kubernetes.io/name` of every object.
+pub const APP_NAME: &str = "pgrs";
+/// `app.kubernetes.io/managed-by`, and the server-side apply field manager.
+pub const MANAGER: &str = "pgrs-operator";
+
+pub const LABEL_APP_NAME: &str = "app.kubernetes.io/name";
+pub const LABEL_APP_INSTANCE: &str = "app.kubernetes.io/instance";
+pub const LABEL_APP_COMPONENT: &str = "app.kubernetes.io/component";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// The owning `PgReplicaSet`.
+pub const LABEL_CLUSTER: &str = "pgrs.dev/cluster";
+/// The instance group (StatefulSet) of a pod.
+pub const LABEL_GROUP: &str = "pgrs.dev/group";
+/// Set on pods by the operator only: `primary` on the Lease holder (selected by `<name>-rw`),
+/// `replica` on the others. A fenced or unreachable old primary loses it first.
+pub const LABEL_ROLE: &str = "pgrs.dev/role";
+pub const ROLE_PRIMARY: &str = "primary";
+pub const ROLE_REPLICA: &str = "replica";
+/// Set on pods by the operator only: `true` on replicas within
+/// `spec.monitoring.readReplicaMaxLagBytes` (selected by `<name>-ro`).
+pub const LABEL_READ_POOL: &str = "pgrs.dev/read-pool";
+pub const READ_POOL_MEMBER: &str = "true";
+/// Annotation requesting a planned switchover to the named instance.
+pub const ANNOTATION_SWITCHOVER_TO: &str = "pgrs.dev/switchover-to";
+
+/// `app.kubernetes.io/component` of the database pods and their objects.
+pub const COMPONENT_DATABASE: &str = "database";
+
+pub const POSTGRES_PORT: u16 = 5432;
+pub const POSTGRES_PORT_NAME: &str = "postgres";
+pub const AGENT_PORT: u16 = 8008;
+pub const AGENT_PORT_NAME: &str = "agent";
+
+/// The container running `pgrs agent`.
+pub const CONTAINER_NAME: &str = "postgres";
+/// `--role` the pods start with: the agent waits for the operator's bootstrap or follow order
+/// (the operator is the only one who decides roles). NOTE: the agent does not accept this value
+/// yet; its Kubernetes startup mode is part of the reconcile-loop work.
+pub const AGENT_STARTUP_ROLE: &str = "wait";
+
+/// uid/gid of `postgres` in the pgrs image; `fsGroup` makes the volumes writable for it.
+pub const POSTGRES_UID: i64 = 999;
+
+pub const DATA_VOLUME: &str = "data";
+pub const DATA_MOUNT: &str = "/var/lib/postgresql/data";
+/// A subdirectory: a fresh volume's root holds `lost+found`, and initdb wants an empty dir.
+pub const DATA_DIR: &str = "/var/lib/postgresql/data/pgdata";
+pub const SECRET_VOLUME: &str = "secrets";
+pub const SECRET_MOUNT: &str = "/etc/pgrs/secrets";
+pub const CONFIG_VOLUME: &str = "config";
+pub const CONFIG_MOUNT: &str = "/etc/pgrs/config";
+pub const RUN_VOLUME: &str = "run";
+pub const RUN_DIR: &str = "/var/run/pgrs";
+
+/// Keys of the cluster Secret (file names under [`SECRET_MOUNT`]).
+pub const SECRET_SUPERUSER_PASSWORD: &str = "superuser-password";
+pub const SECRET_REPLICATION_PASSWORD: &str = "replication-password";
+pub const SECRET_AGENT_TOKEN: &str = "agent-token";
+/// Key of the parameters ConfigMap (file name under [`CONFIG_MOUNT`]), `postgresql.conf` syntax.
+pub const CONFIG_PARAMETERS: &str = "parameters.conf";
+
+/// Headless Service of every instance group: pod DNS `<pod>.<name>-instances.<ns>.svc`.
+pub fn headless_service(cluster: &str) -> String {
+    format!("{cluster}-instances")
+}
+
+/// Read-write Service: the pod labelled `pgrs.dev/role=primary`.
+pub fn rw_service(cluster: &str) -> String {
+    format!("{cluster}-rw")
+}
+
+/// Read-only Service: replicas within the read lag limit.
+pub fn ro_service(cluster: &str) -> String {
+    format!("{cluster}-ro")
+}
+
+/// Any instance.
+pub fn r_service(cluster: &str) -> String {
+    format!("{cluster}-r")
+}
+
+/// The `coordination.k8s.io/v1` Lease whose holder may be primary.
+pub fn lease(cluster: &str) -> String {
+    format!("{cluster}-primary")
+}
+
+pub fn secret(cluster: &str) -> String {
+    format!("{cluster}-secrets")
+}
+
+pub fn config_map(cluster: &str) -> String {
+    format!("{cluster}-config")
+}
+
+pub fn pod_disruption_budget(cluster: &str) -> String {
+    cluster.to_string()
+}
+
+/// ServiceAccount, Role and RoleBinding of the agents.
+pub fn agent_account(cluster: &str) -> String {
+    format!("{cluster}-agent")
+}
+
+/// Labels carried by every object of the cluster.
+pub fn cluster_labels(cluster: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_APP_NAME.to_string(), APP_NAME.to_string()),
+        (LABEL_APP_INSTANCE.to_string(), cluster.to_string()),
+        (LABEL_APP_COMPONENT.to_string(), COMPONENT_DATABASE.to_string()),
+        (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
+        (LABEL_CLUSTER.to_string(), cluster.to_string()),
+    ])
+}
+
+/// Selects every database pod of the cluster.
+pub fn cluster_selector(cluster: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(LABEL_CLUSTER.to_string(), cluster.to_string())])
+}
+
+/// Selects the pods of one group (the StatefulSet selector: immutable, so minimal).
+pub fn group_selector(cluster: &str, group: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_CLUSTER.to_string(), cluster.to_string()),
+        (LABEL_GROUP.to_string(), group.to_string()),
+    ])
+}

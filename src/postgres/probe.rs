@@ -1,0 +1,283 @@
+//! SQL probes: connecting to an instance and reading its replication state.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::{Client, NoTls};
+
+use crate::postgres::lsn::Lsn;
+
+/// Where and as whom to connect. The password never appears in `Debug` output.
+#[derive(Clone)]
+pub struct ConnectTarget {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub dbname: String,
+}
+
+impl std::fmt::Debug for ConnectTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectTarget")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("dbname", &self.dbname)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("failed to connect to postgres at {host}:{port} as {user}: {source}")]
+    Connect {
+        host: String,
+        port: u16,
+        user: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("timed out connecting to postgres at {host}:{port}")]
+    ConnectTimeout { host: String, port: u16 },
+    #[error("failed to query postgres ({what}): {source}")]
+    Query {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("postgres returned an unparsable LSN: {0}")]
+    Lsn(#[from] crate::postgres::lsn::LsnParseError),
+}
+
+impl ProbeError {
+    /// The server's message (e.g. "password authentication failed for user ...") when there is
+    /// one, else the client-side cause.
+    pub fn cause(&self) -> String {
+        let source = match self {
+            ProbeError::Connect { source, .. } | ProbeError::Query { source, .. } => source,
+            _ => return self.to_string(),
+        };
+        match source.as_db_error() {
+            Some(db) => db.message().to_string(),
+            None => match std::error::Error::source(source) {
+                Some(inner) => inner.to_string(),
+                None => source.to_string(),
+            },
+        }
+    }
+}
+
+pub async fn connect(target: &ConnectTarget, timeout: Duration) -> Result<Client, ProbeError> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&target.host)
+        .port(target.port)
+        .user(&target.user)
+        .password(&target.password)
+        .dbname(&target.dbname)
+        .application_name("pgrs-agent")
+        .connect_timeout(timeout);
+    let connecting = config.connect(NoTls);
+    let (client, connection) = tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| ProbeError::ConnectTimeout {
+            host: target.host.clone(),
+            port: target.port,
+        })?
+        .map_err(|source| ProbeError::Connect {
+            host: target.host.clone(),
+            port: target.port,
+            user: target.user.clone(),
+            source,
+        })?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "postgres connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// One row of `pg_stat_replication` on a primary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicationPeer {
+    /// `application_name`: the replica agent's instance name.
+    pub application_name: String,
+    pub client_addr: Option<String>,
+    /// `startup`, `catchup`, `streaming`, `backup` or `stopping`.
+    pub state: String,
+    pub sent_lsn: Option<Lsn>,
+    pub write_lsn: Option<Lsn>,
+    pub flush_lsn: Option<Lsn>,
+    pub replay_lsn: Option<Lsn>,
+    /// `write_lag`, `flush_lag`, `replay_lag` in seconds. PostgreSQL resets them to NULL when the
+    /// standby is caught up on an idle primary, so `None` with equal LSNs means 0 lag.
+    pub write_lag_seconds: Option<f64>,
+    pub flush_lag_seconds: Option<f64>,
+    pub replay_lag_seconds: Option<f64>,
+    /// `pg_current_wal_lsn() - replay_lsn` in bytes, measured in the same query.
+    pub replay_lag_bytes: Option<u64>,
+    /// `async`, `potential`, `sync` or `quorum`.
+    pub sync_state: String,
+    pub sync_priority: i32,
+}
+
+/// `pg_stat_wal_receiver` on a replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WalReceiver {
+    /// `streaming`, `starting`, `waiting`, `restarting`, `stopping`, `stopped`.
+    pub status: String,
+    pub sender_host: Option<String>,
+    pub sender_port: Option<i32>,
+    pub slot_name: Option<String>,
+    /// Timeline of the WAL last received.
+    pub received_tli: Option<u32>,
+    /// Last WAL position flushed to disk by the receiver.
+    pub flushed_lsn: Option<Lsn>,
+    /// Last WAL position reported by the sender.
+    pub latest_end_lsn: Option<Lsn>,
+    pub last_msg_receipt_time: Option<DateTime<Utc>>,
+}
+
+/// What one probe of a running instance saw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceProbe {
+    pub in_recovery: bool,
+    pub system_identifier: String,
+    pub timeline: Option<u32>,
+    pub current_lsn: Option<Lsn>,
+    pub receive_lsn: Option<Lsn>,
+    pub replay_lsn: Option<Lsn>,
+    pub last_replay_timestamp: Option<DateTime<Utc>>,
+    pub replication: Vec<ReplicationPeer>,
+    pub wal_receiver: Option<WalReceiver>,
+}
+
+fn query_error(what: &'static str) -> impl Fn(tokio_postgres::Error) -> ProbeError {
+    move |source| ProbeError::Query { what, source }
+}
+
+fn parse_lsn(text: Option<String>) -> Result<Option<Lsn>, ProbeError> {
+    Ok(text.map(|t| t.parse()).transpose()?)
+}
+
+fn from_epoch(seconds: Option<f64>) -> Option<DateTime<Utc>> {
+    let seconds = seconds?;
+    let whole = seconds.floor();
+    DateTime::from_timestamp(whole as i64, ((seconds - whole) * 1e9) as u32)
+}
+
+/// Reads roles, positions and replication state (superuser connection).
+pub async fn probe_instance(client: &Client) -> Result<InstanceProbe, ProbeError> {
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), \
+                    (SELECT system_identifier::text FROM pg_control_system()), \
+                    (SELECT timeline_id FROM pg_control_checkpoint())::int4",
+            &[],
+        )
+        .await
+        .map_err(query_error("recovery state"))?;
+    let in_recovery: bool = row.get(0);
+    let system_identifier: String = row.get(1);
+    let checkpoint_timeline: Option<i32> = row.get(2);
+    let mut probe = InstanceProbe {
+        in_recovery,
+        system_identifier,
+        timeline: checkpoint_timeline.map(|t| t as u32),
+        current_lsn: None,
+        receive_lsn: None,
+        replay_lsn: None,
+        last_replay_timestamp: None,
+        replication: Vec::new(),
+        wal_receiver: None,
+    };
+    if in_recovery {
+        let row = client
+            .query_one(
+                "SELECT pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text, \
+                        extract(epoch from pg_last_xact_replay_timestamp())::float8",
+                &[],
+            )
+            .await
+            .map_err(query_error("replay positions"))?;
+        probe.receive_lsn = parse_lsn(row.get(0))?;
+        probe.replay_lsn = parse_lsn(row.get(1))?;
+        probe.last_replay_timestamp = from_epoch(row.get(2));
+        let receiver = client
+            .query_opt(
+                "SELECT status, sender_host, sender_port, slot_name, received_tli::int4, \
+                        flushed_lsn::text, latest_end_lsn::text, \
+                        extract(epoch from last_msg_receipt_time)::float8 \
+                 FROM pg_stat_wal_receiver",
+                &[],
+            )
+            .await
+            .map_err(query_error("pg_stat_wal_receiver"))?;
+        if let Some(row) = receiver {
+            let received_tli: Option<i32> = row.get(4);
+            probe.wal_receiver = Some(WalReceiver {
+                status: row.get(0),
+                sender_host: row.get(1),
+                sender_port: row.get(2),
+                slot_name: row.get(3),
+                received_tli: received_tli.map(|t| t as u32),
+                flushed_lsn: parse_lsn(row.get(5))?,
+                latest_end_lsn: parse_lsn(row.get(6))?,
+                last_msg_receipt_time: from_epoch(row.get(7)),
+            });
+            if let Some(tli) = received_tli.filter(|t| *t > 0) {
+                probe.timeline = Some(tli as u32);
+            }
+        }
+    } else {
+        // The WAL file name starts with the timeline: exact right after a promotion, unlike the
+        // control file's checkpoint timeline.
+        let row = client
+            .query_one(
+                "SELECT pg_current_wal_lsn()::text, \
+                        ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int4",
+                &[],
+            )
+            .await
+            .map_err(query_error("current WAL position"))?;
+        probe.current_lsn = parse_lsn(row.get(0))?;
+        let timeline: i32 = row.get(1);
+        probe.timeline = Some(timeline as u32);
+        let rows = client
+            .query(
+                "SELECT application_name, host(client_addr), state, sent_lsn::text, \
+                        write_lsn::text, flush_lsn::text, replay_lsn::text, \
+                        extract(epoch from write_lag)::float8, \
+                        extract(epoch from flush_lag)::float8, \
+                        extract(epoch from replay_lag)::float8, \
+                        (pg_current_wal_lsn() - replay_lsn)::int8, \
+                        sync_state, sync_priority \
+                 FROM pg_stat_replication ORDER BY application_name",
+                &[],
+            )
+            .await
+            .map_err(query_error("pg_stat_replication"))?;
+        for row in rows {
+            let lag_bytes: Option<i64> = row.get(10);
+            probe.replication.push(ReplicationPeer {
+                application_name: row.get(0),
+                client_addr: row.get(1),
+                state: row.get::<_, Option<String>>(2).unwrap_or_default(),
+                sent_lsn: parse_lsn(row.get(3))?,
+                write_lsn: parse_lsn(row.get(4))?,
+                flush_lsn: parse_lsn(row.get(5))?,
+                replay_lsn: parse_lsn(row.get(6))?,
+                write_lag_seconds: row.get(7),
+                flush_lag_seconds: row.get(8),
+                replay_lag_seconds: row.get(9),
+                replay_lag_bytes: lag_bytes.map(|b| b.max(0) as u64),
+                sync_state: row.get::<_, Option<String>>(11).unwrap_or_default(),
+                sync_priority: row.get::<_, Option<i32>>(12).unwrap_or_default(),
+            });
+        }
+    }
+    Ok(probe)
+}

@@ -1,0 +1,817 @@
+//! One pod's life on the fake node: network namespace, volumes, container processes,
+//! readiness probes, status, graceful deletion.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Container, Event, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::Context;
+use super::env::container_env;
+use super::probe::{self, ProbeState};
+use super::sandbox::Sandbox;
+use super::volumes;
+use crate::network::PodInterface;
+
+const FIELD_MANAGER: &str = "pgrs-testbed-kubelet";
+const TICK: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+const DEFAULT_GRACE: i64 = 30;
+const RETRY_PREPARE: Duration = Duration::from_secs(2);
+
+/// Why a pod cannot start; shown in its status and as a Warning event.
+#[derive(Debug)]
+struct StartFailure {
+    reason: &'static str,
+    message: String,
+}
+
+/// One container (init or regular) and its process.
+struct Runner {
+    container: Container,
+    program: PathBuf,
+    argv: Vec<String>,
+    env: BTreeMap<String, String>,
+    sandbox: Sandbox,
+    log: PathBuf,
+    init: bool,
+    child: Option<tokio::process::Child>,
+    pid: Option<u32>,
+    started_at: Option<Time>,
+    restart_count: i32,
+    restart_at: Option<Instant>,
+    last_terminated: Option<Value>,
+    /// Set when the container finished and will not be restarted.
+    terminated: Option<Value>,
+    readiness: ProbeState,
+    next_probe: Instant,
+}
+
+impl Runner {
+    fn is_ready(&self) -> bool {
+        if self.child.is_none() {
+            return false;
+        }
+        match &self.container.readiness_probe {
+            Some(_) => self.readiness.ready,
+            None => true,
+        }
+    }
+
+    fn status(&self) -> Value {
+        let state = if let Some(t) = &self.terminated {
+            json!({ "terminated": t })
+        } else if self.child.is_some() {
+            json!({ "running": { "startedAt": self.started_at } })
+        } else if self.restart_count > 0 {
+            json!({ "waiting": { "reason": "CrashLoopBackOff", "message": "back-off restarting the container" } })
+        } else {
+            json!({ "waiting": { "reason": "PodInitializing" } })
+        };
+        let mut status = json!({
+            "name": self.container.name,
+            "image": self.container.image,
+            "imageID": "",
+            "ready": self.is_ready(),
+            "started": self.child.is_some(),
+            "restartCount": self.restart_count,
+            "state": state,
+        });
+        if let Some(last) = &self.last_terminated {
+            status["lastState"] = json!({ "terminated": last });
+        }
+        status
+    }
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+fn pod_key(pod: &Pod) -> String {
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Runs the pod until it is deleted. `updates` carries the latest object (`None`
+/// once the pod is gone from the API).
+pub async fn run(ctx: Arc<Context>, mut updates: watch::Receiver<Option<Pod>>) {
+    let Some(pod) = updates.borrow().clone() else {
+        return;
+    };
+    let key = pod_key(&pod);
+    let api: Api<Pod> = Api::namespaced(
+        ctx.client.clone(),
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+    );
+    if pod.metadata.deletion_timestamp.is_some() {
+        delete_now(&api, &pod).await;
+        return;
+    }
+    let mut pod_run = PodRun {
+        ctx: ctx.clone(),
+        api,
+        key,
+        pod,
+        iface: None,
+        runners: Vec::new(),
+        start_time: now(),
+        last_patch: Value::Null,
+        ready_since: now(),
+        last_ready: false,
+    };
+    loop {
+        match pod_run.prepare().await {
+            Ok(()) => {
+                pod_run.supervise(&mut updates).await;
+                break;
+            }
+            Err(failure) => {
+                tracing::warn!(pod = %pod_run.key, reason = failure.reason, message = %failure.message, "pod cannot start");
+                pod_run.report_failure(&failure).await;
+                // A missing ConfigMap/Secret may appear later (the kubelet retries);
+                // an image we cannot run never will.
+                let retry = (failure.reason != "ErrImagePull").then_some(RETRY_PREPARE);
+                if !pod_run.wait_for_deletion(&mut updates, retry).await {
+                    break;
+                }
+            }
+        }
+    }
+    pod_run.cleanup().await;
+}
+
+struct PodRun {
+    ctx: Arc<Context>,
+    api: Api<Pod>,
+    key: String,
+    pod: Pod,
+    iface: Option<PodInterface>,
+    runners: Vec<Runner>,
+    start_time: Time,
+    last_patch: Value,
+    ready_since: Time,
+    last_ready: bool,
+}
+
+impl PodRun {
+    fn name(&self) -> String {
+        self.pod.metadata.name.clone().unwrap_or_default()
+    }
+
+    fn namespace(&self) -> String {
+        self.pod.metadata.namespace.clone().unwrap_or_default()
+    }
+
+    fn pod_dir(&self) -> PathBuf {
+        self.ctx.config.state_dir.join("pods").join(format!(
+            "{}_{}_{}",
+            self.namespace(),
+            self.name(),
+            self.pod.metadata.uid.as_deref().unwrap_or_default()
+        ))
+    }
+
+    /// Resolves images, creates the network namespace and volumes, builds each
+    /// container's command and environment.
+    async fn prepare(&mut self) -> Result<(), StartFailure> {
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let all: Vec<(Container, bool)> = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(|c| (c.clone(), true))
+            .chain(spec.containers.iter().map(|c| (c.clone(), false)))
+            .collect();
+        let mut resolved = Vec::new();
+        for (container, init) in &all {
+            let image = container.image.clone().unwrap_or_default();
+            let (program, argv) = self
+                .ctx
+                .config
+                .images
+                .resolve(
+                    &image,
+                    container.command.as_deref().unwrap_or_default(),
+                    container.args.as_deref().unwrap_or_default(),
+                )
+                .map_err(|e| StartFailure {
+                    reason: "ErrImagePull",
+                    message: format!("container {:?}: {e}", container.name),
+                })?;
+            resolved.push((container.clone(), *init, program, argv));
+        }
+
+        self.runners.clear();
+        let iface = match self.iface.clone() {
+            Some(iface) => iface,
+            None => {
+                let network = self.ctx.network.clone();
+                tokio::task::spawn_blocking(move || network.add_pod())
+                    .await
+                    .map_err(|e| StartFailure {
+                        reason: "FailedCreatePodSandBox",
+                        message: e.to_string(),
+                    })?
+                    .map_err(|e| StartFailure {
+                        reason: "FailedCreatePodSandBox",
+                        message: format!("failed to create the pod network namespace: {e}"),
+                    })?
+            }
+        };
+        let pod_ip = iface.ip;
+        let netns = iface.netns_path();
+        self.iface = Some(iface);
+        // The pod IP is known from here on: env and downward API may use it.
+        let status = self.pod.status.get_or_insert_with(Default::default);
+        status.pod_ip = Some(pod_ip.to_string());
+        status.host_ip = Some(self.ctx.config.node_ip.to_string());
+        self.patch_status("Pending").await;
+
+        let pod_dir = self.pod_dir();
+        let logs = pod_dir.join("logs");
+        std::fs::create_dir_all(&logs).map_err(|e| StartFailure {
+            reason: "FailedCreatePodSandBox",
+            message: format!("failed to create {}: {e}", logs.display()),
+        })?;
+        let pod_volumes = volumes::prepare(
+            &self.ctx.client,
+            &self.pod,
+            &pod_dir,
+            &self.ctx.config.state_dir,
+        )
+        .await
+        .map_err(|e| StartFailure {
+            reason: "FailedMount",
+            message: format!("{e}"),
+        })?;
+
+        let hostname = spec.hostname.clone().unwrap_or_else(|| self.name());
+        let mut base = BTreeMap::new();
+        base.insert(
+            "PATH".to_owned(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+        );
+        base.insert("HOSTNAME".to_owned(), hostname.clone());
+        // In-cluster config (always set, as by the kubelet): the API via the pods' gateway.
+        base.insert(
+            "KUBERNETES_SERVICE_HOST".to_owned(),
+            self.ctx.config.api_host.to_string(),
+        );
+        base.insert(
+            "KUBERNETES_SERVICE_PORT".to_owned(),
+            self.ctx.config.api_port.to_string(),
+        );
+        base.insert(
+            "KUBERNETES_SERVICE_PORT_HTTPS".to_owned(),
+            self.ctx.config.api_port.to_string(),
+        );
+        let security = spec.security_context.clone().unwrap_or_default();
+        for (container, init, program, argv) in resolved {
+            let env = container_env(&self.ctx.client, &self.pod, &container, base.clone())
+                .await
+                .map_err(|e| StartFailure {
+                    reason: "CreateContainerConfigError",
+                    message: format!("container {:?}: {e}", container.name),
+                })?;
+            let argv = argv.iter().map(|a| super::env::expand(a, &env)).collect();
+            let binds = pod_volumes
+                .binds(container.volume_mounts.as_deref().unwrap_or_default())
+                .map_err(|e| StartFailure {
+                    reason: "CreateContainerConfigError",
+                    message: format!("container {:?}: {e}", container.name),
+                })?;
+            let context = container.security_context.clone().unwrap_or_default();
+            let uid = context
+                .run_as_user
+                .or(security.run_as_user)
+                .and_then(|u| u32::try_from(u).ok());
+            let gid = context
+                .run_as_group
+                .or(security.run_as_group)
+                .and_then(|g| u32::try_from(g).ok());
+            let workdir = container.working_dir.clone().map(PathBuf::from);
+            if let Some(dir) = &workdir {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let log = logs.join(format!("{}.log", container.name));
+            let next_probe = Instant::now()
+                + container
+                    .readiness_probe
+                    .as_ref()
+                    .map(probe::initial_delay)
+                    .unwrap_or_default();
+            self.runners.push(Runner {
+                sandbox: Sandbox::Container {
+                    netns: netns.clone(),
+                    hostname: hostname.clone(),
+                    binds,
+                    workdir,
+                    uid,
+                    gid,
+                },
+                container,
+                program,
+                argv,
+                env,
+                log,
+                init,
+                child: None,
+                pid: None,
+                started_at: None,
+                restart_count: 0,
+                restart_at: Some(Instant::now()),
+                last_terminated: None,
+                terminated: None,
+                readiness: ProbeState::default(),
+                next_probe,
+            });
+        }
+        Ok(())
+    }
+
+    fn restart_policy(&self) -> String {
+        self.pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.clone())
+            .unwrap_or_else(|| "Always".to_owned())
+    }
+
+    /// Starts containers, restarts them per restartPolicy, probes readiness and writes
+    /// the status until the pod is deleted.
+    async fn supervise(&mut self, updates: &mut watch::Receiver<Option<Pod>>) {
+        loop {
+            let update = tokio::select! {
+                changed = updates.changed() => Some(changed.is_ok()),
+                () = tokio::time::sleep(TICK) => None,
+            };
+            if let Some(alive) = update {
+                let latest = if alive {
+                    updates.borrow_and_update().clone()
+                } else {
+                    None
+                };
+                match latest {
+                    None => {
+                        // Gone from the API (deleted with grace 0 by someone else).
+                        self.stop_all(Duration::ZERO).await;
+                        return;
+                    }
+                    Some(pod) if pod.metadata.deletion_timestamp.is_some() => {
+                        let grace = pod
+                            .metadata
+                            .deletion_grace_period_seconds
+                            .or(pod
+                                .spec
+                                .as_ref()
+                                .and_then(|s| s.termination_grace_period_seconds))
+                            .unwrap_or(DEFAULT_GRACE);
+                        self.pod.metadata = pod.metadata.clone();
+                        self.stop_all(Duration::from_secs(
+                            u64::try_from(grace.max(0)).unwrap_or(0),
+                        ))
+                        .await;
+                        delete_now(&self.api, &pod).await;
+                        return;
+                    }
+                    Some(pod) => {
+                        // Keep our view of the status, take the rest.
+                        let status = self.pod.status.clone();
+                        self.pod = pod;
+                        self.pod.status = status;
+                    }
+                }
+            }
+            self.step().await;
+        }
+    }
+
+    /// One supervision round.
+    async fn step(&mut self) {
+        let policy = self.restart_policy();
+        let init_pending = self
+            .runners
+            .iter()
+            .any(|r| r.init && !r.terminated.as_ref().is_some_and(|t| t["exitCode"] == 0));
+        for index in 0..self.runners.len() {
+            // Reap.
+            let exited = {
+                let runner = &mut self.runners[index];
+                match runner.child.as_mut().map(|c| c.try_wait()) {
+                    Some(Ok(Some(status))) => Some(status),
+                    _ => None,
+                }
+            };
+            if let Some(status) = exited {
+                let runner = &mut self.runners[index];
+                let code = status.code().unwrap_or(128 + status_signal(&status));
+                let terminated = json!({
+                    "exitCode": code,
+                    "reason": if code == 0 { "Completed" } else { "Error" },
+                    "startedAt": runner.started_at,
+                    "finishedAt": now(),
+                });
+                tracing::info!(pod = %self.key, container = %runner.container.name, exit_code = code, "container exited");
+                if let Some(pid) = runner.pid.take() {
+                    self.ctx.forget_group(pid);
+                    // Anything it left in its group goes with it, as in a container.
+                    if let Ok(raw) = i32::try_from(pid) {
+                        let _ = killpg(Pid::from_raw(raw), Signal::SIGKILL);
+                    }
+                }
+                runner.child = None;
+                runner.readiness = ProbeState::default();
+                let restart = if runner.init {
+                    code != 0 && policy != "Never"
+                } else {
+                    policy == "Always" || (policy == "OnFailure" && code != 0)
+                };
+                if restart {
+                    let backoff = Duration::from_secs(1u64 << runner.restart_count.clamp(0, 4))
+                        .min(MAX_BACKOFF);
+                    runner.restart_count += 1;
+                    runner.last_terminated = Some(terminated);
+                    runner.restart_at = Some(Instant::now() + backoff);
+                } else {
+                    runner.terminated = Some(terminated);
+                    runner.restart_at = None;
+                }
+            }
+            // Start: init containers one at a time in order, then the others.
+            let may_start = if self.runners[index].init {
+                self.runners[..index]
+                    .iter()
+                    .filter(|r| r.init)
+                    .all(|r| r.terminated.as_ref().is_some_and(|t| t["exitCode"] == 0))
+            } else {
+                !init_pending
+            };
+            let due = self.runners[index]
+                .restart_at
+                .is_some_and(|at| Instant::now() >= at);
+            if may_start && due && self.runners[index].child.is_none() {
+                self.start(index);
+            }
+        }
+        // Probe.
+        let pod_ip = self
+            .iface
+            .as_ref()
+            .map(|i| i.ip)
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        for runner in &mut self.runners {
+            let Some(readiness) = runner.container.readiness_probe.clone() else {
+                continue;
+            };
+            if runner.child.is_none() || Instant::now() < runner.next_probe {
+                continue;
+            }
+            runner.next_probe = Instant::now() + probe::period(&readiness);
+            let image = runner.container.image.clone().unwrap_or_default();
+            let result = probe::run(
+                &readiness,
+                &runner.container,
+                pod_ip,
+                runner.pid,
+                &image,
+                &self.ctx.config.images,
+            )
+            .await;
+            if let Err(e) = &result {
+                tracing::debug!(pod = %self.key, container = %runner.container.name, error = %e, "readiness probe failed");
+            }
+            runner.readiness.record(&readiness, result);
+        }
+        let phase = self.phase();
+        self.patch_status(phase).await;
+    }
+
+    fn phase(&self) -> &'static str {
+        let main: Vec<&Runner> = self.runners.iter().filter(|r| !r.init).collect();
+        if self
+            .runners
+            .iter()
+            .any(|r| r.init && r.terminated.as_ref().is_some_and(|t| t["exitCode"] != 0))
+        {
+            return "Failed";
+        }
+        if !main.is_empty() && main.iter().all(|r| r.terminated.is_some()) {
+            if main
+                .iter()
+                .all(|r| r.terminated.as_ref().is_some_and(|t| t["exitCode"] == 0))
+            {
+                return "Succeeded";
+            }
+            return "Failed";
+        }
+        if main
+            .iter()
+            .any(|r| r.child.is_some() || r.restart_count > 0 || r.terminated.is_some())
+        {
+            "Running"
+        } else {
+            "Pending"
+        }
+    }
+
+    fn start(&mut self, index: usize) {
+        let ctx = self.ctx.clone();
+        let key = self.key.clone();
+        let runner = &mut self.runners[index];
+        runner.restart_at = None;
+        match spawn(runner) {
+            Ok(child) => {
+                runner.pid = child.id();
+                if let Some(pid) = runner.pid {
+                    ctx.remember_group(pid);
+                }
+                runner.child = Some(child);
+                runner.started_at = Some(now());
+                runner.next_probe = Instant::now()
+                    + runner
+                        .container
+                        .readiness_probe
+                        .as_ref()
+                        .map(probe::initial_delay)
+                        .unwrap_or_default();
+                tracing::info!(pod = %key, container = %runner.container.name, pid = ?runner.pid, "container started");
+            }
+            Err(e) => {
+                tracing::warn!(pod = %key, container = %runner.container.name, error = %e, "container failed to start");
+                let backoff =
+                    Duration::from_secs(1u64 << runner.restart_count.clamp(0, 4)).min(MAX_BACKOFF);
+                runner.restart_count += 1;
+                runner.last_terminated = Some(json!({
+                    "exitCode": 128,
+                    "reason": "StartError",
+                    "message": e.to_string(),
+                    "finishedAt": now(),
+                }));
+                runner.restart_at = Some(Instant::now() + backoff);
+            }
+        }
+    }
+
+    /// SIGTERM to every container's process group, `grace` to exit, then SIGKILL.
+    async fn stop_all(&mut self, grace: Duration) {
+        for runner in &self.runners {
+            if let Some(pid) = runner.pid.and_then(|p| i32::try_from(p).ok()) {
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + grace;
+        for runner in &mut self.runners {
+            let Some(child) = runner.child.as_mut() else {
+                continue;
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, child.wait()).await.is_err() {
+                tracing::info!(pod = %self.key, container = %runner.container.name, "grace period over, killing");
+            }
+        }
+        for runner in &mut self.runners {
+            if let Some(pid) = runner.pid.take() {
+                if let Ok(raw) = i32::try_from(pid) {
+                    let _ = killpg(Pid::from_raw(raw), Signal::SIGKILL);
+                }
+                self.ctx.forget_group(pid);
+            }
+            if let Some(mut child) = runner.child.take() {
+                let _ = child.wait().await;
+            }
+        }
+    }
+
+    /// Writes the status when it differs from what was last written.
+    async fn patch_status(&mut self, phase: &str) {
+        let ip = self.iface.as_ref().map(|i| i.ip.to_string());
+        let node_ip = self.ctx.config.node_ip.to_string();
+        let main: Vec<&Runner> = self.runners.iter().filter(|r| !r.init).collect();
+        let initialized = self
+            .runners
+            .iter()
+            .filter(|r| r.init)
+            .all(|r| r.terminated.as_ref().is_some_and(|t| t["exitCode"] == 0));
+        let ready = !main.is_empty() && main.iter().all(|r| r.is_ready()) && phase == "Running";
+        if ready != self.last_ready {
+            self.last_ready = ready;
+            self.ready_since = now();
+        }
+        let bool_str = |b: bool| if b { "True" } else { "False" };
+        let conditions = vec![
+            json!({"type": "PodReadyToStartContainers", "status": bool_str(ip.is_some()), "lastTransitionTime": self.start_time}),
+            json!({"type": "Initialized", "status": bool_str(initialized), "lastTransitionTime": self.start_time}),
+            json!({"type": "ContainersReady", "status": bool_str(ready), "lastTransitionTime": self.ready_since}),
+            json!({"type": "Ready", "status": bool_str(ready), "lastTransitionTime": self.ready_since}),
+        ];
+        let mut status = json!({
+            "phase": phase,
+            "hostIP": node_ip,
+            "hostIPs": [{"ip": node_ip}],
+            "startTime": self.start_time,
+            "conditions": conditions,
+            "containerStatuses": main.iter().map(|r| r.status()).collect::<Vec<_>>(),
+        });
+        if let Some(ip) = &ip {
+            status["podIP"] = json!(ip);
+            status["podIPs"] = json!([{"ip": ip}]);
+        }
+        let init: Vec<Value> = self
+            .runners
+            .iter()
+            .filter(|r| r.init)
+            .map(Runner::status)
+            .collect();
+        if !init.is_empty() {
+            status["initContainerStatuses"] = json!(init);
+        }
+        if status == self.last_patch {
+            return;
+        }
+        let patch = json!({ "status": status });
+        match self
+            .api
+            .patch_status(
+                &self.name(),
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Strategic(&patch),
+            )
+            .await
+        {
+            Ok(_) => self.last_patch = status,
+            Err(e) => tracing::warn!(pod = %self.key, error = %e, "failed to write pod status"),
+        }
+    }
+
+    async fn report_failure(&mut self, failure: &StartFailure) {
+        let waiting: Vec<Value> = self
+            .pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .map(|c| {
+                json!({
+                    "name": c.name,
+                    "image": c.image,
+                    "imageID": "",
+                    "ready": false,
+                    "restartCount": 0,
+                    "state": {"waiting": {"reason": failure.reason, "message": failure.message}},
+                })
+            })
+            .collect();
+        let patch = json!({"status": {
+            "phase": "Pending",
+            "startTime": self.start_time,
+            "message": failure.message,
+            "reason": failure.reason,
+            "containerStatuses": waiting,
+        }});
+        if let Err(e) = self
+            .api
+            .patch_status(
+                &self.name(),
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Strategic(&patch),
+            )
+            .await
+        {
+            tracing::warn!(pod = %self.key, error = %e, "failed to write pod status");
+        }
+        let events: Api<Event> = Api::namespaced(self.ctx.client.clone(), &self.namespace());
+        let event = Event {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{}.", self.name())),
+                ..Default::default()
+            },
+            involved_object: ObjectReference {
+                api_version: Some("v1".to_owned()),
+                kind: Some("Pod".to_owned()),
+                name: Some(self.name()),
+                namespace: Some(self.namespace()),
+                uid: self.pod.metadata.uid.clone(),
+                ..Default::default()
+            },
+            reason: Some(failure.reason.to_owned()),
+            message: Some(failure.message.clone()),
+            type_: Some("Warning".to_owned()),
+            reporting_component: Some(FIELD_MANAGER.to_owned()),
+            reporting_instance: Some(self.ctx.config.node_name.clone()),
+            event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+            action: Some("StartPod".to_owned()),
+            ..Default::default()
+        };
+        if let Err(e) = events.create(&PostParams::default(), &event).await {
+            tracing::warn!(pod = %self.key, error = %e, "failed to record event");
+        }
+    }
+
+    /// Waits until the pod is deleted (then finishes the deletion and returns false),
+    /// or until `retry_after` has passed (returns true: try to start again).
+    async fn wait_for_deletion(
+        &mut self,
+        updates: &mut watch::Receiver<Option<Pod>>,
+        retry_after: Option<Duration>,
+    ) -> bool {
+        let retry_at = retry_after.map(|d| tokio::time::Instant::now() + d);
+        loop {
+            let changed = match retry_at {
+                Some(at) => match tokio::time::timeout_at(at, updates.changed()).await {
+                    Ok(changed) => changed,
+                    Err(_) => return true,
+                },
+                None => updates.changed().await,
+            };
+            if changed.is_err() {
+                return false;
+            }
+            let latest = updates.borrow_and_update().clone();
+            match latest {
+                None => return false,
+                Some(pod) if pod.metadata.deletion_timestamp.is_some() => {
+                    delete_now(&self.api, &pod).await;
+                    return false;
+                }
+                Some(pod) => {
+                    let status = self.pod.status.clone();
+                    self.pod = pod;
+                    self.pod.status = status;
+                }
+            }
+        }
+    }
+
+    async fn cleanup(&mut self) {
+        if let Some(iface) = self.iface.take() {
+            let network = self.ctx.network.clone();
+            let _ = tokio::task::spawn_blocking(move || network.remove_pod(&iface)).await;
+        }
+        // emptyDir and projected volumes die with the pod; logs and PVCs stay.
+        let _ = std::fs::remove_dir_all(self.pod_dir().join("volumes"));
+        tracing::info!(pod = %self.key, "pod removed from the node");
+    }
+}
+
+fn status_signal(status: &std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal().unwrap_or(0)
+}
+
+fn spawn(runner: &Runner) -> Result<tokio::process::Child, String> {
+    let open = || {
+        File::options()
+            .create(true)
+            .append(true)
+            .open(&runner.log)
+            .map_err(|e| format!("failed to open {}: {e}", runner.log.display()))
+    };
+    let mut command = tokio::process::Command::new(&runner.program);
+    command
+        .args(&runner.argv)
+        .env_clear()
+        .envs(&runner.env)
+        .stdin(Stdio::null())
+        .stdout(open()?)
+        .stderr(open()?);
+    runner
+        .sandbox
+        .apply(&mut command)
+        .map_err(|e| e.to_string())?;
+    command
+        .spawn()
+        .map_err(|e| format!("failed to start {}: {e}", runner.program.display()))
+}
+
+/// Removes the pod object for good (what the kubelet does once containers are gone).
+pub async fn delete_now(api: &Api<Pod>, pod: &Pod) {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let params = DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(Preconditions {
+            uid: pod.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(&name, &params).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
+        Err(e) => tracing::warn!(pod = %name, error = %e, "failed to delete pod"),
+    }
+}
