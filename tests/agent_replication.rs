@@ -128,6 +128,24 @@ async fn primary_and_two_replicas_stream() {
         .unwrap_err();
     assert_eq!(refused.status().map(|s| s.as_u16()), Some(401));
 
+    // A crashed postgres is restarted by its agent and streams again.
+    let pid = b_status.postgres_pid.expect("b's postmaster pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let restarted = b
+        .wait_for("restart after a crash", BOOT, |s| {
+            s.crash_restarts == 1
+                && s.postgres_pid != Some(pid)
+                && s.wal_receiver
+                    .as_ref()
+                    .is_some_and(|r| r.status == "streaming")
+        })
+        .await;
+    assert_eq!(restarted.role, Role::Replica);
+
     // SIGTERM: fast shutdown of postgres, then the agent exits cleanly.
     let exit = c.terminate(Duration::from_secs(20));
     assert!(exit.success(), "agent exit after SIGTERM: {exit}");

@@ -5,7 +5,6 @@
 
 use std::path::Path;
 
-use kube::CustomResourceExt as _;
 use kube_cel::{Validator, compile_schema};
 use pgrs::api::{PgReplicaSet, crd_yaml};
 use serde_json::{Value, json};
@@ -14,12 +13,14 @@ const CRD_PATH: &str = "crds/pgreplicaset.yaml";
 const REGENERATE: &str = "cargo run --quiet -- crd > crds/pgreplicaset.yaml";
 
 fn schema() -> Value {
-    let crd = serde_json::to_value(PgReplicaSet::crd()).expect("CRD serializes");
+    let crd = serde_json::to_value(pgrs::api::crd().expect("CRD builds")).expect("CRD serializes");
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
 }
 
 fn fixture(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clusters").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/clusters")
+        .join(name);
     let text = std::fs::read_to_string(&path).expect("fixture readable");
     serde_yaml::from_str(&text).expect("fixture is YAML")
 }
@@ -77,7 +78,7 @@ fn committed_crd_matches_the_generated_one() {
 
 #[test]
 fn crd_names_columns_and_subresources() {
-    let crd = serde_json::to_value(PgReplicaSet::crd()).expect("CRD serializes");
+    let crd = serde_json::to_value(pgrs::api::crd().expect("CRD builds")).expect("CRD serializes");
     assert_eq!(crd["metadata"]["name"], "pgreplicasets.pgrs.dev");
     assert_eq!(crd["spec"]["scope"], "Namespaced");
     assert_eq!(crd["spec"]["names"]["shortNames"], json!(["pgrs"]));
@@ -115,7 +116,10 @@ fn every_field_has_a_description() {
     let mut missing = Vec::new();
     walk("spec", &schema["properties"]["spec"], &mut missing);
     walk("status", &schema["properties"]["status"], &mut missing);
-    assert!(missing.is_empty(), "fields without description: {missing:#?}");
+    assert!(
+        missing.is_empty(),
+        "fields without description: {missing:#?}"
+    );
 }
 
 #[test]
@@ -126,11 +130,24 @@ fn schema_bounds_are_present() {
     assert_eq!(spec["postgresVersion"]["minimum"].as_f64(), Some(15.0));
     assert_eq!(spec["groups"]["maxItems"], 8);
     assert!(spec["groups"]["items"]["properties"]["name"]["pattern"].is_string());
-    assert_eq!(spec["failover"]["properties"]["leaseDurationSeconds"]["minimum"].as_f64(), Some(1.0));
+    assert_eq!(
+        spec["failover"]["properties"]["leaseDurationSeconds"]["minimum"].as_f64(),
+        Some(1.0)
+    );
     assert_eq!(spec["parameters"]["maxProperties"], 256);
     assert_eq!(spec["failover"]["default"]["leaseDurationSeconds"], 8.0);
     let required = schema()["properties"]["spec"]["required"].clone();
     assert_eq!(required, json!(["replicas", "storage"]));
+}
+
+/// Only formats the API server knows (it warns on every apply about the others).
+#[test]
+fn integer_formats_are_kubernetes_ones() {
+    let text = serde_json::to_string(&schema()).expect("schema serializes");
+    assert!(!text.contains("uint32") && !text.contains("uint64"));
+    let spec = &schema()["properties"]["spec"]["properties"];
+    assert_eq!(spec["replicas"]["format"], "int32");
+    assert_eq!(spec["replicas"]["minimum"].as_f64(), Some(1.0));
 }
 
 #[test]
@@ -141,7 +158,10 @@ fn every_cel_rule_compiles() {
         .iter()
         .map(|e| e.to_string())
         .collect();
-    assert!(errors.is_empty(), "CEL rules that do not compile: {errors:#?}");
+    assert!(
+        errors.is_empty(),
+        "CEL rules that do not compile: {errors:#?}"
+    );
 }
 
 #[test]
@@ -157,7 +177,11 @@ fn fixtures_are_valid() {
 #[test]
 fn sync_replicas_must_be_less_than_replicas() {
     let object = basic_with(json!({"replication": {"mode": "sync", "syncReplicas": 3}}));
-    assert_rejected(&object, None, "spec.replication.syncReplicas must be less than spec.replicas");
+    assert_rejected(
+        &object,
+        None,
+        "spec.replication.syncReplicas must be less than spec.replicas",
+    );
     let ok = basic_with(json!({"replication": {"mode": "sync", "syncReplicas": 2}}));
     assert_eq!(cel_failures(&ok, None), Vec::<String>::new());
     // Only sync mode counts: a single async instance keeps the default syncReplicas.
@@ -168,32 +192,52 @@ fn sync_replicas_must_be_less_than_replicas() {
 #[test]
 fn sync_mode_needs_at_least_one_sync_replica() {
     let object = basic_with(json!({"replication": {"mode": "sync", "syncReplicas": 0}}));
-    assert_rejected(&object, None, "spec.replication.syncReplicas must be at least 1");
+    assert_rejected(
+        &object,
+        None,
+        "spec.replication.syncReplicas must be at least 1",
+    );
 }
 
 #[test]
 fn renew_deadline_plus_shutdown_budget_must_be_below_lease_duration() {
-    let object = basic_with(json!({"failover": {"renewDeadlineSeconds": 6, "shutdownBudgetSeconds": 2}}));
-    assert_rejected(&object, None, "renewDeadlineSeconds + shutdownBudgetSeconds must be less than leaseDurationSeconds");
-    let ok = basic_with(json!({"failover": {"renewDeadlineSeconds": 5.5, "shutdownBudgetSeconds": 2}}));
+    let object =
+        basic_with(json!({"failover": {"renewDeadlineSeconds": 6, "shutdownBudgetSeconds": 2}}));
+    assert_rejected(
+        &object,
+        None,
+        "renewDeadlineSeconds + shutdownBudgetSeconds must be less than leaseDurationSeconds",
+    );
+    let ok =
+        basic_with(json!({"failover": {"renewDeadlineSeconds": 5.5, "shutdownBudgetSeconds": 2}}));
     assert_eq!(cel_failures(&ok, None), Vec::<String>::new());
 }
 
 #[test]
 fn renew_interval_must_be_below_renew_deadline() {
     let object = basic_with(json!({"failover": {"renewIntervalSeconds": 5}}));
-    assert_rejected(&object, None, "spec.failover.renewIntervalSeconds must be less than");
+    assert_rejected(
+        &object,
+        None,
+        "spec.failover.renewIntervalSeconds must be less than",
+    );
 }
 
 #[test]
 fn group_replicas_must_add_up() {
-    let object = basic_with(json!({"groups": [{"name": "a", "replicas": 1}, {"name": "b", "replicas": 1}]}));
-    assert_rejected(&object, None, "spec.groups[*].replicas must add up to spec.replicas");
+    let object =
+        basic_with(json!({"groups": [{"name": "a", "replicas": 1}, {"name": "b", "replicas": 1}]}));
+    assert_rejected(
+        &object,
+        None,
+        "spec.groups[*].replicas must add up to spec.replicas",
+    );
 }
 
 #[test]
 fn group_names_must_be_unique() {
-    let object = basic_with(json!({"groups": [{"name": "a", "replicas": 2}, {"name": "a", "replicas": 1}]}));
+    let object =
+        basic_with(json!({"groups": [{"name": "a", "replicas": 2}, {"name": "a", "replicas": 1}]}));
     assert_rejected(&object, None, "spec.groups[*].name must be unique");
 }
 
@@ -215,15 +259,27 @@ fn sync_mode_needs_enough_sync_eligible_instances() {
             {"name": "b", "replicas": 2, "syncEligible": false}
         ]
     }));
-    assert_rejected(&object, None, "the syncEligible groups need more than spec.replication.syncReplicas");
+    assert_rejected(
+        &object,
+        None,
+        "the syncEligible groups need more than spec.replication.syncReplicas",
+    );
 }
 
 #[test]
 fn agent_managed_parameters_are_refused() {
     let object = basic_with(json!({"parameters": {"port": "5433"}}));
-    assert_rejected(&object, None, "spec.parameters: these are managed by the agent");
+    assert_rejected(
+        &object,
+        None,
+        "spec.parameters: these are managed by the agent",
+    );
     let object = basic_with(json!({"parameters": {"synchronous_standby_names": "*"}}));
-    assert_rejected(&object, None, "spec.parameters: these are managed by the agent");
+    assert_rejected(
+        &object,
+        None,
+        "spec.parameters: these are managed by the agent",
+    );
 }
 
 #[test]
@@ -234,20 +290,36 @@ fn parameter_names_must_be_postgres_names() {
 
 #[test]
 fn storage_size_must_be_a_positive_quantity() {
-    assert_rejected(&basic_with(json!({"storage": {"size": "lots"}})), None, "spec.storage.size must be a positive quantity");
-    assert_rejected(&basic_with(json!({"storage": {"size": "0"}})), None, "spec.storage.size must be a positive quantity");
+    assert_rejected(
+        &basic_with(json!({"storage": {"size": "lots"}})),
+        None,
+        "spec.storage.size must be a positive quantity",
+    );
+    assert_rejected(
+        &basic_with(json!({"storage": {"size": "0"}})),
+        None,
+        "spec.storage.size must be a positive quantity",
+    );
 }
 
 #[test]
 fn storage_class_is_immutable() {
     let old = basic_with(json!({"storage": {"storageClassName": "standard"}}));
     let changed = basic_with(json!({"storage": {"storageClassName": "fast"}}));
-    assert_rejected(&changed, Some(&old), "spec.storage.storageClassName is immutable");
+    assert_rejected(
+        &changed,
+        Some(&old),
+        "spec.storage.storageClassName is immutable",
+    );
     let unchanged = old.clone();
     assert_eq!(cel_failures(&unchanged, Some(&old)), Vec::<String>::new());
     // Adding one after creation is a change too.
     let without = fixture("basic.yaml");
-    assert_rejected(&old, Some(&without), "spec.storage.storageClassName is immutable");
+    assert_rejected(
+        &old,
+        Some(&without),
+        "spec.storage.storageClassName is immutable",
+    );
     // On creation there is no old object: any class is fine.
     assert_eq!(cel_failures(&changed, None), Vec::<String>::new());
 }

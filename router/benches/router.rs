@@ -60,6 +60,22 @@ fn bench_classifier(criterion: &mut Criterion) {
         group.bench_function(*name, |b| b.iter(|| classifier.classify(black_box(sql))));
     }
     group.finish();
+
+    // Wall-clock figures above include preemption on a shared machine; this thread's CPU time
+    // per call does not.
+    const CALLS: u32 = 200_000;
+    for (name, sql) in CLASSIFIED {
+        let before = thread_cpu_time();
+        for _ in 0..CALLS {
+            black_box(classifier.classify(black_box(sql)));
+        }
+        let per_call = thread_cpu_time().saturating_sub(before) / CALLS;
+        println!(
+            "classify/{name}: {} ns CPU per statement ({} bytes)",
+            per_call.as_nanos(),
+            sql.len()
+        );
+    }
 }
 
 const READ_SQL: &str = "SELECT abalance FROM accounts WHERE aid = $1";
@@ -108,14 +124,45 @@ async fn routed_read(router: &Router, aid: i32) {
     );
 }
 
-/// Queries completed by `CLIENTS` concurrent clients in `window`.
-async fn throughput<F, Fut>(window: Duration, read: F) -> u64
+/// CPU time used by this process so far (all threads): the client-side cost of a read, which
+/// is what the router adds, and less sensitive than wall-clock throughput to other load on a
+/// shared machine.
+fn process_cpu_time() -> Duration {
+    cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+fn thread_cpu_time() -> Duration {
+    cpu_time(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+fn cpu_time(clock: libc::clockid_t) -> Duration {
+    let mut spec = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; the clock id is a constant.
+    let rc = unsafe { libc::clock_gettime(clock, &mut spec) };
+    assert_eq!(rc, 0, "clock_gettime({clock})");
+    Duration::new(
+        u64::try_from(spec.tv_sec).unwrap_or(0),
+        u32::try_from(spec.tv_nsec).unwrap_or(0),
+    )
+}
+
+struct Window {
+    queries: u64,
+    client_cpu: Duration,
+}
+
+/// Queries completed by `CLIENTS` concurrent clients in `window`, and the process CPU spent.
+async fn throughput<F, Fut>(window: Duration, read: F) -> Window
 where
     F: Fn(i32) -> Fut + Send + Sync + Clone + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    let cpu_before = process_cpu_time();
     let mut tasks = Vec::new();
     for client in 0..CLIENTS {
         let (done, stop, read) = (Arc::clone(&done), Arc::clone(&stop), read.clone());
@@ -133,7 +180,10 @@ where
     for task in tasks {
         task.await.expect("client task");
     }
-    done.load(Ordering::Relaxed)
+    Window {
+        queries: done.load(Ordering::Relaxed),
+        client_cpu: process_cpu_time().saturating_sub(cpu_before),
+    }
 }
 
 fn bench_reads(criterion: &mut Criterion) {
@@ -183,36 +233,60 @@ fn bench_reads(criterion: &mut Criterion) {
     });
     group.finish();
 
-    // Interleaved rounds so that drift in machine load hits both sides alike.
-    let window = Duration::from_secs(3);
+    // Many short interleaved rounds, alternating which side goes first, so that drift in
+    // machine load hits both sides alike; the median of per-round ratios resists outliers.
+    let window = Duration::from_millis(1500);
+    let rounds = 10;
+    let mut ratios = Vec::new();
     let (mut bare_total, mut routed_total) = (0u64, 0u64);
+    let (mut bare_cpu, mut routed_cpu) = (Duration::ZERO, Duration::ZERO);
     runtime.block_on(async {
-        for round in 1..=3 {
-            let pool = pool.clone();
-            let bare = throughput(window, move |aid| {
+        for round in 1..=rounds {
+            let bare_side = {
                 let pool = pool.clone();
-                async move { bare_read(&pool, aid).await }
-            })
-            .await;
-            let router = router.clone();
-            let routed = throughput(window, move |aid| {
+                move |aid| {
+                    let pool = pool.clone();
+                    async move { bare_read(&pool, aid).await }
+                }
+            };
+            let routed_side = {
                 let router = router.clone();
-                async move { routed_read(&router, aid).await }
-            })
-            .await;
+                move |aid| {
+                    let router = router.clone();
+                    async move { routed_read(&router, aid).await }
+                }
+            };
+            let (bare, routed) = if round % 2 == 1 {
+                let bare = throughput(window, bare_side).await;
+                (bare, throughput(window, routed_side).await)
+            } else {
+                let routed = throughput(window, routed_side).await;
+                (throughput(window, bare_side).await, routed)
+            };
             println!(
                 "throughput round {round}: bare {:.0} q/s, routed {:.0} q/s",
-                bare as f64 / window.as_secs_f64(),
-                routed as f64 / window.as_secs_f64()
+                bare.queries as f64 / window.as_secs_f64(),
+                routed.queries as f64 / window.as_secs_f64()
             );
-            bare_total += bare;
-            routed_total += routed;
+            ratios.push(routed.queries as f64 / bare.queries as f64);
+            bare_total += bare.queries;
+            routed_total += routed.queries;
+            bare_cpu += bare.client_cpu;
+            routed_cpu += routed.client_cpu;
         }
     });
+    ratios.sort_by(f64::total_cmp);
+    let median = (ratios[ratios.len() / 2 - 1] + ratios[ratios.len() / 2]) / 2.0;
     println!(
-        "routed/bare read throughput ratio ({CLIENTS} clients, pool {POOL_SIZE}, {} s x 3 rounds each): {:.3}",
-        window.as_secs(),
+        "routed/bare read throughput ({CLIENTS} clients, pool {POOL_SIZE}, {rounds} rounds of {:.1} s each side): \
+         ratio of totals {:.3}, median round ratio {median:.3}",
+        window.as_secs_f64(),
         routed_total as f64 / bare_total as f64
+    );
+    println!(
+        "client CPU per read: bare {:.2} us, routed {:.2} us",
+        bare_cpu.as_secs_f64() * 1e6 / bare_total as f64,
+        routed_cpu.as_secs_f64() * 1e6 / routed_total as f64
     );
     let metrics = router.metrics();
     assert_eq!(

@@ -62,3 +62,18 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_has_help_type_and_value() {
+        let metrics = Metrics::default();
+        Metrics::bump(&metrics.writes);
+        Metrics::bump(&metrics.writes);
+        let text = metrics.snapshot().to_prometheus();
+        assert!(text.contains("# TYPE pgrs_router_writes counter\npgrs_router_writes 2\n"));
+        assert!(text.contains("pgrs_router_reads_replica 0\n"));
+    }
+}

@@ -22,7 +22,7 @@ use crate::classify::{Classification, Route};
 use crate::config::RouterConfig;
 use crate::error::{BuildError, RouterError};
 use crate::health::{
-    self, HealthReport, LagPolicy, Mode, NodeRole, PrimaryWalHistory, Probe, ProbeOutcome,
+    self, HealthReport, LagPolicy, NodeRole, PrimaryWalHistory, Probe, ProbeOutcome,
 };
 use crate::lsn::{Lsn, LsnParseError, WalToken};
 use crate::metrics::{Metrics, MetricsSnapshot};
@@ -53,6 +53,7 @@ pub enum TxAccess<'a> {
 pub struct RoutedClient {
     client: Object,
     node: Arc<str>,
+    index: usize,
     on_primary: bool,
 }
 
@@ -127,6 +128,8 @@ struct RoutingState {
     history: PrimaryWalHistory,
     lag_alerting: bool,
     fallback_warned: bool,
+    /// Completed probe rounds (the first one has no previous state to compare with).
+    rounds: u64,
 }
 
 struct Inner {
@@ -225,6 +228,7 @@ impl Router {
                 history: PrimaryWalHistory::default(),
                 lag_alerting: false,
                 fallback_warned: false,
+                rounds: 0,
             }),
             names,
             nodes,
@@ -296,7 +300,9 @@ impl Router {
     ) -> Result<Vec<Row>, RouterError> {
         let classification = self.inner.config.classifier.classify(sql);
         let client = self.routed(classification, consistency).await?;
-        match run_query(&client, sql, params).await {
+        let result = run_query(&client, sql, params).await;
+        self.inner.note_broken_connection(&client, &result);
+        match result {
             Err(RouterError::Query { source, .. }) if retry_on_primary(&client, &source) => {
                 Metrics::bump(&self.inner.metrics.read_only_retries);
                 warn!(node = %client.node, sql, "replica refused a statement as read-only; retrying on the primary");
@@ -316,7 +322,9 @@ impl Router {
     ) -> Result<u64, RouterError> {
         let classification = self.inner.config.classifier.classify(sql);
         let client = self.routed(classification, consistency).await?;
-        match run_execute(&client, sql, params).await {
+        let result = run_execute(&client, sql, params).await;
+        self.inner.note_broken_connection(&client, &result);
+        match result {
             Err(RouterError::Query { source, .. }) if retry_on_primary(&client, &source) => {
                 Metrics::bump(&self.inner.metrics.read_only_retries);
                 warn!(node = %client.node, sql, "replica refused a statement as read-only; retrying on the primary");
@@ -435,6 +443,7 @@ impl Inner {
             Ok(client) => Ok(RoutedClient {
                 client,
                 node: Arc::clone(&node.name),
+                index,
                 on_primary,
             }),
             Err(source) => {
@@ -442,7 +451,7 @@ impl Inner {
                     source,
                     PoolError::Backend(_) | PoolError::Timeout(TimeoutType::Create)
                 ) {
-                    self.mark_down(index, &source);
+                    self.mark_suspect(index, &source);
                 }
                 Err(RouterError::Pool {
                     node: node.name.to_string(),
@@ -452,7 +461,17 @@ impl Inner {
         }
     }
 
-    fn mark_down(&self, index: usize, error: &PoolError) {
+    /// A statement that failed because its connection died means the node may be gone: skip it
+    /// until it answers a probe, and probe now.
+    fn note_broken_connection<T>(&self, client: &RoutedClient, result: &Result<T, RouterError>) {
+        if let Err(RouterError::Query { source, .. }) = result
+            && source.is_closed()
+        {
+            self.mark_suspect(client.index, source);
+        }
+    }
+
+    fn mark_suspect(&self, index: usize, error: &dyn std::error::Error) {
         let node = &self.nodes[index];
         if !node.suspect.swap(true, Ordering::Relaxed) {
             Metrics::bump(&self.metrics.node_failures);
@@ -634,6 +653,7 @@ impl Inner {
         }
         state.writer = evaluation.writer;
         state.readers = evaluation.readers;
+        state.rounds += 1;
         state.report = Arc::new(report);
     }
 
@@ -649,13 +669,24 @@ impl Inner {
                 info!(node = %new.name, "replica promoted: now writable");
             }
         }
-        let was_read_only = before.report.mode != Mode::ReadWrite && before.writer.is_none();
+        if before.rounds == 0 {
+            match after.writer {
+                Some(index) => {
+                    info!(primary = %self.nodes[index].name, mode = ?report.mode, "router ready")
+                }
+                None => {
+                    Metrics::bump(&self.metrics.read_only_mode_entered);
+                    warn!(mode = ?report.mode, "no primary reachable at start: read-only mode, writes fail fast");
+                }
+            }
+        }
         match (before.writer, after.writer) {
+            _ if before.rounds == 0 => {}
             (Some(_), None) => {
                 Metrics::bump(&self.metrics.read_only_mode_entered);
                 warn!(mode = ?report.mode, "no primary reachable: read-only mode, writes fail fast");
             }
-            (None, Some(index)) if was_read_only => {
+            (None, Some(index)) => {
                 info!(primary = %self.nodes[index].name, "primary reachable: leaving read-only mode");
             }
             (Some(old), Some(new)) if old != new => {

@@ -483,6 +483,19 @@ async fn primary_stopped_read_only_mode_then_primary_back() {
     let (status, body) = get_json(&format!("{base}/health/db?need=read")).await;
     assert_eq!(status, 200, "{body}");
 
+    // A new application instance started during the outage comes up in read-only mode:
+    // reads work, writes are refused at once (no hang, no error at start-up).
+    let late = Router::connect(config(&cluster))
+        .await
+        .expect("router starts without a primary");
+    assert_eq!(late.health().mode, Mode::ReadOnly);
+    assert_eq!(late.metrics().read_only_mode_entered, 1);
+    let client = late.read(Consistency::Eventual).await.expect("read");
+    assert_eq!(served_by(&client).await, (replica_port, true));
+    drop(client);
+    let error = late.write().await.err().expect("read-only");
+    assert!(matches!(error, RouterError::ReadOnly { .. }), "{error:?}");
+
     // The primary comes back: writes work again without restarting anything.
     tokio::task::block_in_place(|| cluster.start_primary()).expect("primary restarts");
     wait_for_health(&router, "primary back", |report| {

@@ -611,6 +611,17 @@ impl Supervisor {
             .batch_execute("CHECKPOINT")
             .await
             .map_err(|e| ActionError::Promote(format!("CHECKPOINT after promotion: {e}")))?;
+        // Slots carried over from this instance's earlier life as a primary are stale: every
+        // replica re-creates its own when it follows. Left alone they would pin WAL.
+        if let Err(error) = client
+            .batch_execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_type = 'physical' AND NOT active AND slot_name LIKE 'pgrs\\_%'",
+            )
+            .await
+        {
+            tracing::warn!(%error, "failed to drop stale replication slots after promotion");
+        }
         // The configuration on disk must no longer point at the old primary.
         write_configuration(&config, &config.data_dir, None)?;
         self.reload()?;

@@ -39,13 +39,13 @@ pub fn engine_spec(name: &str, spec: &PgReplicaSetSpec) -> engine::EngineSpec {
         max_switchover_lag_bytes: defaults.max_switchover_lag_bytes,
         priorities,
         allow_data_loss: spec.failover.allow_data_loss,
-        lease_duration: seconds(spec.failover.lease_duration_seconds),
+        lease_duration: seconds_to_duration(spec.failover.lease_duration_seconds),
         report_stale_after: defaults.report_stale_after.max(poll * STALE_AFTER_POLLS),
     }
 }
 
 /// A duration from the spec's (schema-bounded, positive) fractional seconds, at millisecond
 /// precision.
-pub(crate) fn seconds(value: f64) -> Duration {
+pub fn seconds_to_duration(value: f64) -> Duration {
     Duration::from_millis((value.max(0.0) * 1000.0).round() as u64)
 }

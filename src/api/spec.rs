@@ -13,6 +13,8 @@ use super::status::PgReplicaSetStatus;
 
 /// Desired state of a PostgreSQL streaming-replication cluster: one primary and hot standbys,
 /// with automatic, split-brain-safe failover through the Lease `<name>-primary`.
+// Each `printcolumn(...)` repeats `type_ = "string"`: distinct columns, not duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "pgrs.dev",
@@ -48,29 +50,38 @@ use super::status::PgReplicaSetStatus;
         json_path = ".status.phase",
         description = "Cluster phase"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
         "rule": "self.replication.mode != 'sync' || self.replication.syncReplicas < self.replicas",
-        "message": "spec.replication.syncReplicas must be less than spec.replicas: the primary is not its own synchronous standby"
+        "message": "spec.replication.syncReplicas must be less than spec.replicas: the primary is not its own synchronous standby",
+        "fieldPath": ".replication.syncReplicas"
     },
     {
         "rule": "!has(self.groups) || size(self.groups) == 0 || self.groups.map(g, g.replicas).sum() == self.replicas",
-        "message": "spec.groups[*].replicas must add up to spec.replicas"
+        "message": "spec.groups[*].replicas must add up to spec.replicas",
+        "fieldPath": ".groups"
     },
     {
         "rule": "!has(self.groups) || self.groups.all(g, self.groups.exists_one(h, h.name == g.name))",
-        "message": "spec.groups[*].name must be unique"
+        "message": "spec.groups[*].name must be unique",
+        "fieldPath": ".groups"
     },
     {
         "rule": "!has(self.groups) || size(self.groups) == 0 || self.groups.exists(g, g.replicas > 0 && g.failoverPriority > 0)",
-        "message": "spec.groups: at least one group with replicas > 0 needs failoverPriority > 0, or no instance could ever be promoted"
+        "message": "spec.groups: at least one group with replicas > 0 needs failoverPriority > 0, or no instance could ever be promoted",
+        "fieldPath": ".groups"
     },
     {
         "rule": "self.replication.mode != 'sync' || !has(self.groups) || size(self.groups) == 0 || self.groups.filter(g, g.syncEligible).map(g, g.replicas).sum() > self.replication.syncReplicas",
-        "message": "spec.groups: in sync mode, the syncEligible groups need more than spec.replication.syncReplicas instances (one of them may be the primary)"
+        "message": "spec.groups: in sync mode, the syncEligible groups need more than spec.replication.syncReplicas instances (one of them may be the primary)",
+        "fieldPath": ".groups"
     }
 ]))]
 pub struct PgReplicaSetSpec {
@@ -140,11 +151,13 @@ fn default_postgres_version() -> u32 {
 #[schemars(extend("x-kubernetes-validations" = [
     {
         "rule": "has(self.storageClassName) == has(oldSelf.storageClassName)",
-        "message": "spec.storage.storageClassName is immutable: it cannot be added or removed after creation"
+        "message": "spec.storage.storageClassName is immutable: it cannot be added or removed after creation",
+        "fieldPath": ".storageClassName"
     },
     {
-        "rule": "quantity(self.size).compareTo(quantity(oldSelf.size)) >= 0",
-        "message": "spec.storage.size cannot shrink"
+        "rule": "!isQuantity(self.size) || !isQuantity(oldSelf.size) || quantity(self.size).compareTo(quantity(oldSelf.size)) >= 0",
+        "message": "spec.storage.size cannot shrink",
+        "fieldPath": ".size"
     }
 ]))]
 pub struct StorageSpec {
@@ -194,7 +207,8 @@ pub enum DataDurability {
 #[schemars(extend("x-kubernetes-validations" = [
     {
         "rule": "self.mode != 'sync' || self.syncReplicas >= 1",
-        "message": "spec.replication.syncReplicas must be at least 1 when spec.replication.mode is sync"
+        "message": "spec.replication.syncReplicas must be at least 1 when spec.replication.mode is sync",
+        "fieldPath": ".syncReplicas"
     }
 ]))]
 pub struct ReplicationSpec {
@@ -253,11 +267,13 @@ fn default_true() -> bool {
 #[schemars(extend("x-kubernetes-validations" = [
     {
         "rule": "double(self.renewDeadlineSeconds) + double(self.shutdownBudgetSeconds) < double(self.leaseDurationSeconds)",
-        "message": "spec.failover: renewDeadlineSeconds + shutdownBudgetSeconds must be less than leaseDurationSeconds, so that a cut-off primary has stopped before its Lease can expire"
+        "message": "spec.failover: renewDeadlineSeconds + shutdownBudgetSeconds must be less than leaseDurationSeconds, so that a cut-off primary has stopped before its Lease can expire",
+        "fieldPath": ".renewDeadlineSeconds"
     },
     {
         "rule": "double(self.renewIntervalSeconds) < double(self.renewDeadlineSeconds)",
-        "message": "spec.failover.renewIntervalSeconds must be less than spec.failover.renewDeadlineSeconds, or one slow renewal fences the primary"
+        "message": "spec.failover.renewIntervalSeconds must be less than spec.failover.renewDeadlineSeconds, or one slow renewal fences the primary",
+        "fieldPath": ".renewIntervalSeconds"
     }
 ]))]
 pub struct FailoverSpec {
@@ -330,7 +346,10 @@ fn default_shutdown_budget() -> f64 {
 pub struct InstanceGroup {
     /// Group name, part of the StatefulSet and pod names (a DNS label of at most 15
     /// characters).
-    #[schemars(length(min = 1, max = 15), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 15),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
 
     /// Number of instances in this group.
@@ -411,6 +430,9 @@ fn default_read_max_lag() -> u64 {
 #[serde(rename_all = "camelCase")]
 pub struct SwitchoverSpec {
     /// The instance (pod name) that should become the primary.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub target_instance: String,
 }

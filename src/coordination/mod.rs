@@ -6,6 +6,7 @@
 mod agent_side;
 mod http;
 mod keeper;
+mod kube;
 mod lease;
 mod memory;
 mod watchdog;
@@ -15,6 +16,7 @@ mod tests;
 
 pub use agent_side::{AgentFencing, LeaseArgs, LocalPrimaryState};
 pub use http::{HttpLeaseStore, lease_router};
+pub use self::kube::KubeLeaseStore;
 pub use keeper::{FenceFn, KeeperMode, KeeperStatus, LeaseKeeper};
 pub use lease::{LeaseError, LeaseRecord, LeaseStore, LeaseTimings, TimingsError};
 pub use memory::MemoryLeaseStore;

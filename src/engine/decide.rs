@@ -385,8 +385,12 @@ fn lease_free(round: &mut Round<'_>) -> ClusterStatus {
         .iter()
         .filter(|i| i.is_writable_primary())
         .collect();
-    // `fence_rogues(None)` has fenced all of them; adopt one only when it is the only one.
-    if let [only] = writable.as_slice() {
+    // `fence_rogues(None)` has fenced all of them; adopt one only when it is the only one, and
+    // only on a report taken after the lease last changed: an older one may predate a release
+    // by a primary that has stopped since.
+    if let [only] = writable.as_slice()
+        && only.last_report_at > Some(input.lease.unchanged_since)
+    {
         round
             .actions
             .retain(|a| !matches!(a, Action::Fence { instance, .. } if *instance == only.name));
@@ -406,6 +410,20 @@ fn lease_free(round: &mut Round<'_>) -> ClusterStatus {
             Phase::Bootstrapping,
             None,
             format!("acquiring the lease for {}", only.name),
+        );
+    }
+    if let [only] = writable.as_slice() {
+        round
+            .actions
+            .retain(|a| !matches!(a, Action::Fence { instance, .. } if *instance == only.name));
+        round.events.retain(|e| e.reason != EventReason::Fencing);
+        return round.status(
+            Phase::Bootstrapping,
+            None,
+            format!(
+                "waiting for a fresh report from {} before granting it the lease",
+                only.name
+            ),
         );
     }
     if !writable.is_empty() {

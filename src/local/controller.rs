@@ -57,8 +57,12 @@ pub struct ApiError {
 }
 
 struct Observed {
-    at: Instant,
-    result: Result<AgentStatus, String>,
+    /// The last successful report and when it arrived.
+    ok: Option<(Instant, AgentStatus)>,
+    /// The last failure, if it is more recent than `ok`.
+    error: Option<String>,
+    /// The agent refused the connection: it is gone, not merely slow.
+    gone: bool,
 }
 
 struct NodeRuntime {
@@ -78,8 +82,13 @@ struct Shared {
     status: Mutex<Option<LocalStatus>>,
     last_input: Mutex<Option<EngineInput>>,
     events: Mutex<Vec<EventRecord>>,
+    last_failover: Mutex<Option<crate::engine::FailoverChoice>>,
+    /// Last message per event reason, to log repeated decisions once.
+    last_messages: Mutex<HashMap<String, String>>,
     shutdown: tokio::sync::Notify,
     shutting_down: std::sync::atomic::AtomicBool,
+    /// A failover or switchover is under way.
+    urgent: std::sync::atomic::AtomicBool,
     clients: HashMap<String, AgentClient>,
 }
 
@@ -141,6 +150,17 @@ fn load_state(layout: &Layout) -> ControllerState {
         .unwrap_or_default()
 }
 
+/// This program, for the agents: after a rebuild the running binary's path reads
+/// `<path> (deleted)`; the new binary at the same path is what should run.
+fn pgrs_executable() -> std::io::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let text = exe.to_string_lossy();
+    Ok(match text.strip_suffix(" (deleted)") {
+        Some(path) => std::path::PathBuf::from(path),
+        None => exe,
+    })
+}
+
 /// Agent command line for `node`, starting as primary or as a replica of `primary`.
 fn agent_command(
     shared: &Shared,
@@ -149,7 +169,7 @@ fn agent_command(
 ) -> anyhow::Result<tokio::process::Command> {
     let config = &shared.config;
     let layout = &shared.layout;
-    let exe = std::env::current_exe()?;
+    let exe = pgrs_executable()?;
     let mut command = tokio::process::Command::new(exe);
     command
         .arg("agent")
@@ -284,19 +304,50 @@ async fn start_node(shared: &Arc<Shared>, name: &str, fresh: bool) -> Result<Str
 async fn observe_node(shared: Arc<Shared>, name: String) {
     let client = shared.clients[&name].clone();
     loop {
-        let result = match tokio::time::timeout(Duration::from_millis(800), client.status()).await {
-            Ok(Ok(status)) => Ok(status),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err("status request timed out".to_string()),
+        // The report's time is when the request was sent: what it says is at least that recent.
+        let asked_at = Instant::now();
+        let result = tokio::time::timeout(Duration::from_millis(800), client.status()).await;
+        {
+            let mut observed = lock(&shared.observed);
+            let entry = observed.entry(name.clone()).or_insert(Observed {
+                ok: None,
+                error: None,
+                gone: false,
+            });
+            match result {
+                // A running postgres that could not be probed says nothing new about its role.
+                Ok(Ok(status))
+                    if status.role == Role::Starting
+                        && status.probe_error.is_some()
+                        && entry
+                            .ok
+                            .as_ref()
+                            .is_some_and(|(_, last)| last.role == Role::Primary) =>
+                {
+                    entry.error = status.probe_error.clone();
+                }
+                Ok(Ok(status)) => {
+                    entry.ok = Some((asked_at, status));
+                    entry.error = None;
+                    entry.gone = false;
+                }
+                Ok(Err(error)) => {
+                    // A refused connection means no agent listens; a slow answer keeps the last
+                    // report, which the engine ages out by its own freshness rule.
+                    entry.gone = matches!(&error, crate::agent::client::ClientError::Transport { source, .. } if source.is_connect());
+                    entry.error = Some(error.to_string());
+                }
+                Err(_) => entry.error = Some("status request timed out".to_string()),
+            }
+        }
+        // Poll fast while a failover or switchover is under way: the write endpoint switches as
+        // soon as the new primary is seen out of recovery.
+        let pause = if shared.urgent.load(std::sync::atomic::Ordering::Relaxed) {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_millis(shared.config.interval_ms)
         };
-        lock(&shared.observed).insert(
-            name.clone(),
-            Observed {
-                at: Instant::now(),
-                result,
-            },
-        );
-        tokio::time::sleep(Duration::from_millis(shared.config.interval_ms)).await;
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -365,7 +416,8 @@ fn build_input(
     // The primary's view of each standby (sync state).
     let mut peer_sync: HashMap<String, String> = HashMap::new();
     for o in observed.values() {
-        if let Ok(status) = &o.result
+        if let Some((_, status)) = &o.ok
+            && !o.gone
             && status.role == Role::Primary
         {
             for peer in &status.replication {
@@ -377,13 +429,11 @@ fn build_input(
         let entry = observed.get(&node.name);
         let (reachable, status, error, at) = match entry {
             Some(Observed {
-                at,
-                result: Ok(status),
-            }) => (true, Some(status.clone()), None, Some(*at)),
-            Some(Observed {
-                at,
-                result: Err(error),
-            }) => (false, None, Some(error.clone()), Some(*at)),
+                ok: Some((at, status)),
+                error,
+                gone: false,
+            }) => (true, Some(status.clone()), error.clone(), Some(*at)),
+            Some(Observed { error, .. }) => (false, None, error.clone(), None),
             None => (false, None, None, None),
         };
         let role = status
@@ -527,19 +577,44 @@ async fn apply_sync(shared: &Shared, primary: &str, sync: &SyncSet) -> Result<()
         .map_err(|e| e.to_string())?;
     let names = sync.to_standby_names().replace('\'', "''");
     let describe = |e: tokio_postgres::Error| {
-        let detail = e.as_db_error().map_or_else(|| e.to_string(), |db| db.message().to_string());
+        let detail = e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |db| db.message().to_string());
         format!("failed to set synchronous_standby_names on {primary}: {detail}")
     };
     // Separate statements: ALTER SYSTEM refuses to run inside an (implicit) transaction block.
     client
-        .batch_execute(&format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'"))
+        .batch_execute(&format!(
+            "ALTER SYSTEM SET synchronous_standby_names = '{names}'"
+        ))
         .await
         .map_err(describe)?;
-    client.batch_execute("SELECT pg_reload_conf()").await.map_err(describe)?;
+    client
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .map_err(describe)?;
     lock(&shared.state)
         .applied_sync
         .insert(primary.to_string(), sync.clone());
     Ok(())
+}
+
+/// One background action at a time per node; false when one is already running.
+fn claim(shared: &Shared, instance: &str) -> bool {
+    let mut nodes = lock(&shared.nodes);
+    match nodes.get_mut(instance) {
+        Some(runtime) if !runtime.busy => {
+            runtime.busy = true;
+            true
+        }
+        _ => false,
+    }
+}
+
+fn release_claim(shared: &Shared, instance: &str) {
+    if let Some(runtime) = lock(&shared.nodes).get_mut(instance) {
+        runtime.busy = false;
+    }
 }
 
 fn upstream_of(shared: &Shared, primary: &str) -> Result<(String, u16), String> {
@@ -563,14 +638,37 @@ async fn execute(shared: &Arc<Shared>, action: &Action) -> Result<(), String> {
             .map(|_| ())
             .map_err(|e| e.to_string()),
         Action::Promote { instance } => {
-            let client = &shared.clients[instance];
-            client
-                .promote(&PromoteRequest {
-                    wait_seconds: Some(30),
-                })
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            // In the background: the write endpoint switches as soon as the observer sees the
+            // instance out of recovery, not after the agent's post-promotion checkpoint.
+            if !claim(shared, instance) {
+                return Ok(());
+            }
+            shared.record("info", "Action", format!("{action:?}"));
+            let shared = shared.clone();
+            let instance = instance.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let result = shared.clients[&instance]
+                    .promote(&PromoteRequest {
+                        wait_seconds: Some(30),
+                    })
+                    .await;
+                match result {
+                    Ok(_) => shared.record(
+                        "info",
+                        "promote",
+                        format!(
+                            "{instance}: promoted in {} ms",
+                            started.elapsed().as_millis()
+                        ),
+                    ),
+                    Err(error) => {
+                        shared.record("warning", "promote", format!("{instance}: {error}"))
+                    }
+                }
+                release_claim(&shared, &instance);
+            });
+            Ok(())
         }
         Action::Demote { instance } => {
             let client = &shared.clients[instance];
@@ -598,15 +696,8 @@ async fn execute(shared: &Arc<Shared>, action: &Action) -> Result<(), String> {
         }
         Action::SetSynchronousStandbys { primary, sync } => apply_sync(shared, primary, sync).await,
         Action::Follow { instance, primary } | Action::Rejoin { instance, primary } => {
-            {
-                let mut nodes = lock(&shared.nodes);
-                let Some(runtime) = nodes.get_mut(instance) else {
-                    return Ok(());
-                };
-                if runtime.busy {
-                    return Ok(());
-                }
-                runtime.busy = true;
+            if !claim(shared, instance) {
+                return Ok(());
             }
             let (host, port) = upstream_of(shared, primary)?;
             let shared = shared.clone();
@@ -652,9 +743,7 @@ async fn execute(shared: &Arc<Shared>, action: &Action) -> Result<(), String> {
                         shared.record("warning", action.kind(), format!("{instance}: {error}"))
                     }
                 }
-                if let Some(runtime) = lock(&shared.nodes).get_mut(&instance) {
-                    runtime.busy = false;
-                }
+                release_claim(&shared, &instance);
             });
             Ok(())
         }
@@ -672,11 +761,12 @@ fn record_events(shared: &Shared, events: &[Event]) {
             Severity::Warning => "warning",
             Severity::Critical => "critical",
         };
-        shared.record(
-            severity,
-            &format!("{:?}", event.reason),
-            event.message.clone(),
-        );
+        let reason = format!("{:?}", event.reason);
+        let repeated = lock(&shared.last_messages).insert(reason.clone(), event.message.clone())
+            == Some(event.message.clone());
+        if !repeated {
+            shared.record(severity, &reason, event.message.clone());
+        }
     }
 }
 
@@ -745,16 +835,32 @@ async fn round(
         }
     });
 
+    shared.urgent.store(
+        matches!(
+            decision.status.phase,
+            crate::engine::Phase::FailingOver
+                | crate::engine::Phase::SwitchingOver
+                | crate::engine::Phase::PrimaryUnavailable
+        ),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     record_events(shared, &decision.events);
-    let phase_text = format!("{:?}: {}", decision.status.phase, decision.status.message);
-    if last_phase.as_deref() != Some(phase_text.as_str()) {
-        shared.record("info", "Phase", phase_text.clone());
-        *last_phase = Some(phase_text);
+    let phase_name = format!("{:?}", decision.status.phase);
+    if last_phase.as_deref() != Some(phase_name.as_str()) {
+        shared.record(
+            "info",
+            "Phase",
+            format!("{phase_name}: {}", decision.status.message),
+        );
+        *last_phase = Some(phase_name);
     }
 
     let mut acted = false;
     for action in &decision.actions {
-        let background = matches!(action, Action::Follow { .. } | Action::Rejoin { .. });
+        let background = matches!(
+            action,
+            Action::Follow { .. } | Action::Rejoin { .. } | Action::Promote { .. }
+        );
         if !background {
             shared.record("info", "Action", format!("{action:?}"));
         }
@@ -801,6 +907,13 @@ async fn round(
         sync: shared.config.sync,
         nodes: node_statuses(shared, &round),
         events: lock(&shared.events).clone(),
+        last_failover: {
+            let mut last = lock(&shared.last_failover);
+            if let Some(choice) = &decision.status.failover {
+                *last = Some(choice.clone());
+            }
+            last.clone()
+        },
         updated_at: chrono::Utc::now(),
     };
     *lock(&shared.status) = Some(status);
@@ -962,8 +1075,11 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
         status: Mutex::new(None),
         last_input: Mutex::new(None),
         events: Mutex::new(Vec::new()),
+        last_failover: Mutex::new(None),
+        last_messages: Mutex::new(HashMap::new()),
         shutdown: tokio::sync::Notify::new(),
         shutting_down: std::sync::atomic::AtomicBool::new(false),
+        urgent: std::sync::atomic::AtomicBool::new(false),
         clients,
         layout: layout.clone(),
         config: config.clone(),
@@ -1040,7 +1156,7 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
         {
             break;
         }
-        let pause = if acted {
+        let pause = if acted || shared.urgent.load(std::sync::atomic::Ordering::Relaxed) {
             Duration::from_millis(10)
         } else {
             interval

@@ -64,6 +64,9 @@ pub struct LocalStatus {
     pub sync: bool,
     pub nodes: Vec<NodeStatus>,
     pub events: Vec<EventRecord>,
+    /// The last failover or switchover decided by the engine (candidate, LSN gap).
+    #[serde(default)]
+    pub last_failover: Option<crate::engine::FailoverChoice>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -213,6 +216,7 @@ mod tests {
             sync: true,
             nodes: vec![primary, caught_up, unknown, gone],
             events: vec![],
+            last_failover: None,
             updated_at: chrono::Utc::now(),
         };
         let table = render_table(&status);

@@ -1,5 +1,6 @@
-//! The `postgres` layer shared by everything: WAL positions ([`lsn`]), running PostgreSQL tools
-//! as the `postgres` user ([`process`]), SQL probes ([`probe`]).
+//! The `postgres` layer shared by everything: WAL positions ([`lsn`]), running PostgreSQL
+//! programs as the `postgres` user and reading `pg_controldata` ([`process`]), SQL probes of
+//! roles, positions and replication state ([`probe`]).
 
 pub mod lsn;
 pub mod probe;

@@ -112,7 +112,10 @@ pub fn cluster_labels(cluster: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (LABEL_APP_NAME.to_string(), APP_NAME.to_string()),
         (LABEL_APP_INSTANCE.to_string(), cluster.to_string()),
-        (LABEL_APP_COMPONENT.to_string(), COMPONENT_DATABASE.to_string()),
+        (
+            LABEL_APP_COMPONENT.to_string(),
+            COMPONENT_DATABASE.to_string(),
+        ),
         (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
         (LABEL_CLUSTER.to_string(), cluster.to_string()),
     ])

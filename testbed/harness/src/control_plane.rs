@@ -309,7 +309,7 @@ impl ControlPlane {
             controller_manager: total - apiserver_ready,
             total,
         };
-        eprintln!(
+        tracing::info!(
             "pgrs-testbed: control plane {} ready in {timings} at {server} (state in {})",
             versions.kubernetes,
             root.display()

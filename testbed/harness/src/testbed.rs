@@ -1,6 +1,7 @@
 //! The whole test bed: pod network + control plane + API proxy for pods + fake
 //! kubelet, with its own tokio runtime so it outlives any one test's runtime.
 
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -103,7 +104,9 @@ impl TestBed {
             .block_on(runtime.spawn(async move { start_parts(net, keep_dir, images).await }))
             .map_err(|e| TestBedError::Join(e.to_string()))??;
         let warm_start = started.elapsed();
-        eprintln!(
+        // Straight to stderr, not eprintln!: the test harness would capture that.
+        let _ = writeln!(
+            std::io::stderr(),
             "pgrs-testbed: warm start {:.1}s (control plane {}; pods on {}/24 via {})",
             warm_start.as_secs_f64(),
             control_plane.timings(),

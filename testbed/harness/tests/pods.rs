@@ -298,3 +298,148 @@ async fn pods_with_foreign_images_are_refused_with_a_clear_message() {
     .await
     .expect("deleted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_restart_on_exit_and_failed_liveness_and_wait_for_missing_config() {
+    let bed = bed().await;
+    let ns = bed.namespace("lifecycle").await.expect("namespace");
+    let client = bed.client().await.expect("client");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    let pp = PostParams::default();
+    let image = format!("{TINY_HTTP_IMAGE_REPOSITORY}:test");
+
+    // A container that exits (bad flag, exit code 2) is restarted per restartPolicy.
+    let crashing: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "crashing"},
+        "spec": {"containers": [{"name": "c", "image": image, "args": ["--bogus", "x"]}]}
+    }))
+    .unwrap();
+    pods.create(&pp, &crashing)
+        .await
+        .expect("create crashing pod");
+
+    // A container whose liveness probe fails is stopped and restarted.
+    let unhealthy: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "unhealthy"},
+        "spec": {
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{
+                "name": "c", "image": image, "args": ["--port", "8080"],
+                "livenessProbe": {"httpGet": {"path": "/missing", "port": 8080}, "periodSeconds": 1, "failureThreshold": 2}
+            }]
+        }
+    }))
+    .unwrap();
+    pods.create(&pp, &unhealthy)
+        .await
+        .expect("create unhealthy pod");
+
+    // A pod whose env needs a ConfigMap that does not exist yet waits, then starts
+    // once it appears; the value reaches the process (its port comes from it).
+    let waiting: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "waiting"},
+        "spec": {"containers": [{
+            "name": "c",
+            "image": image,
+            "args": ["--port", "$(PORT)"],
+            "env": [{"name": "PORT", "valueFrom": {"configMapKeyRef": {"name": "later", "key": "port"}}}],
+            "readinessProbe": {"tcpSocket": {"port": 9090}, "periodSeconds": 1}
+        }]}
+    }))
+    .unwrap();
+    pods.create(&pp, &waiting)
+        .await
+        .expect("create waiting pod");
+
+    let restarts = eventually("crashing pod restarted twice", TIMEOUT, || async {
+        let pod = pods.get("crashing").await.map_err(|e| e.to_string())?;
+        let status = pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .and_then(|c| c.into_iter().next())
+            .ok_or("no container status")?;
+        let exit = status
+            .last_state
+            .and_then(|s| s.terminated)
+            .map(|t| t.exit_code);
+        if status.restart_count >= 2 && exit == Some(2) {
+            Ok(status.restart_count)
+        } else {
+            Err(format!(
+                "restarts {}, last exit {exit:?}",
+                status.restart_count
+            ))
+        }
+    })
+    .await
+    .expect("restarts");
+    assert!(restarts >= 2);
+    eventually(
+        "unhealthy pod restarted by its liveness probe",
+        TIMEOUT,
+        || async {
+            let pod = pods.get("unhealthy").await.map_err(|e| e.to_string())?;
+            let restarts = pod
+                .status
+                .and_then(|s| s.container_statuses)
+                .and_then(|c| c.into_iter().next())
+                .map(|c| c.restart_count)
+                .unwrap_or(0);
+            if restarts >= 1 {
+                Ok(())
+            } else {
+                Err(format!("{restarts} restarts"))
+            }
+        },
+    )
+    .await
+    .expect("liveness restart");
+
+    let reason = eventually(
+        "waiting pod reports the missing ConfigMap",
+        TIMEOUT,
+        || async {
+            let pod = pods.get("waiting").await.map_err(|e| e.to_string())?;
+            let waiting = pod
+                .status
+                .and_then(|s| s.container_statuses)
+                .and_then(|c| c.into_iter().next())
+                .and_then(|c| c.state)
+                .and_then(|s| s.waiting)
+                .ok_or("not waiting")?;
+            Ok(format!("{:?}: {:?}", waiting.reason, waiting.message))
+        },
+    )
+    .await
+    .expect("waiting status");
+    assert!(
+        reason.contains("CreateContainerConfigError") && reason.contains("later"),
+        "{reason}"
+    );
+    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "later"}, "data": {"port": "9090"}
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client, ns.name())
+        .create(&pp, &cm)
+        .await
+        .expect("create ConfigMap");
+    let pod = eventually(
+        "waiting pod Ready once its ConfigMap exists",
+        TIMEOUT,
+        || async {
+            let pod = pods.get("waiting").await.map_err(|e| e.to_string())?;
+            if is_ready(&pod) {
+                Ok(pod)
+            } else {
+                Err("not ready".to_owned())
+            }
+        },
+    )
+    .await
+    .expect("ready");
+    let ip = pod_ip(&pod).expect("pod IP");
+    get_text(&format!("http://{ip}:9090/healthz"))
+        .await
+        .expect("listens on the port from the ConfigMap");
+}

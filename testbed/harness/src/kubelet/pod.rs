@@ -55,19 +55,51 @@ struct Runner {
     last_terminated: Option<Value>,
     /// Set when the container finished and will not be restarted.
     terminated: Option<Value>,
-    readiness: ProbeState,
-    next_probe: Instant,
+    readiness: ProbeSlot,
+    liveness: ProbeSlot,
+    startup: ProbeSlot,
+    /// When a liveness/startup failure asked the process to stop: SIGKILL after this.
+    kill_at: Option<Instant>,
+}
+
+/// One kind of probe of a container: its results and when it runs next.
+#[derive(Debug, Clone)]
+struct ProbeSlot {
+    state: ProbeState,
+    next: Instant,
+}
+
+impl ProbeSlot {
+    /// A fresh slot for a (re)started container: first run after initialDelaySeconds.
+    fn fresh(probe: Option<&k8s_openapi::api::core::v1::Probe>) -> Self {
+        Self {
+            state: ProbeState::default(),
+            next: Instant::now() + probe.map(probe::initial_delay).unwrap_or_default(),
+        }
+    }
 }
 
 impl Runner {
+    /// Running and past its startup probe (if any).
+    fn is_started(&self) -> bool {
+        self.child.is_some() && (self.container.startup_probe.is_none() || self.startup.state.ready)
+    }
+
     fn is_ready(&self) -> bool {
-        if self.child.is_none() {
+        if !self.is_started() {
             return false;
         }
         match &self.container.readiness_probe {
-            Some(_) => self.readiness.ready,
+            Some(_) => self.readiness.state.ready,
             None => true,
         }
+    }
+
+    fn reset_probes(&mut self) {
+        self.readiness = ProbeSlot::fresh(self.container.readiness_probe.as_ref());
+        self.liveness = ProbeSlot::fresh(self.container.liveness_probe.as_ref());
+        self.startup = ProbeSlot::fresh(self.container.startup_probe.as_ref());
+        self.kill_at = None;
     }
 
     fn status(&self) -> Value {
@@ -85,7 +117,7 @@ impl Runner {
             "image": self.container.image,
             "imageID": "",
             "ready": self.is_ready(),
-            "started": self.child.is_some(),
+            "started": self.is_started(),
             "restartCount": self.restart_count,
             "state": state,
         });
@@ -310,12 +342,6 @@ impl PodRun {
                 let _ = std::fs::create_dir_all(dir);
             }
             let log = logs.join(format!("{}.log", container.name));
-            let next_probe = Instant::now()
-                + container
-                    .readiness_probe
-                    .as_ref()
-                    .map(probe::initial_delay)
-                    .unwrap_or_default();
             self.runners.push(Runner {
                 sandbox: Sandbox::Container {
                     netns: netns.clone(),
@@ -338,8 +364,10 @@ impl PodRun {
                 restart_at: Some(Instant::now()),
                 last_terminated: None,
                 terminated: None,
-                readiness: ProbeState::default(),
-                next_probe,
+                readiness: ProbeSlot::fresh(None),
+                liveness: ProbeSlot::fresh(None),
+                startup: ProbeSlot::fresh(None),
+                kill_at: None,
             });
         }
         Ok(())
@@ -436,7 +464,7 @@ impl PodRun {
                     }
                 }
                 runner.child = None;
-                runner.readiness = ProbeState::default();
+                runner.reset_probes();
                 let restart = if runner.init {
                     code != 0 && policy != "Never"
                 } else {
@@ -469,37 +497,85 @@ impl PodRun {
                 self.start(index);
             }
         }
-        // Probe.
+        self.run_probes().await;
+        let phase = self.phase();
+        self.patch_status(phase).await;
+    }
+
+    /// Startup, readiness and liveness probes that are due. A failed startup or
+    /// liveness probe stops the container (SIGTERM, then SIGKILL after the grace
+    /// period); the restart policy brings it back.
+    async fn run_probes(&mut self) {
         let pod_ip = self
             .iface
             .as_ref()
             .map(|i| i.ip)
             .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let pod_grace = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .unwrap_or(DEFAULT_GRACE);
+        let images = self.ctx.config.images.clone();
         for runner in &mut self.runners {
-            let Some(readiness) = runner.container.readiness_probe.clone() else {
-                continue;
-            };
-            if runner.child.is_none() || Instant::now() < runner.next_probe {
+            if runner.child.is_none() {
                 continue;
             }
-            runner.next_probe = Instant::now() + probe::period(&readiness);
-            let image = runner.container.image.clone().unwrap_or_default();
-            let result = probe::run(
-                &readiness,
-                &runner.container,
-                pod_ip,
-                runner.pid,
-                &image,
-                &self.ctx.config.images,
-            )
-            .await;
-            if let Err(e) = &result {
-                tracing::debug!(pod = %self.key, container = %runner.container.name, error = %e, "readiness probe failed");
+            if let Some(kill_at) = runner.kill_at {
+                if Instant::now() >= kill_at
+                    && let Some(pid) = runner.pid.and_then(|p| i32::try_from(p).ok())
+                {
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+                continue;
             }
-            runner.readiness.record(&readiness, result);
+            let container = runner.container.clone();
+            let image = container.image.clone().unwrap_or_default();
+            let mut kill: Option<(String, i64)> = None;
+            let kinds = [
+                ("startup", container.startup_probe.as_ref()),
+                ("readiness", container.readiness_probe.as_ref()),
+                ("liveness", container.liveness_probe.as_ref()),
+            ];
+            for (kind, spec) in kinds {
+                let Some(spec) = spec else {
+                    continue;
+                };
+                let started = runner.is_started();
+                let slot = match kind {
+                    "startup" if !started => &mut runner.startup,
+                    "readiness" if started => &mut runner.readiness,
+                    "liveness" if started => &mut runner.liveness,
+                    _ => continue,
+                };
+                if Instant::now() < slot.next {
+                    continue;
+                }
+                slot.next = Instant::now() + probe::period(spec);
+                let result =
+                    probe::run(spec, &container, pod_ip, runner.pid, &image, &images).await;
+                if let Err(e) = &result {
+                    tracing::debug!(pod = %self.key, container = %container.name, probe = kind, error = %e, "probe failed");
+                }
+                slot.state.record(spec, result);
+                if kind != "readiness" && slot.state.failed(spec) {
+                    let grace = spec.termination_grace_period_seconds.unwrap_or(pod_grace);
+                    let why = slot.state.last_error.clone().unwrap_or_default();
+                    kill = Some((format!("{kind} probe failed: {why}"), grace));
+                    break;
+                }
+            }
+            if let Some((reason, grace)) = kill {
+                tracing::info!(pod = %self.key, container = %container.name, %reason, "restarting container");
+                if let Some(pid) = runner.pid.and_then(|p| i32::try_from(p).ok()) {
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
+                }
+                runner.kill_at = Some(
+                    Instant::now() + Duration::from_secs(u64::try_from(grace.max(0)).unwrap_or(0)),
+                );
+            }
         }
-        let phase = self.phase();
-        self.patch_status(phase).await;
     }
 
     fn phase(&self) -> &'static str {
@@ -543,13 +619,7 @@ impl PodRun {
                 }
                 runner.child = Some(child);
                 runner.started_at = Some(now());
-                runner.next_probe = Instant::now()
-                    + runner
-                        .container
-                        .readiness_probe
-                        .as_ref()
-                        .map(probe::initial_delay)
-                        .unwrap_or_default();
+                runner.reset_probes();
                 tracing::info!(pod = %key, container = %runner.container.name, pid = ?runner.pid, "container started");
             }
             Err(e) => {
@@ -627,6 +697,9 @@ impl PodRun {
             "startTime": self.start_time,
             "conditions": conditions,
             "containerStatuses": main.iter().map(|r| r.status()).collect::<Vec<_>>(),
+            // Clear a start failure reported earlier.
+            "reason": null,
+            "message": null,
         });
         if let Some(ip) = &ip {
             status["podIP"] = json!(ip);

@@ -46,6 +46,13 @@ impl ProbeState {
     }
 }
 
+impl ProbeState {
+    /// `failureThreshold` failures in a row (for liveness and startup probes).
+    pub fn failed(&self, probe: &Probe) -> bool {
+        self.failures >= probe.failure_threshold.unwrap_or(3).max(1)
+    }
+}
+
 /// Period between probe runs.
 pub fn period(probe: &Probe) -> Duration {
     Duration::from_secs(u64::try_from(probe.period_seconds.unwrap_or(10).max(1)).unwrap_or(10))
