@@ -26,6 +26,9 @@ pub enum InitialRole {
     Primary,
     /// Clone (pg_basebackup) from `--primary-host:--primary-port` or reuse, run as a standby.
     Replica,
+    /// In a Kubernetes pod: wait until the Lease (`--kube-lease`) has a holder; primary if it
+    /// is this instance, else a standby of the holder's pod IP (see `agent::kube_mode`).
+    Wait,
 }
 
 #[derive(Debug, Args)]
@@ -112,6 +115,13 @@ pub struct AgentArgs {
     /// Time a rejoined instance may take to stream before falling back to re-clone, seconds.
     #[arg(long, default_value_t = 60)]
     pub verify_timeout_secs: u64,
+    /// Kubernetes mode: the Lease naming the primary (read for `--role wait`, renewed and
+    /// fenced on like `--lease-url`).
+    #[arg(long, env = "PGRS_LEASE_NAME")]
+    pub kube_lease: Option<String>,
+    /// Namespace of `--kube-lease` and of the instances' pods.
+    #[arg(long, env = "PGRS_NAMESPACE")]
+    pub namespace: Option<String>,
     /// Lease fencing (`--lease-url`, timings): see `coordination::LeaseArgs`.
     #[command(flatten)]
     pub lease: crate::coordination::LeaseArgs,
@@ -176,7 +186,36 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("failed to listen for HTTP on {}", args.http_listen))?;
 
+    let kube = match (args.role, &args.kube_lease) {
+        (InitialRole::Wait, _) | (_, Some(_)) if args.lease.lease_url.is_none() => Some(
+            crate::agent::kube_mode::KubeMode::connect(
+                args.namespace.as_deref(),
+                args.kube_lease.as_deref(),
+            )
+            .await?,
+        ),
+        _ => None,
+    };
+    let kube_store = match &kube {
+        Some(kube) => {
+            let timings = args.lease.timings()?;
+            Some(kube.store(timings.lease_duration, timings.renew_interval))
+        }
+        None => None,
+    };
     let (intended_role, upstream) = match args.role {
+        InitialRole::Wait => match (&kube, &kube_store) {
+            (Some(kube), Some(store)) => {
+                kube.wait_for_role(
+                    store.as_ref(),
+                    config.name(),
+                    args.primary_port,
+                    args.slot.clone().unwrap_or_else(|| config.default_slot()),
+                )
+                .await
+            }
+            _ => anyhow::bail!("--role wait cannot be combined with --lease-url"),
+        },
         InitialRole::Primary => (Role::Primary, None),
         InitialRole::Replica => {
             let host = args
@@ -197,7 +236,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         supervisor: handle.clone(),
         token: Arc::new(token),
     });
-    let fencing = start_fencing(&args, &config, &handle)?;
+    let fencing = start_fencing(&args, &config, &handle, kube_store.zip(kube))?;
     let app = match &fencing {
         Some(fencing) => fencing.gate_promote(app, crate::agent::api::PROMOTE_PATH),
         None => app,
@@ -252,6 +291,10 @@ fn start_fencing(
     args: &AgentArgs,
     config: &AgentConfig,
     handle: &supervisor::SupervisorHandle,
+    kube: Option<(
+        Arc<crate::coordination::KubeLeaseStore>,
+        crate::agent::kube_mode::KubeMode,
+    )>,
 ) -> anyhow::Result<Option<crate::coordination::AgentFencing>> {
     use crate::coordination::{AgentFencing, FenceFn, LocalPrimaryState};
     let fence_handle = handle.clone();
@@ -273,5 +316,17 @@ fn start_fencing(
             _ => LocalPrimaryState::NotPrimary,
         }
     });
-    AgentFencing::start(&args.lease, config.name(), &config.data_dir, fence, state)
+    match kube {
+        Some((store, kube)) => AgentFencing::start_with_store(
+            &args.lease,
+            store,
+            &kube.describe(),
+            config.name(),
+            &config.data_dir,
+            fence,
+            state,
+        )
+        .map(Some),
+        None => AgentFencing::start(&args.lease, config.name(), &config.data_dir, fence, state),
+    }
 }

@@ -7,4 +7,5 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod instance;
+pub mod kube_mode;
 pub mod supervisor;

@@ -160,6 +160,22 @@ impl AgentFencing {
         // A request may not outlive a renew interval: a hung store must not delay fencing.
         let store: Arc<dyn LeaseStore> =
             Arc::new(HttpLeaseStore::new(url, timings.renew_interval)?);
+        Self::start_with_store(args, store, url, identity, data_dir, fence, state).map(Some)
+    }
+
+    /// Starts lease fencing on any lease store (the Kubernetes Lease in a pod); `description`
+    /// names the store in the log.
+    pub fn start_with_store(
+        args: &LeaseArgs,
+        store: Arc<dyn LeaseStore>,
+        description: &str,
+        identity: &str,
+        data_dir: &Path,
+        fence: FenceFn,
+        state: Arc<dyn Fn() -> LocalPrimaryState + Send + Sync>,
+    ) -> anyhow::Result<Self> {
+        let url = description;
+        let timings = args.timings()?;
         let keeper = LeaseKeeper::new(store.clone(), identity, timings)?;
         let mut tasks = vec![tokio::spawn(keeper.clone().run(fence))];
         if !args.no_fence_watchdog {
@@ -191,11 +207,11 @@ impl AgentFencing {
             }
         }));
         tracing::info!(identity, lease_url = %url, ?timings, "lease fencing enabled");
-        Ok(Some(AgentFencing {
+        Ok(AgentFencing {
             keeper,
             store,
             tasks,
-        }))
+        })
     }
 
     pub fn keeper(&self) -> &Arc<LeaseKeeper> {

@@ -154,7 +154,9 @@ impl KubeLeaseStore {
         if resource_version(&current) != Some(expected_version) {
             return Err(conflict(self.record(&current)?));
         }
-        let next = with_holder(current, holder, self.duration, now());
+        let mut next = with_holder(current, holder, self.duration, now());
+        // The API server checks the caller's version itself, whatever was read above.
+        next.metadata.resource_version = Some(expected_version.to_string());
         match self.replace(&next).await? {
             Ok(written) => {
                 tracing::info!(lease = %self.name, namespace = %self.namespace, holder, expected_version, "lease acquired");

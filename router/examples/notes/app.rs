@@ -76,13 +76,19 @@ async fn create_note(State(state): State<AppState>, Json(note): Json<NewNote>) -
             node: client.node().to_owned(),
             source,
         };
-        let row = client
-            .query_one(
-                "INSERT INTO notes (author, body) VALUES ($1, $2) RETURNING id",
-                &[&note.author, &note.body],
-            )
-            .await
-            .map_err(query_error)?;
+        let insert = "INSERT INTO notes (author, body) VALUES ($1, $2) RETURNING id";
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&note.author, &note.body];
+        let row = match client.query_one(insert, &params).await {
+            // Started during an outage: the table is created with the first write.
+            Err(error)
+                if error.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
+            {
+                client.batch_execute(SCHEMA).await.map_err(query_error)?;
+                client.query_one(insert, &params).await
+            }
+            other => other,
+        }
+        .map_err(query_error)?;
         let id: i64 = row.get(0);
         let token = client.wal_token().await?;
         state.db.record_write(&note.author);

@@ -1,0 +1,115 @@
+//! The agent in a Kubernetes pod (`--role wait`): its role comes from the Lease
+//! `<cluster>-primary`, which only the operator hands out (and the agents renew).
+//!
+//! At startup the agent waits until the Lease has a holder. The holder itself starts as primary
+//! (initdb, or its existing data directory); every other instance starts as a standby of the
+//! holder's pod IP, read from the holder's pod (never a Service: a returning stale primary must
+//! never be followed). Later changes of role come from the operator over the HTTP API, as in
+//! local mode. The same Lease is the fencing store of [`crate::coordination::AgentFencing`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, Client};
+
+use crate::agent::api::{Role, Upstream};
+use crate::coordination::{KubeLeaseStore, LeaseStore};
+
+/// How often the Lease is read while waiting for a holder.
+const WAIT_POLL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeModeError {
+    #[error(
+        "failed to configure the Kubernetes client (in-cluster config or KUBECONFIG): {source}"
+    )]
+    Client {
+        #[source]
+        source: kube::Error,
+    },
+    #[error("--role wait needs the Lease name (--kube-lease / PGRS_LEASE_NAME)")]
+    NoLease,
+    #[error("--role wait needs the namespace (--namespace / PGRS_NAMESPACE)")]
+    NoNamespace,
+}
+
+/// The agent's connection to its Lease and its peers' pods.
+#[derive(Clone)]
+pub struct KubeMode {
+    client: Client,
+    namespace: String,
+    lease: String,
+}
+
+impl KubeMode {
+    pub async fn connect(
+        namespace: Option<&str>,
+        lease: Option<&str>,
+    ) -> Result<KubeMode, KubeModeError> {
+        let lease = lease.ok_or(KubeModeError::NoLease)?.to_string();
+        let namespace = namespace.ok_or(KubeModeError::NoNamespace)?.to_string();
+        let client = Client::try_default()
+            .await
+            .map_err(|source| KubeModeError::Client { source })?;
+        Ok(KubeMode {
+            client,
+            namespace,
+            lease,
+        })
+    }
+
+    /// The Lease as a store whose requests give up after `request_timeout`.
+    pub fn store(&self, duration: Duration, request_timeout: Duration) -> Arc<KubeLeaseStore> {
+        Arc::new(
+            KubeLeaseStore::for_lease(self.client.clone(), &self.namespace, &self.lease, duration)
+                .with_request_timeout(request_timeout),
+        )
+    }
+
+    pub fn describe(&self) -> String {
+        format!("lease {}/{}", self.namespace, self.lease)
+    }
+
+    /// Waits until the Lease names a holder with a pod IP: `(Primary, None)` for `name` itself,
+    /// else `(Replica, upstream)` streaming from the holder's pod IP on `port`.
+    pub async fn wait_for_role(
+        &self,
+        store: &dyn LeaseStore,
+        name: &str,
+        port: u16,
+        slot: String,
+    ) -> (Role, Option<Upstream>) {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let mut logged = String::new();
+        loop {
+            let state = match store.get().await {
+                Ok(lease) => match lease.holder {
+                    Some(holder) if holder == name => return (Role::Primary, None),
+                    Some(holder) => match pods.get(&holder).await {
+                        Ok(pod) => match pod.status.and_then(|s| s.pod_ip) {
+                            Some(host) => {
+                                tracing::info!(%holder, %host, "the lease holder is the primary to follow");
+                                let upstream = Upstream {
+                                    host,
+                                    port,
+                                    slot: Some(slot),
+                                };
+                                return (Role::Replica, Some(upstream));
+                            }
+                            None => format!("the lease holder {holder} has no pod IP yet"),
+                        },
+                        Err(error) => format!("cannot read the lease holder's pod {holder}: {error}"),
+                    },
+                    None => "the lease has no holder yet: waiting for the operator".to_string(),
+                },
+                Err(error) => format!("cannot read the lease: {error}"),
+            };
+            if state != logged {
+                tracing::info!(lease = %self.lease, "{state}");
+                logged = state;
+            }
+            tokio::time::sleep(WAIT_POLL).await;
+        }
+    }
+}

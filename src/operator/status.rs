@@ -1,0 +1,320 @@
+//! Status: from one round's observations and decision to `PgReplicaSet.status`. Pure; the
+//! controller writes it with server-side apply on the status subresource.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::agent::api::{AgentStatus, Role};
+use crate::api::{
+    InstanceRole, InstanceStatus, PgReplicaSetStatus, Phase, ResolvedGroup, SyncState, condition,
+};
+use crate::engine;
+use crate::operator::observe::Report;
+
+/// When each report arrived, on the wall clock (for `lastSeen`).
+pub type SeenAt = HashMap<String, DateTime<Utc>>;
+
+fn instance_role(role: Option<Role>) -> InstanceRole {
+    match role {
+        Some(Role::Primary) => InstanceRole::Primary,
+        Some(Role::Replica) => InstanceRole::Replica,
+        Some(Role::Starting) => InstanceRole::Starting,
+        Some(Role::Fenced) => InstanceRole::Fenced,
+        Some(Role::Stopped) => InstanceRole::Stopped,
+        None => InstanceRole::Unknown,
+    }
+}
+
+fn api_sync_state(text: &str) -> Option<SyncState> {
+    match text {
+        "async" => Some(SyncState::Async),
+        "potential" => Some(SyncState::Potential),
+        "sync" => Some(SyncState::Sync),
+        "quorum" => Some(SyncState::Quorum),
+        _ => None,
+    }
+}
+
+/// Lag of one standby: bytes from the primary's current LSN, seconds from the primary's
+/// `pg_stat_replication` (a NULL lag with everything sent replayed means caught up on an idle
+/// primary: 0, not unknown).
+pub fn standby_lag(primary: &AgentStatus, standby: &AgentStatus) -> (Option<u64>, Option<f64>) {
+    let bytes = match (primary.current_lsn, standby.replay_lsn) {
+        (Some(current), Some(replay)) => Some(current.bytes_since(replay)),
+        _ => None,
+    };
+    let peer = primary
+        .replication
+        .iter()
+        .find(|p| p.application_name == standby.name);
+    let seconds = peer.and_then(|p| match p.replay_lag_seconds {
+        Some(seconds) => Some(seconds),
+        None if p.replay_lsn.is_some() && p.replay_lsn == p.sent_lsn => Some(0.0),
+        None => None,
+    });
+    (bytes, seconds)
+}
+
+/// `1.5 MiB, 0.4s` for humans.
+pub fn format_lag(bytes: Option<u64>, seconds: Option<f64>) -> Option<String> {
+    let bytes_text = bytes.map(|b| match b {
+        b if b >= 1024 * 1024 => format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)),
+        b if b >= 1024 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    });
+    match (bytes_text, seconds) {
+        (Some(b), Some(s)) => Some(format!("{b}, {s:.1}s")),
+        (Some(b), None) => Some(b),
+        (None, Some(s)) => Some(format!("{s:.1}s")),
+        (None, None) => None,
+    }
+}
+
+fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: i64) -> Condition {
+    Condition {
+        type_: type_.to_string(),
+        status: if ok { "True" } else { "False" }.to_string(),
+        reason: reason.to_string(),
+        message,
+        observed_generation: Some(generation),
+        // Replaced by the previous transition time when the status did not change.
+        last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+    }
+}
+
+/// Keeps `lastTransitionTime` of conditions whose status did not change.
+pub fn keep_transition_times(conditions: &mut [Condition], previous: &[Condition]) {
+    for condition in conditions.iter_mut() {
+        if let Some(old) = previous
+            .iter()
+            .find(|c| c.type_ == condition.type_ && c.status == condition.status)
+        {
+            condition.last_transition_time = old.last_transition_time.clone();
+        }
+    }
+}
+
+/// Everything the status is computed from.
+pub struct StatusInput<'a> {
+    pub generation: i64,
+    pub groups: &'a [ResolvedGroup],
+    pub reports: &'a HashMap<String, Report>,
+    pub seen_at: &'a SeenAt,
+    pub decision: &'a engine::Decision,
+    /// The engine's phase is Bootstrapping-like while no primary has ever served.
+    pub never_served: bool,
+    pub lag_alert_seconds: f64,
+    pub last_failover: Option<crate::api::FailoverRecord>,
+}
+
+pub fn cluster_status(input: &StatusInput<'_>) -> PgReplicaSetStatus {
+    let primary_status = input
+        .decision
+        .status
+        .primary
+        .as_ref()
+        .and_then(|p| input.reports.get(p))
+        .map(|r| &r.status);
+    let mut instances = Vec::new();
+    let mut max_bytes: Option<u64> = None;
+    let mut max_seconds: Option<f64> = None;
+    let mut lag_unknown = false;
+    let mut lag_high = Vec::new();
+    let mut streaming = 0usize;
+    let mut desired = 0usize;
+    for group in input.groups {
+        for name in group.instance_names() {
+            desired += 1;
+            let status = input.reports.get(&name).map(|r| &r.status);
+            let is_primary = input.decision.status.primary.as_deref() == Some(name.as_str());
+            let (lag_bytes, lag_seconds) = match (primary_status, status) {
+                (Some(p), Some(s)) if !is_primary && s.role == Role::Replica => standby_lag(p, s),
+                (_, Some(_)) if is_primary => (None, None),
+                _ => (None, None),
+            };
+            let is_streaming = status
+                .and_then(|s| s.wal_receiver.as_ref())
+                .is_some_and(|w| w.status == "streaming");
+            if !is_primary {
+                if is_streaming {
+                    streaming += 1;
+                }
+                match (lag_bytes, lag_seconds) {
+                    (None, None) => lag_unknown = true,
+                    _ => {
+                        max_bytes = max_bytes.max(lag_bytes);
+                        if let Some(s) = lag_seconds {
+                            max_seconds = Some(max_seconds.map_or(s, |m: f64| m.max(s)));
+                            if s > input.lag_alert_seconds {
+                                lag_high.push(format!("{name} ({s:.1}s)"));
+                            }
+                        }
+                    }
+                }
+            }
+            let sync_state = primary_status.and_then(|p| {
+                p.replication
+                    .iter()
+                    .find(|r| r.application_name == name)
+                    .and_then(|r| api_sync_state(&r.sync_state))
+            });
+            let ready = status.is_some_and(|s| {
+                s.postgres_up
+                    && (if is_primary {
+                        s.role == Role::Primary
+                    } else {
+                        s.role == Role::Replica && is_streaming
+                    })
+            });
+            instances.push(InstanceStatus {
+                name: name.clone(),
+                group: Some(group.name.clone()),
+                role: instance_role(status.map(|s| s.role)),
+                ready,
+                timeline: status.and_then(|s| s.timeline),
+                lsn: status
+                    .and_then(|s| s.current_lsn.or(s.replay_lsn))
+                    .map(|l| l.to_string()),
+                lag_bytes,
+                lag_seconds,
+                sync_state,
+                last_seen: input
+                    .seen_at
+                    .get(&name)
+                    .and_then(|at| k8s_openapi::jiff::Timestamp::from_second(at.timestamp()).ok())
+                    .map(Time),
+            });
+        }
+    }
+    let ready_count = instances.iter().filter(|i| i.ready).count();
+    let engine_phase = input.decision.status.phase;
+    let phase = match engine_phase {
+        engine::Phase::PrimaryUnavailable | engine::Phase::FailoverBlocked
+            if input.never_served =>
+        {
+            Phase::Bootstrapping
+        }
+        other => Phase::from(other),
+    };
+    let standbys = desired.saturating_sub(1);
+    let replication_ok = input.decision.status.primary.is_some() && streaming >= standbys;
+    let generation = input.generation;
+    let mut conditions = vec![
+        condition(
+            condition::READY,
+            input.decision.status.primary.is_some() && ready_count == desired,
+            if input.decision.status.primary.is_some() {
+                "PrimaryServing"
+            } else {
+                "NoPrimary"
+            },
+            format!(
+                "{ready_count}/{desired} instances ready; {}",
+                input.decision.status.message
+            ),
+            generation,
+        ),
+        condition(
+            condition::REPLICATION_HEALTHY,
+            replication_ok,
+            if replication_ok {
+                "AllStreaming"
+            } else {
+                "StandbysNotStreaming"
+            },
+            format!("{streaming}/{standbys} standbys streaming from the primary"),
+            generation,
+        ),
+        condition(
+            condition::LAG_HIGH,
+            !lag_high.is_empty(),
+            if lag_high.is_empty() {
+                "LagWithinLimit"
+            } else {
+                "LagAboveAlert"
+            },
+            if lag_high.is_empty() {
+                format!(
+                    "no standby is more than {}s behind",
+                    input.lag_alert_seconds
+                )
+            } else {
+                format!(
+                    "behind by more than {}s: {}",
+                    input.lag_alert_seconds,
+                    lag_high.join(", ")
+                )
+            },
+            generation,
+        ),
+        condition(
+            condition::SPEC_VALID,
+            true,
+            "Valid",
+            "the spec passed validation".to_string(),
+            generation,
+        ),
+    ];
+    if engine_phase == engine::Phase::FailoverBlocked && !input.never_served {
+        conditions.push(condition(
+            condition::FAILOVER_BLOCKED,
+            true,
+            "NoSafeCandidate",
+            input.decision.status.message.clone(),
+            generation,
+        ));
+    }
+    let max_lag = if lag_unknown && max_bytes.is_none() && max_seconds.is_none() {
+        None
+    } else {
+        format_lag(max_bytes, max_seconds)
+    };
+    PgReplicaSetStatus {
+        phase: Some(phase),
+        current_primary: input.decision.status.primary.clone(),
+        observed_generation: Some(generation),
+        ready: Some(format!("{ready_count}/{desired}")),
+        max_lag,
+        conditions,
+        instances,
+        last_failover: input.last_failover.clone(),
+    }
+}
+
+/// The status of a spec the operator refuses: phase Invalid and the reason, nothing else
+/// changed.
+pub fn invalid_status(
+    previous: Option<&PgReplicaSetStatus>,
+    generation: i64,
+    message: String,
+) -> PgReplicaSetStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    status.phase = Some(Phase::Invalid);
+    status.observed_generation = Some(generation);
+    status.conditions.retain(|c| c.type_ != condition::SPEC_VALID);
+    status.conditions.push(condition(
+        condition::SPEC_VALID,
+        false,
+        "Invalid",
+        message,
+        generation,
+    ));
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_text_says_unknown_as_absent_and_zero_as_zero() {
+        assert_eq!(format_lag(None, None), None);
+        assert_eq!(format_lag(Some(0), Some(0.0)).as_deref(), Some("0 B, 0.0s"));
+        assert_eq!(
+            format_lag(Some(3 * 1024 * 1024 / 2), None).as_deref(),
+            Some("1.5 MiB")
+        );
+    }
+}
