@@ -24,6 +24,8 @@ pub enum Command {
     Local(crate::local::cli::LocalArgs),
     /// Print the PgReplicaSet CustomResourceDefinition (YAML) to stdout.
     Crd,
+    /// Run the PgReplicaSet operator (the Kubernetes controller).
+    Operator(crate::operator::cli::OperatorArgs),
 }
 
 /// Logs go to stderr; `PGRS_LOG` takes an `EnvFilter` directive, `PGRS_LOG_FORMAT=json` switches
@@ -49,5 +51,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => crate::agent::cli::run(args).await,
         Command::Local(args) => crate::local::cli::run(args).await,
         Command::Crd => Ok(crate::api::print_crd()?),
+        Command::Operator(args) => crate::operator::cli::run(args).await,
     }
 }

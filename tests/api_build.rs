@@ -412,3 +412,34 @@ fn build_refuses_a_cluster_without_namespace_or_uid() {
     });
     assert_eq!(error, Err(BuildError::MissingMetadata("namespace")));
 }
+
+/// The built container arguments are ones `pgrs agent` parses, so a renamed agent flag fails
+/// here rather than in a crash-looping pod. `--role` is swapped for one the agent knows until
+/// it gains its Kubernetes startup mode (`names::AGENT_STARTUP_ROLE`); the name comes from
+/// `PGRS_NAME` in the pod.
+#[test]
+fn agent_parses_the_built_arguments() {
+    use clap::Parser as _;
+    let startup_role = format!("--role={}", names::AGENT_STARTUP_ROLE);
+    for fixture in ["basic", "geo"] {
+        let cluster = cluster(fixture);
+        let name = cluster.metadata.name.clone().expect("name");
+        let mut argv = vec!["pgrs".to_string()];
+        argv.extend(
+            pgrs::operator::build::agent_args(&name, &cluster.spec)
+                .into_iter()
+                .map(|arg| {
+                    if arg == startup_role {
+                        "--role=replica".to_string()
+                    } else {
+                        arg
+                    }
+                }),
+        );
+        argv.push(format!("--name={name}-0"));
+        argv.push(format!("--primary-host={name}-1.{name}-instances"));
+        if let Err(error) = pgrs::cli::Cli::try_parse_from(&argv) {
+            panic!("pgrs agent refuses {argv:?}: {error}");
+        }
+    }
+}

@@ -99,7 +99,9 @@ impl KubeMode {
                             }
                             None => format!("the lease holder {holder} has no pod IP yet"),
                         },
-                        Err(error) => format!("cannot read the lease holder's pod {holder}: {error}"),
+                        Err(error) => {
+                            format!("cannot read the lease holder's pod {holder}: {error}")
+                        }
                     },
                     None => "the lease has no holder yet: waiting for the operator".to_string(),
                 },

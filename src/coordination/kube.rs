@@ -82,6 +82,28 @@ impl KubeLeaseStore {
         }
     }
 
+    /// For an agent in a pod: the Lease of `cluster` with the pod's ServiceAccount credentials,
+    /// in `namespace` or else the pod's own. Must be called inside a tokio runtime.
+    pub fn in_cluster(
+        cluster: &str,
+        namespace: Option<&str>,
+        duration: Duration,
+    ) -> Result<Self, LeaseError> {
+        let unavailable = |what: &str, cause: &dyn std::error::Error| {
+            LeaseError::Unavailable(format!(
+                "{what} for Lease {} failed: {}",
+                Self::lease_name(cluster),
+                error_chain(cause)
+            ))
+        };
+        let config = kube::Config::incluster()
+            .map_err(|e| unavailable("reading the in-cluster configuration", &e))?;
+        let namespace = namespace.unwrap_or(&config.default_namespace).to_string();
+        let client = Client::try_from(config)
+            .map_err(|e| unavailable("building the Kubernetes client", &e))?;
+        Ok(Self::new(client, &namespace, cluster, duration))
+    }
+
     /// Every API request gives up after `timeout` (a hung API server must not delay fencing).
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;

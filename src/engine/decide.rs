@@ -496,6 +496,22 @@ fn lease_free(round: &mut Round<'_>) -> ClusterStatus {
         );
     }
     let failed = round.memory.last_primary.as_ref().map(|p| p.name.clone());
+    // A released lease means a clean shutdown, whose last WAL reaches the streaming replicas:
+    // give the best one a moment to report it rather than promote it short of it.
+    if let Some(reference) = round.memory.last_primary.as_ref().map(|p| p.flush_lsn)
+        && let Ok(candidate) = choose_failover_candidate(input, failed.as_deref())
+        && candidate.received_lsn < reference
+        && input.now.saturating_since(input.lease.unchanged_since) < switchover_patience(input)
+    {
+        return round.status(
+            Phase::FailingOver,
+            None,
+            format!(
+                "waiting for {} to receive all WAL of the released primary (at {}, needs {})",
+                candidate.name, candidate.received_lsn, reference
+            ),
+        );
+    }
     round.failover(failed.as_deref())
 }
 

@@ -191,10 +191,7 @@ fn agent_command(
         .arg(format!("--superuser={}", config.superuser))
         // A rejoined former primary falls back to re-clone if it does not stream quickly.
         .arg("--verify-timeout-secs=20")
-        .args(LeaseArgs::to_args(
-            &config.timings,
-            &format!("{}", config.controller_url()),
-        ));
+        .args(LeaseArgs::to_args(&config.timings, &config.controller_url()));
     match primary {
         None => {
             command.arg("--role=primary");
@@ -353,18 +350,22 @@ async fn observe_node(shared: Arc<Shared>, name: String) {
 
 /// Reaps exited agents (a killed agent is not restarted automatically: `pgrs local start`).
 fn reap_children(shared: &Shared) {
-    let mut nodes = lock(&shared.nodes);
-    for (name, runtime) in nodes.iter_mut() {
-        if let Some(child) = runtime.child.as_mut()
-            && let Ok(Some(exit)) = child.try_wait()
-        {
-            runtime.child = None;
-            runtime.pid = None;
-            let _ = std::fs::remove_file(shared.layout.agent_pid(name));
-            let message = format!("the agent of {name} exited ({exit})");
-            drop(message.clone());
-            tracing::warn!(node = %name, %exit, "agent exited");
+    let mut exited = Vec::new();
+    {
+        let mut nodes = lock(&shared.nodes);
+        for (name, runtime) in nodes.iter_mut() {
+            if let Some(child) = runtime.child.as_mut()
+                && let Ok(Some(exit)) = child.try_wait()
+            {
+                runtime.child = None;
+                runtime.pid = None;
+                let _ = std::fs::remove_file(shared.layout.agent_pid(name));
+                exited.push(format!("the agent of {name} exited ({exit})"));
+            }
         }
+    }
+    for message in exited {
+        shared.record("warning", "NodeExited", message);
     }
 }
 

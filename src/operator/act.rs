@@ -247,7 +247,11 @@ impl Actor<'_> {
     }
 }
 
-async fn set_synchronous_standbys(host: &str, password: &str, sync: &SyncSet) -> Result<(), String> {
+async fn set_synchronous_standbys(
+    host: &str,
+    password: &str,
+    sync: &SyncSet,
+) -> Result<(), String> {
     let target = crate::postgres::probe::ConnectTarget {
         host: host.to_string(),
         port: names::POSTGRES_PORT,
@@ -299,7 +303,10 @@ pub fn desired_labels(
             .contains(&pod.name)
             .then_some(names::READ_POOL_MEMBER);
         let mut patch = BTreeMap::new();
-        for (key, want) in [(names::LABEL_ROLE, role), (names::LABEL_READ_POOL, read_pool)] {
+        for (key, want) in [
+            (names::LABEL_ROLE, role),
+            (names::LABEL_READ_POOL, read_pool),
+        ] {
             if pod.labels.get(key).map(String::as_str) != want {
                 patch.insert(key.to_string(), want.map(str::to_string));
             }
@@ -360,12 +367,7 @@ mod tests {
             pod("pg-0", &[(names::LABEL_ROLE, names::ROLE_PRIMARY)]),
             pod("pg-1", &[(names::LABEL_ROLE, names::ROLE_REPLICA)]),
         ]);
-        let changes = desired_labels(
-            &pods,
-            Some("pg-1"),
-            &BTreeSet::new(),
-            &BTreeSet::new(),
-        );
+        let changes = desired_labels(&pods, Some("pg-1"), &BTreeSet::new(), &BTreeSet::new());
         assert_eq!(changes["pg-0"][names::LABEL_ROLE], None);
         assert_eq!(
             changes["pg-1"][names::LABEL_ROLE].as_deref(),

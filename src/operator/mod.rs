@@ -1,5 +1,9 @@
 //! The `PgReplicaSet` operator. Reconcile pipeline: validate (pure, [`crate::api::validate`]) →
-//! build (pure, [`build`]) → apply → observe → engine → act → status. Only the pure build step
-//! exists so far.
+//! build (pure, [`build`]) → apply → observe → engine → act → status ([`controller`]).
 
+pub mod act;
 pub mod build;
+pub mod cli;
+pub mod controller;
+pub mod observe;
+pub mod status;

@@ -75,7 +75,8 @@ pub async fn poll(pod: &PodView) -> Poll {
     match tokio::time::timeout(STATUS_TIMEOUT, client.status()).await {
         Ok(Ok(status)) => Poll::Answered(status),
         Ok(Err(error)) => {
-            let refused = matches!(&error, ClientError::Transport { source, .. } if source.is_connect());
+            let refused =
+                matches!(&error, ClientError::Transport { source, .. } if source.is_connect());
             if refused {
                 Poll::Gone(error.to_string())
             } else {

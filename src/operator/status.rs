@@ -293,7 +293,9 @@ pub fn invalid_status(
     let mut status = previous.cloned().unwrap_or_default();
     status.phase = Some(Phase::Invalid);
     status.observed_generation = Some(generation);
-    status.conditions.retain(|c| c.type_ != condition::SPEC_VALID);
+    status
+        .conditions
+        .retain(|c| c.type_ != condition::SPEC_VALID);
     status.conditions.push(condition(
         condition::SPEC_VALID,
         false,
