@@ -6,7 +6,11 @@ COPY . .
 RUN cargo build --release --locked --bin pgrs
 
 FROM debian:bookworm-slim
-RUN apt-get update \
+# A fixed uid/gid 999 for `postgres` (created before the package would pick one), so the pod's
+# securityContext (runAsUser/fsGroup 999) matches the owner of the data directory.
+RUN groupadd --system --gid 999 postgres \
+ && useradd --system --uid 999 --gid postgres --home-dir /var/lib/postgresql --shell /bin/bash postgres \
+ && apt-get update \
  && apt-get install -y --no-install-recommends postgresql-15 ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/pgrs /usr/local/bin/pgrs

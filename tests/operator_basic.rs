@@ -321,5 +321,6 @@ async fn basic_cluster_is_healthy_replicates_and_fails_over_when_the_primary_pod
         recovered.as_millis(),
         ids.len()
     );
+    if std::env::var("OPERATOR_TEST_DEBUG").is_ok() { eprintln!("{}", operator.log()); }
     drop(operator);
 }
