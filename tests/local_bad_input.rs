@@ -14,19 +14,38 @@ async fn bad_requests_are_refused_and_nothing_is_disturbed() {
     let dir = cluster.dir_text();
 
     // `up` on a directory in use.
-    let output = pgrs(&["local", "up", "--dir", &dir, "--replicas", "2", "--port-base", "20000"]);
+    let output = pgrs(&[
+        "local",
+        "up",
+        "--dir",
+        &dir,
+        "--replicas",
+        "2",
+        "--port-base",
+        "20000",
+    ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("in use by a running controller"), "{stderr}");
+    assert!(
+        stderr.contains("in use by a running controller"),
+        "{stderr}"
+    );
 
     // Unknown nodes.
     let output = pgrs(&["local", "kill", "--dir", &dir, "node7"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("unknown node \"node7\"") && stderr.contains("node0, node1, node2"), "{stderr}");
+    assert!(
+        stderr.contains("unknown node \"node7\"") && stderr.contains("node0, node1, node2"),
+        "{stderr}"
+    );
     let output = pgrs(&["local", "switchover", "--dir", &dir, "--to", "node7"]);
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown node"), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("unknown node"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 
     // Switchover to the primary itself.
     let output = pgrs(&["local", "switchover", "--dir", &dir, "--to", &primary]);
@@ -34,22 +53,55 @@ async fn bad_requests_are_refused_and_nothing_is_disturbed() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("already the primary"));
 
     // A lagging replica: its WAL receiver is frozen while the primary writes 32 MB.
-    let replicas: Vec<String> = before.nodes.iter().filter(|n| n.name != primary).map(|n| n.name.clone()).collect();
+    let replicas: Vec<String> = before
+        .nodes
+        .iter()
+        .filter(|n| n.name != primary)
+        .map(|n| n.name.clone())
+        .collect();
     let lagging = &replicas[0];
     let down = &replicas[1];
     let receiver = find_walreceiver(lagging).expect("walreceiver process");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(receiver), nix::sys::signal::Signal::SIGSTOP).expect("freeze receiver");
-    let (client, connection) = tokio_postgres::connect(&cluster.write_conninfo(), tokio_postgres::NoTls).await.expect("connect");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(receiver),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("freeze receiver");
+    let (client, connection) =
+        tokio_postgres::connect(&cluster.write_conninfo(), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
     tokio::spawn(connection);
     client
         .batch_execute("CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 150000) g")
         .await
         .expect("write 32 MB");
+    // Until the controller's view shows the lag (reports arrive every few hundred ms).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = cluster.status().await;
+        let node = status
+            .nodes
+            .iter()
+            .find(|n| &n.name == lagging)
+            .expect("node");
+        if node.lag_bytes.is_some_and(|lag| lag > 20 * 1024 * 1024) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lag never showed: {node:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let refusal = loop {
         let output = pgrs(&["local", "switchover", "--dir", &dir, "--to", lagging]);
         let stderr = String::from_utf8_lossy(&output.stderr).to_string();
-        assert!(!output.status.success(), "switchover to a lagging replica was accepted");
+        assert!(
+            !output.status.success(),
+            "switchover to a lagging replica was accepted"
+        );
         if stderr.contains("lags") {
             break stderr;
         }
@@ -57,7 +109,11 @@ async fn bad_requests_are_refused_and_nothing_is_disturbed() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(refusal.contains("bytes behind the primary"), "{refusal}");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(receiver), nix::sys::signal::Signal::SIGCONT).expect("thaw receiver");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(receiver),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .expect("thaw receiver");
 
     // A down replica.
     pgrs::local::cli::kill_node(&cluster.dir, down, true).expect("kill replica");
@@ -65,7 +121,10 @@ async fn bad_requests_are_refused_and_nothing_is_disturbed() {
     loop {
         let output = pgrs(&["local", "switchover", "--dir", &dir, "--to", down]);
         let stderr = String::from_utf8_lossy(&output.stderr).to_string();
-        assert!(!output.status.success(), "switchover to a down replica was accepted");
+        assert!(
+            !output.status.success(),
+            "switchover to a down replica was accepted"
+        );
         if stderr.contains("not reachable") {
             break;
         }
@@ -87,8 +146,12 @@ async fn bad_requests_are_refused_and_nothing_is_disturbed() {
 fn find_walreceiver(node: &str) -> Option<i32> {
     for entry in std::fs::read_dir("/proc").ok()? {
         let entry = entry.ok()?;
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
         let text = String::from_utf8_lossy(&cmdline);
         if text.contains("walreceiver") && text.contains(&format!("{node}:")) {
             return Some(pid);

@@ -18,14 +18,21 @@ async fn a_frozen_primary_is_down_before_any_promotion_and_rejoins_after_thaw() 
     let status = cluster.wait_healthy(Duration::from_secs(60)).await;
     let old = status.primary.clone().expect("primary");
     let old_port = cluster.node_port(&old);
-    prepare_table(&cluster.write_conninfo()).await.expect("table");
+    prepare_table(&cluster.write_conninfo())
+        .await
+        .expect("table");
     // A writer straight at the old primary (not through the endpoint): whatever it gets
     // acknowledged must be acknowledged before the new primary exists.
-    let direct = WriteLoad::start(cluster.node_conninfo(&old), 1_000_000_000, Duration::from_millis(5));
+    let direct = WriteLoad::start(
+        cluster.node_conninfo(&old),
+        1_000_000_000,
+        Duration::from_millis(5),
+    );
     let through_endpoint = WriteLoad::start(cluster.write_conninfo(), 1, Duration::from_millis(5));
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let agent_pid = pgrs::local::layout::read_pid(&cluster.layout().agent_pid(&old)).expect("agent pid");
+    let agent_pid =
+        pgrs::local::layout::read_pid(&cluster.layout().agent_pid(&old)).expect("agent pid");
     let frozen_at = now_ms();
     kill(Pid::from_raw(agent_pid), Signal::SIGSTOP).expect("SIGSTOP");
 
@@ -34,7 +41,11 @@ async fn a_frozen_primary_is_down_before_any_promotion_and_rejoins_after_thaw() 
     let mut new_primary = None;
     let deadline = Instant::now() + Duration::from_secs(40);
     while new_primary.is_none() || postgres_down_at.is_none() {
-        assert!(Instant::now() < deadline, "no failover within 40 s\n{}", cluster.controller_log_tail());
+        assert!(
+            Instant::now() < deadline,
+            "no failover within 40 s\n{}",
+            cluster.controller_log_tail()
+        );
         if postgres_down_at.is_none() && !accepts(old_port) {
             postgres_down_at = Some(now_ms());
         }
@@ -54,11 +65,21 @@ async fn a_frozen_primary_is_down_before_any_promotion_and_rejoins_after_thaw() 
     let events = cluster.events();
     let takeover = events
         .iter()
-        .find(|e| e["reason"] == "Action" && e["message"].as_str().is_some_and(|m| m.contains("AcquireLease") && m.contains(&format!("\"{new}\""))) && wall_ms(&e["at"]) > frozen_at)
+        .find(|e| {
+            e["reason"] == "Action"
+                && e["message"].as_str().is_some_and(|m| {
+                    m.contains("AcquireLease") && m.contains(&format!("\"{new}\""))
+                })
+                && wall_ms(&e["at"]) > frozen_at
+        })
         .expect("lease takeover event");
     let promote = events
         .iter()
-        .find(|e| e["reason"] == "Action" && e["message"].as_str().is_some_and(|m| m.contains("Promote")) && wall_ms(&e["at"]) > frozen_at)
+        .find(|e| {
+            e["reason"] == "Action"
+                && e["message"].as_str().is_some_and(|m| m.contains("Promote"))
+                && wall_ms(&e["at"]) > frozen_at
+        })
         .expect("promote event");
     let takeover_at = wall_ms(&takeover["at"]);
     let promote_at = wall_ms(&promote["at"]);
@@ -69,22 +90,40 @@ async fn a_frozen_primary_is_down_before_any_promotion_and_rejoins_after_thaw() 
         promote_at - frozen_at,
         serving_seen_at - frozen_at
     );
-    assert!(postgres_down_at < takeover_at, "the old primary still accepted connections when the lease was taken over");
+    assert!(
+        postgres_down_at < takeover_at,
+        "the old primary still accepted connections when the lease was taken over"
+    );
     assert!(postgres_down_at < promote_at);
     // Not before the lease could have expired: 8 s unchanged on the controller's clock.
-    assert!(takeover_at - frozen_at >= 8000 - 1000, "takeover after only {} ms", takeover_at - frozen_at);
+    assert!(
+        takeover_at - frozen_at >= 8000 - 1000,
+        "takeover after only {} ms",
+        takeover_at - frozen_at
+    );
 
     // No write accepted by two nodes: the direct writer's last acknowledgement precedes the
     // takeover (postgres was down by then); the endpoint writer continues on the new primary.
     let direct_records = direct.stop().await;
-    let last_direct_ack = direct_records.iter().filter(|r| r.acknowledged).map(|r| r.finished).max().expect("direct writes");
+    let last_direct_ack = direct_records
+        .iter()
+        .filter(|r| r.acknowledged)
+        .map(|r| r.finished)
+        .max()
+        .expect("direct writes");
     let last_direct_ack_ms = now_ms() - last_direct_ack.elapsed().as_millis() as i64;
-    assert!(last_direct_ack_ms <= postgres_down_at + 50, "old primary acknowledged a write after it was seen down");
+    assert!(
+        last_direct_ack_ms <= postgres_down_at + 50,
+        "old primary acknowledged a write after it was seen down"
+    );
     assert!(last_direct_ack_ms < takeover_at);
     let resumed = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(20);
     while through_endpoint.acknowledged_since(resumed) == 0 {
-        assert!(Instant::now() < deadline, "writes through the endpoint did not resume");
+        assert!(
+            Instant::now() < deadline,
+            "writes through the endpoint did not resume"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     through_endpoint.stop().await;
@@ -96,10 +135,15 @@ async fn a_frozen_primary_is_down_before_any_promotion_and_rejoins_after_thaw() 
         let status = cluster.status().await;
         cluster.assert_single_primary().await;
         let node = status.nodes.iter().find(|n| n.name == old).expect("node");
-        if node.role.as_deref() == Some("replica") && node.upstream.as_deref() == Some(new.as_str()) {
+        if node.role.as_deref() == Some("replica") && node.upstream.as_deref() == Some(new.as_str())
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "{old} did not rejoin after SIGCONT: {node:?}\n{}", cluster.controller_log_tail());
+        assert!(
+            Instant::now() < deadline,
+            "{old} did not rejoin after SIGCONT: {node:?}\n{}",
+            cluster.controller_log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

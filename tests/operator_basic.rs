@@ -321,6 +321,21 @@ async fn basic_cluster_is_healthy_replicates_and_fails_over_when_the_primary_pod
         recovered.as_millis(),
         ids.len()
     );
-    if std::env::var("OPERATOR_TEST_DEBUG").is_ok() { eprintln!("{}", operator.log()); }
+    // The measured timings, for the failover report (docs/kubernetes.md).
+    let report = serde_json::json!({
+        "scenario": "operator: primary pod deleted under a write load",
+        "lease_duration_ms": 8000,
+        "rw_switched_ms": rw_switched.as_millis() as u64,
+        "first_write_on_new_primary_ms": first_on_new.map(|d| d.as_millis() as u64),
+        "healthy_with_old_pod_rejoined_ms": recovered.as_millis() as u64,
+        "acknowledged_writes": ids.len(),
+        "acknowledged_writes_lost": 0,
+    });
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("operator-failover.json");
+    std::fs::write(&path, format!("{report:#}\n")).expect("write the failover report");
+    eprintln!("failover report: {}", path.display());
+    if std::env::var("PGRS_TEST_OPERATOR_LOG").is_ok() {
+        eprintln!("{}", operator.log());
+    }
     drop(operator);
 }

@@ -211,6 +211,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     config.name(),
                     args.primary_port,
                     args.slot.clone().unwrap_or_else(|| config.default_slot()),
+                    !config.data_dir.join("PG_VERSION").exists(),
                 )
                 .await
             }

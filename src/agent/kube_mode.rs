@@ -72,13 +72,17 @@ impl KubeMode {
     }
 
     /// Waits until the Lease names a holder with a pod IP: `(Primary, None)` for `name` itself,
-    /// else `(Replica, upstream)` streaming from the holder's pod IP on `port`.
+    /// else `(Replica, upstream)` streaming from the holder's pod IP on `port`. With
+    /// `needs_clone` (no data directory yet) it also waits until the holder accepts connections,
+    /// so that the clone does not fail and restart the pod while the primary initializes; an
+    /// existing standby starts at once (it may be the one to promote).
     pub async fn wait_for_role(
         &self,
         store: &dyn LeaseStore,
         name: &str,
         port: u16,
         slot: String,
+        needs_clone: bool,
     ) -> (Role, Option<Upstream>) {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
         let mut logged = String::new();
@@ -88,6 +92,13 @@ impl KubeMode {
                     Some(holder) if holder == name => return (Role::Primary, None),
                     Some(holder) => match pods.get(&holder).await {
                         Ok(pod) => match pod.status.and_then(|s| s.pod_ip) {
+                            Some(host)
+                                if needs_clone && !accepts_connections(&host, port).await =>
+                            {
+                                format!(
+                                    "waiting for the lease holder {holder} ({host}) to accept connections before cloning it"
+                                )
+                            }
                             Some(host) => {
                                 tracing::info!(%holder, %host, "the lease holder is the primary to follow");
                                 let upstream = Upstream {
@@ -114,4 +125,15 @@ impl KubeMode {
             tokio::time::sleep(WAIT_POLL).await;
         }
     }
+}
+
+async fn accepts_connections(host: &str, port: u16) -> bool {
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect((host, port))
+        )
+        .await,
+        Ok(Ok(_))
+    )
 }

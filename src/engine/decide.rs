@@ -57,7 +57,11 @@ impl<'a> Round<'a> {
             .input
             .instances
             .iter()
-            .filter(|i| i.is_writable_primary() && Some(i.name.as_str()) != allowed)
+            .filter(|i| {
+                self.input.is_fresh(i)
+                    && i.is_writable_primary()
+                    && Some(i.name.as_str()) != allowed
+            })
             .collect();
         for rogue in &rogues {
             let reason = match allowed {
@@ -383,7 +387,7 @@ fn lease_free(round: &mut Round<'_>) -> ClusterStatus {
     let writable: Vec<&InstanceObservation> = input
         .instances
         .iter()
-        .filter(|i| i.is_writable_primary())
+        .filter(|i| input.is_fresh(i) && i.is_writable_primary())
         .collect();
     // `fence_rogues(None)` has fenced all of them; adopt one only when it is the only one, and
     // only on a report taken after the lease last changed: an older one may predate a release

@@ -683,12 +683,12 @@ proptest! {
         prop_assert!(acquires.is_empty() || promotes.is_empty());
         if let Some(Action::Promote { instance }) = promotes.first() {
             prop_assert_eq!(Some(instance), input.lease.holder.as_ref());
-            let other_writable = input.instances.iter().any(|i| i.is_writable_primary() && &i.name != instance);
+            let other_writable = input.instances.iter().any(|i| input.is_fresh(i) && i.is_writable_primary() && &i.name != instance);
             prop_assert!(!other_writable);
         }
         // Every other reachable writable primary is fenced in the same round.
         if let Some(holder) = &input.lease.holder {
-            for i in input.instances.iter().filter(|i| i.is_writable_primary() && &i.name != holder) {
+            for i in input.instances.iter().filter(|i| input.is_fresh(i) && i.is_writable_primary() && &i.name != holder) {
                 let fenced = decision.actions.iter().any(|a| matches!(a, Action::Fence { instance, .. } if *instance == i.name));
                 prop_assert!(fenced, "{} not fenced", i.name);
             }
@@ -724,7 +724,14 @@ proptest! {
             return Ok(()); // adoption of the only running primary, not a failover
         }
         prop_assert!(oracle_promotable(&input, chosen));
-        let newest = input.instances.iter().filter(|i| oracle_promotable(&input, i)).filter_map(|i| i.timeline).max();
+        // The instance failed over from: the holder, or the last primary when the lease is free.
+        let excluded = input.lease.holder.clone().or_else(|| input.memory.last_primary.as_ref().map(|p| p.name.clone()));
+        let newest = input
+            .instances
+            .iter()
+            .filter(|i| oracle_promotable(&input, i) && Some(&i.name) != excluded.as_ref())
+            .filter_map(|i| i.timeline)
+            .max();
         prop_assert_eq!(chosen.timeline, newest);
         for other in input.instances.iter().filter(|i| oracle_promotable(&input, i) && i.timeline == newest) {
             if Some(other.name.as_str()) == input.memory.last_primary.as_ref().map(|p| p.name.as_str()) && input.lease.holder.is_none() {
@@ -777,4 +784,39 @@ proptest! {
             prop_assert!(chosen.received_lsn >= Some(Lsn(ack)), "{} at {:?} misses {}", chosen.name, chosen.received_lsn, ack);
         }
     }
+}
+
+#[test]
+fn a_report_older_than_a_release_is_not_taken_for_a_running_primary() {
+    // a released the lease (observed at 99.5 s); its last report (99 s) predates the release.
+    let mut stale = primary("a", 1000);
+    stale.last_report_at = Some(MonoTime::from_millis(99 * SECOND));
+    let mut input = cluster(vec![stale, replica("b", "a", 1000, 1000)], None, 0);
+    input.lease.unchanged_since = MonoTime::from_millis(99_500);
+    let decision = decide(&input);
+    assert_eq!(acquired(&decision), None, "{:?}", decision.status);
+    assert!(
+        decision.status.message.contains("fresh report"),
+        "{}",
+        decision.status.message
+    );
+}
+
+#[test]
+fn after_a_release_the_best_replica_gets_a_moment_to_receive_the_last_wal() {
+    let mut stopped = primary("a", 1000);
+    stopped.role = ObservedRole::Stopped;
+    stopped.postgres_up = false;
+    let mut input = cluster(vec![stopped, replica("b", "a", 900, 900)], None, 99);
+    assert_eq!(
+        acquired(&decide(&input)),
+        None,
+        "released 1 s ago, b is 100 bytes short"
+    );
+    input.instances[1].received_lsn = Some(Lsn(1000));
+    assert_eq!(acquired(&decide(&input)), Some("b"));
+    // Never forever: after a lease duration the usual rules apply.
+    input.instances[1].received_lsn = Some(Lsn(900));
+    input.lease.unchanged_since = MonoTime::from_millis(90 * SECOND);
+    assert_eq!(acquired(&decide(&input)), Some("b"));
 }

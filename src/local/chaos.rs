@@ -85,17 +85,30 @@ pub fn connection_string(port: u16, user: &str, password: &str) -> String {
     )
 }
 
-/// Creates the table the load writes to (idempotent).
+/// Creates the table the load writes to (idempotent), retrying for a few seconds while the
+/// write endpoint has no primary.
 pub async fn prepare_table(conninfo: &str) -> anyhow::Result<()> {
-    let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
-        .await
-        .context("failed to connect to the write endpoint")?;
-    tokio::spawn(connection);
-    client
-        .batch_execute("CREATE TABLE IF NOT EXISTS pgrs_chaos (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())")
-        .await
-        .context("failed to create table pgrs_chaos")?;
-    Ok(())
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let attempt = async {
+            let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
+                .await
+                .context("failed to connect to the write endpoint")?;
+            tokio::spawn(connection);
+            client
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS pgrs_chaos (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())",
+                )
+                .await
+                .context("failed to create table pgrs_chaos")?;
+            anyhow::Ok(())
+        };
+        match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(error) if Instant::now() > deadline => return Err(error),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 impl WriteLoad {

@@ -191,7 +191,10 @@ fn agent_command(
         .arg(format!("--superuser={}", config.superuser))
         // A rejoined former primary falls back to re-clone if it does not stream quickly.
         .arg("--verify-timeout-secs=20")
-        .args(LeaseArgs::to_args(&config.timings, &config.controller_url()));
+        .args(LeaseArgs::to_args(
+            &config.timings,
+            &config.controller_url(),
+        ));
     match primary {
         None => {
             command.arg("--role=primary");
@@ -303,7 +306,7 @@ async fn observe_node(shared: Arc<Shared>, name: String) {
     loop {
         // The report's time is when the request was sent: what it says is at least that recent.
         let asked_at = Instant::now();
-        let result = tokio::time::timeout(Duration::from_millis(800), client.status()).await;
+        let result = tokio::time::timeout(Duration::from_secs(2), client.status()).await;
         {
             let mut observed = lock(&shared.observed);
             let entry = observed.entry(name.clone()).or_insert(Observed {
@@ -340,7 +343,7 @@ async fn observe_node(shared: Arc<Shared>, name: String) {
         // Poll fast while a failover or switchover is under way: the write endpoint switches as
         // soon as the new primary is seen out of recovery.
         let pause = if shared.urgent.load(std::sync::atomic::Ordering::Relaxed) {
-            Duration::from_millis(20)
+            Duration::from_millis(50)
         } else {
             Duration::from_millis(shared.config.interval_ms)
         };
@@ -389,6 +392,12 @@ fn sync_state(text: &str) -> Option<SyncState> {
     }
 }
 
+/// Generous: on a loaded 2-core machine a status answer can take a second. Safety does not
+/// depend on it (the lease does); a frozen holder stops receiving writes after it.
+fn report_stale_after(config: &LocalConfig) -> Duration {
+    Duration::from_secs(3).max(Duration::from_millis(config.interval_ms * 8))
+}
+
 struct Round {
     input: EngineInput,
     statuses: HashMap<String, (bool, Option<AgentStatus>, Option<String>)>,
@@ -406,6 +415,7 @@ fn build_input(
     }
     let state = lock(&shared.state).clone();
     let observed = lock(&shared.observed);
+    let stale_after = report_stale_after(&shared.config);
     let port_to_node: HashMap<u16, String> = shared
         .config
         .nodes
@@ -429,11 +439,14 @@ fn build_input(
     for node in &shared.config.nodes {
         let entry = observed.get(&node.name);
         let (reachable, status, error, at) = match entry {
+            // A report older than the staleness bound says nothing about now: unreachable.
             Some(Observed {
                 ok: Some((at, status)),
                 error,
                 gone: false,
-            }) => (true, Some(status.clone()), error.clone(), Some(*at)),
+            }) if now.saturating_duration_since(*at) <= stale_after => {
+                (true, Some(status.clone()), error.clone(), Some(*at))
+            }
             Some(Observed { error, .. }) => (false, None, error.clone(), None),
             None => (false, None, None, None),
         };
@@ -483,8 +496,7 @@ fn build_input(
         sync_replicas: 1,
         durability: DataDurability::Required,
         lease_duration: shared.config.timings.lease_duration,
-        report_stale_after: Duration::from_millis(1000)
-            .max(Duration::from_millis(shared.config.interval_ms * 5)),
+        report_stale_after: stale_after,
         ..EngineSpec::default()
     };
     let input = EngineInput {
@@ -865,7 +877,15 @@ async fn round(
         if !background {
             shared.record("info", "Action", format!("{action:?}"));
         }
-        match execute(shared, action).await {
+        // Inline actions are bounded: a frozen agent must not stall the failover loop.
+        let bound = match action {
+            Action::Demote { .. } => Duration::from_secs(15),
+            _ => Duration::from_secs(3),
+        };
+        let result = tokio::time::timeout(bound, execute(shared, action))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {} s", bound.as_secs())));
+        match result {
             Ok(()) => {
                 if !background {
                     acted = true;
@@ -945,6 +965,32 @@ async fn get_cluster(State(shared): State<Arc<Shared>>) -> ApiResult<LocalStatus
     })
 }
 
+/// Asks every agent for its status now and updates `input` with the answers (an agent that does
+/// not answer within a second counts as unreachable).
+async fn refresh_for_switchover(shared: &Shared, input: &mut EngineInput) {
+    let asks = input.instances.iter().map(|i| {
+        let client = shared.clients[&i.name].clone();
+        async move { tokio::time::timeout(Duration::from_secs(3), client.status()).await }
+    });
+    let answers = futures::future::join_all(asks).await;
+    let now = shared.mono(Instant::now());
+    for (instance, answer) in input.instances.iter_mut().zip(answers) {
+        match answer {
+            Ok(Ok(status)) => {
+                instance.reachable = true;
+                instance.postgres_up = status.postgres_up;
+                instance.role = observed_role(status.role);
+                instance.received_lsn = status.receive_lsn;
+                instance.replayed_lsn = status.replay_lsn;
+                instance.flush_lsn = status.current_lsn;
+                instance.last_report_at = Some(now);
+            }
+            _ => instance.reachable = false,
+        }
+    }
+    input.now = now;
+}
+
 async fn post_switchover(
     State(shared): State<Arc<Shared>>,
     Json(body): Json<SwitchoverBody>,
@@ -970,6 +1016,9 @@ async fn post_switchover(
             format!("unknown node {to:?}; the nodes are: {}", known.join(", ")),
         ));
     }
+    // Fresh positions before deciding: the last round's reports may be a few hundred ms old,
+    // long enough to miss a node that just died or a replica that fell behind.
+    refresh_for_switchover(&shared, &mut input).await;
     let mut state = lock(&shared.state);
     input.memory = state.memory.clone();
     let plan = plan_switchover(&input, body.to.as_deref())

@@ -105,7 +105,7 @@ impl LocalConfig {
             timings,
             pg_bin,
             superuser: "postgres".to_string(),
-            interval_ms: 100,
+            interval_ms: 250,
         }
     }
 

@@ -16,6 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt as _};
 use serde::Serialize;
@@ -224,19 +225,11 @@ impl Context {
 /// Runs the controller until a termination signal.
 pub async fn run(context: Arc<Context>) {
     let client = context.client.clone();
-    let (clusters, statefulsets, services): (Api<PgReplicaSet>, Api<StatefulSet>, Api<Service>) =
-        match &context.settings.namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-            ),
-        };
+    let ns = context.settings.namespace.as_deref();
+    let clusters: Api<PgReplicaSet> = scoped(&client, ns);
+    let statefulsets: Api<StatefulSet> = scoped(&client, ns);
+    let services: Api<Service> = scoped(&client, ns);
+    let pods: Api<Pod> = scoped(&client, ns);
     let owned = watcher::Config::default().labels(&format!(
         "{}={}",
         names::LABEL_MANAGED_BY,
@@ -245,7 +238,20 @@ pub async fn run(context: Arc<Context>) {
     context.ready.store(true, Ordering::Relaxed);
     Controller::new(clusters, watcher::Config::default())
         .owns(statefulsets, owned.clone())
-        .owns(services, owned)
+        .owns(services, owned.clone())
+        // Pods belong to the StatefulSets, not to the PgReplicaSet: map them by label, so that a
+        // deleted or restarted database pod starts a round at once.
+        .watches(pods, owned, |pod| {
+            let cluster = pod.labels().get(names::LABEL_CLUSTER).cloned();
+            let namespace = pod.namespace();
+            cluster.map(|cluster| {
+                let reference = ObjectRef::<PgReplicaSet>::new(&cluster);
+                match namespace {
+                    Some(ns) => reference.within(&ns),
+                    None => reference,
+                }
+            })
+        })
         .shutdown_on_signal()
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
@@ -254,6 +260,17 @@ pub async fn run(context: Arc<Context>) {
             }
         })
         .await;
+}
+
+/// An Api on one namespace, or on all of them.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
 }
 
 fn key(cluster: &PgReplicaSet) -> String {
@@ -515,7 +532,7 @@ impl Reconciler<'_> {
                         instance.clone(),
                         Report {
                             asked_at: self.context.mono(asked_at),
-                            status,
+                            status: *status,
                         },
                     );
                     self.runtime.seen_at.insert(instance, chrono::Utc::now());
@@ -589,6 +606,10 @@ impl Reconciler<'_> {
                 });
             if let Some(first) = first.filter(|f| pods.contains_key(f)) {
                 tracing::info!(instance = %first, "bootstrapping: taking the lease for the first primary");
+                let note = format!("taking the lease for {first}, the first primary");
+                self.context
+                    .publish(self.cluster, EventType::Normal, "Bootstrapping", note)
+                    .await;
                 decision.actions.push(engine::Action::AcquireLease {
                     holder: first,
                     expected_version: lease.version.clone(),

@@ -18,6 +18,8 @@ use crate::operator::build::names;
 /// A status request may not delay the round: an agent that does not answer in time counts as
 /// unreachable for this round.
 pub const STATUS_TIMEOUT: Duration = Duration::from_millis(800);
+/// The same for a pod being deleted.
+pub const DELETING_STATUS_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// One database pod as the API server shows it.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,7 +58,7 @@ pub struct Report {
 /// Outcome of one status request.
 #[derive(Debug)]
 pub enum Poll {
-    Answered(AgentStatus),
+    Answered(Box<AgentStatus>),
     /// Nothing listens (connection refused) or the pod has no IP: the agent is gone.
     Gone(String),
     /// A slow or failed answer: the last report stays and ages out by the engine's rule.
@@ -72,8 +74,14 @@ pub async fn poll(pod: &PodView) -> Poll {
         Ok(client) => client,
         Err(error) => return Poll::Failed(error.to_string()),
     };
-    match tokio::time::timeout(STATUS_TIMEOUT, client.status()).await {
-        Ok(Ok(status)) => Poll::Answered(status),
+    // A stopping pod's address disappears with it; do not let it slow down every round.
+    let timeout = if pod.deleting {
+        DELETING_STATUS_TIMEOUT
+    } else {
+        STATUS_TIMEOUT
+    };
+    match tokio::time::timeout(timeout, client.status()).await {
+        Ok(Ok(status)) => Poll::Answered(Box::new(status)),
         Ok(Err(error)) => {
             let refused =
                 matches!(&error, ClientError::Transport { source, .. } if source.is_connect());

@@ -25,7 +25,9 @@ fn ports_free(base: u16, nodes: usize) -> bool {
         ports.push(base + 10 + 2 * i);
         ports.push(base + 11 + 2 * i);
     }
-    ports.iter().all(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+    ports
+        .iter()
+        .all(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
 }
 
 /// A free block of ports for `nodes` nodes.
@@ -52,14 +54,22 @@ impl Cluster {
     /// controller log if it does not come up healthy.
     pub fn up(replicas: usize, extra: &[&str]) -> Cluster {
         let temp = tempfile::tempdir().expect("tempdir");
-        std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
         let dir = temp.path().join("cluster");
         let port_base = free_port_base(replicas + 1);
         let replicas_text = replicas.to_string();
         let base_text = port_base.to_string();
         let dir_text = dir.display().to_string();
         let mut args = vec![
-            "local", "up", "--dir", &dir_text, "--replicas", &replicas_text, "--port-base", &base_text,
+            "local",
+            "up",
+            "--dir",
+            &dir_text,
+            "--replicas",
+            &replicas_text,
+            "--port-base",
+            &base_text,
         ];
         args.extend_from_slice(extra);
         let output = pgrs(&args);
@@ -101,7 +111,9 @@ impl Cluster {
     }
 
     pub async fn status(&self) -> LocalStatus {
-        pgrs::local::cli::cluster_status(&self.dir).await.expect("cluster status")
+        pgrs::local::cli::cluster_status(&self.dir)
+            .await
+            .expect("cluster status")
     }
 
     pub fn superuser_password(&self) -> String {
@@ -112,7 +124,11 @@ impl Cluster {
     }
 
     pub fn write_conninfo(&self) -> String {
-        pgrs::local::chaos::connection_string(self.port_base, "postgres", &self.superuser_password())
+        pgrs::local::chaos::connection_string(
+            self.port_base,
+            "postgres",
+            &self.superuser_password(),
+        )
     }
 
     pub fn node_conninfo(&self, node: &str) -> String {
@@ -122,7 +138,12 @@ impl Cluster {
     }
 
     pub fn node_port(&self, node: &str) -> u16 {
-        self.layout().read_config().expect("config").node(node).expect("node").pg_port
+        self.layout()
+            .read_config()
+            .expect("config")
+            .node(node)
+            .expect("node")
+            .pg_port
     }
 
     pub async fn wait_healthy(&self, timeout: Duration) -> LocalStatus {
@@ -141,7 +162,9 @@ impl Cluster {
 
     /// Restarts `node` and waits until it streams from the primary.
     pub async fn restart(&self, node: &str) -> Duration {
-        match pgrs::local::chaos::restart_and_rejoin(&self.dir, node, Duration::from_secs(120)).await {
+        match pgrs::local::chaos::restart_and_rejoin(&self.dir, node, Duration::from_secs(120))
+            .await
+        {
             Ok(took) => took,
             Err(error) => panic!("{error}\n{}", self.controller_log_tail()),
         }
@@ -156,7 +179,10 @@ impl Cluster {
             .filter(|n| n.role.as_deref() == Some("primary") && n.postgres_up)
             .map(|n| n.name.as_str())
             .collect();
-        assert!(primaries.len() <= 1, "two writable primaries: {primaries:?}");
+        assert!(
+            primaries.len() <= 1,
+            "two writable primaries: {primaries:?}"
+        );
     }
 }
 
