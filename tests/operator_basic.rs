@@ -124,7 +124,7 @@ impl Writer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_cluster_is_healthy_replicates_and_fails_over_when_the_primary_pod_is_deleted() {
     let bed = bed().await;
-    install_crd(bed);
+    install_crd(bed).await;
     let ns = bed.namespace("op-basic").await.expect("namespace");
     let ns_name = ns.name().to_string();
     let client = bed.client().await.expect("admin client");

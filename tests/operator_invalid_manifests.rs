@@ -129,7 +129,7 @@ const CASES: &[(&str, &str, &str, &str)] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_manifests_are_refused_with_messages_naming_the_field() {
     let bed = bed().await;
-    install_crd(bed);
+    install_crd(bed).await;
     let ns = bed.namespace("op-invalid").await.expect("namespace");
 
     // The valid base is accepted: the refusals below are about the changed field only.

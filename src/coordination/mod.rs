@@ -14,9 +14,9 @@ mod watchdog;
 #[cfg(test)]
 mod tests;
 
+pub use self::kube::KubeLeaseStore;
 pub use agent_side::{AgentFencing, LeaseArgs, LocalPrimaryState};
 pub use http::{HttpLeaseStore, lease_router};
-pub use self::kube::KubeLeaseStore;
 pub use keeper::{FenceFn, KeeperMode, KeeperStatus, LeaseKeeper};
 pub use lease::{LeaseError, LeaseRecord, LeaseStore, LeaseTimings, TimingsError};
 pub use memory::MemoryLeaseStore;

@@ -223,7 +223,9 @@ mod tests {
         let line = |name: &str| {
             table
                 .lines()
-                .find(|l| l.starts_with(name))
+                .find(|l| {
+                    l.split_whitespace().next() == Some(name) && l.split_whitespace().count() >= 10
+                })
                 .expect("row")
                 .to_string()
         };

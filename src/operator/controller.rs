@@ -722,11 +722,22 @@ impl Reconciler<'_> {
         pods: &HashMap<String, PodView>,
     ) {
         let runtime = &mut *self.runtime;
+        // The holder's pod is being deleted (or gone): remembered until a failover consumes it
+        // or the holder serves again from a pod that is not being deleted.
+        let holder_pod_deleted = runtime
+            .last_holder
+            .as_ref()
+            .is_some_and(|holder| pods.get(holder).is_none_or(|p| p.deleting));
+        if holder_pod_deleted {
+            runtime.primary_was_deleted = true;
+        }
         match &decision.status.primary {
             Some(primary) => {
                 runtime.ever_served = true;
                 runtime.primary_lost_at = None;
-                runtime.primary_was_deleted = false;
+                if !holder_pod_deleted {
+                    runtime.primary_was_deleted = false;
+                }
                 if let Some(record) = runtime.last_failover.as_mut()
                     && record.to == *primary
                     && record.promoted_at.is_none()
@@ -737,11 +748,6 @@ impl Reconciler<'_> {
             None if runtime.ever_served => {
                 if runtime.primary_lost_at.is_none() {
                     runtime.primary_lost_at = Some(now_time());
-                }
-                if let Some(holder) = &runtime.last_holder
-                    && pods.get(holder).is_none_or(|p| p.deleting)
-                {
-                    runtime.primary_was_deleted = true;
                 }
             }
             None => {}
@@ -765,6 +771,7 @@ impl Reconciler<'_> {
                 } else {
                     "PrimaryUnreachable"
                 };
+                runtime.primary_was_deleted = false;
                 runtime.last_failover = Some(FailoverRecord {
                     reason: reason.to_string(),
                     detected_at: runtime.primary_lost_at.clone().or_else(|| Some(now_time())),

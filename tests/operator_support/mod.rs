@@ -44,19 +44,32 @@ pub fn kubectl(bed: &TestBed, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// Installs the committed CRD (idempotent: one control plane per test binary).
-pub fn install_crd(bed: &TestBed) {
+/// Installs the committed CRD (idempotent: one control plane per test binary) and waits until
+/// it is served.
+pub async fn install_crd(bed: &TestBed) {
     let crd = repo_path("crds/pgreplicaset.yaml");
     kubectl(bed, &["apply", "-f", &crd.to_string_lossy()]);
-    kubectl(
-        bed,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/pgreplicasets.pgrs.dev",
-        ],
-    );
+    // Polled: `kubectl wait` fails outright while the CRD has no conditions yet.
+    pgrs_testbed::wait::eventually(
+        "the CRD is established",
+        Duration::from_secs(60),
+        || async {
+            let established = kubectl(
+                bed,
+                &[
+                    "get",
+                    "crd/pgreplicasets.pgrs.dev",
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+                ],
+            );
+            (established.trim() == "True")
+                .then_some(())
+                .ok_or(established)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn free_port() -> u16 {
