@@ -745,10 +745,8 @@ impl Reconciler<'_> {
                     record.promoted_at = Some(now_time());
                 }
             }
-            None if runtime.ever_served => {
-                if runtime.primary_lost_at.is_none() {
-                    runtime.primary_lost_at = Some(now_time());
-                }
+            None if runtime.ever_served && runtime.primary_lost_at.is_none() => {
+                runtime.primary_lost_at = Some(now_time());
             }
             None => {}
         }
