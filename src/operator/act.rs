@@ -357,6 +357,7 @@ mod tests {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 deleting: false,
+                uid: None,
             },
         )
     }

@@ -144,6 +144,8 @@ struct ClusterRuntime {
     /// When the serving primary was last lost (wall clock), for `lastFailover.detectedAt`.
     primary_lost_at: Option<Time>,
     primary_was_deleted: bool,
+    /// (name, uid) of the Lease holder's pod as last seen not being deleted.
+    holder_pod_uid: Option<(String, String)>,
     ever_served: bool,
     last_events: HashMap<String, String>,
     errors_in_a_row: u32,
@@ -165,6 +167,7 @@ impl ClusterRuntime {
             last_failover: previous.and_then(|s| s.last_failover.clone()),
             primary_lost_at: None,
             primary_was_deleted: false,
+            holder_pod_uid: None,
             ever_served: previous.is_some_and(|s| s.current_primary.is_some()),
             last_events: HashMap::new(),
             errors_in_a_row: 0,
@@ -558,7 +561,7 @@ impl Reconciler<'_> {
             _ => now,
         };
         self.runtime.lease_seen = Some((lease.holder.clone(), lease.version.clone(), seen));
-        let input = observe::engine_input(
+        let mut input = observe::engine_input(
             self.context.mono(now),
             &instances,
             &pods,
@@ -572,6 +575,7 @@ impl Reconciler<'_> {
             engine_spec(&name, spec),
             &self.runtime.remembered,
         );
+        self.request_switchover(&mut input).await?;
         let mut decision = decide(&input);
         observe::track_former_primaries(
             &mut self.runtime.remembered,
@@ -714,6 +718,67 @@ impl Reconciler<'_> {
         ) || !decision.actions.is_empty())
     }
 
+    /// A planned switchover, from the annotation `pgrs.dev/switchover-to` (removed once read)
+    /// or `spec.switchover.targetInstance` (kept: the desired primary), becomes the engine's
+    /// plan; the engine demotes the primary, hands the Lease over and promotes the target.
+    async fn request_switchover(
+        &mut self,
+        input: &mut engine::EngineInput,
+    ) -> Result<(), ReconcileError> {
+        let annotated = self
+            .cluster
+            .annotations()
+            .get(names::ANNOTATION_SWITCHOVER_TO)
+            .cloned();
+        let target = annotated.clone().or_else(|| {
+            self.cluster
+                .spec
+                .switchover
+                .as_ref()
+                .map(|s| s.target_instance.clone())
+        });
+        if let Some(target) = target
+            && input.lease.holder.as_deref() != Some(target.as_str())
+            && input.memory.switchover.is_none()
+        {
+            match engine::plan_switchover(input, Some(&target)) {
+                Ok(plan) => {
+                    let note = format!("switchover from {} to {} requested", plan.from, plan.to);
+                    input.memory.switchover = Some(plan);
+                    self.context
+                        .publish(self.cluster, EventType::Normal, "SwitchoverRequested", note)
+                        .await;
+                }
+                Err(refusal) => {
+                    let note = format!("switchover to {target} refused: {refusal}");
+                    if self.runtime.last_events.get("SwitchoverRefused") != Some(&note) {
+                        self.runtime
+                            .last_events
+                            .insert("SwitchoverRefused".to_string(), note.clone());
+                        self.context
+                            .publish(self.cluster, EventType::Warning, "SwitchoverRefused", note)
+                            .await;
+                    }
+                }
+            }
+        }
+        if annotated.is_some() {
+            let api: Api<PgReplicaSet> =
+                Api::namespaced(self.context.client.clone(), &self.namespace());
+            let body = serde_json::json!({
+                "metadata": { "annotations": { names::ANNOTATION_SWITCHOVER_TO: null } }
+            });
+            api.patch(&self.name(), &PatchParams::default(), &Patch::Merge(&body))
+                .await
+                .map_err(|source| ReconcileError::Apply {
+                    kind: "PgReplicaSet",
+                    name: self.name(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     /// Fills `lastFailover` as the steps happen.
     fn track_failover(
         &mut self,
@@ -724,10 +789,23 @@ impl Reconciler<'_> {
         let runtime = &mut *self.runtime;
         // The holder's pod is being deleted (or gone): remembered until a failover consumes it
         // or the holder serves again from a pod that is not being deleted.
-        let holder_pod_deleted = runtime
-            .last_holder
-            .as_ref()
-            .is_some_and(|holder| pods.get(holder).is_none_or(|p| p.deleting));
+        // Deleted: stopping, gone, or recreated under the same name (another uid) before any
+        // round saw it stopping.
+        let holder_pod = runtime.last_holder.as_ref().map(|holder| pods.get(holder));
+        let holder_pod_deleted = match holder_pod {
+            Some(None) => true,
+            Some(Some(pod)) => {
+                let recreated = matches!(
+                    (&runtime.holder_pod_uid, &pod.uid),
+                    (Some((name, old)), Some(new)) if *name == pod.name && old != new
+                );
+                if !pod.deleting {
+                    runtime.holder_pod_uid = pod.uid.clone().map(|uid| (pod.name.clone(), uid));
+                }
+                pod.deleting || recreated
+            }
+            None => false,
+        };
         if holder_pod_deleted {
             runtime.primary_was_deleted = true;
         }

@@ -29,6 +29,8 @@ pub struct PodView {
     pub labels: BTreeMap<String, String>,
     /// The pod has a deletion timestamp (it is stopping).
     pub deleting: bool,
+    /// Changes when the StatefulSet recreates the pod under the same name.
+    pub uid: Option<String>,
 }
 
 impl PodView {
@@ -38,6 +40,7 @@ impl PodView {
             ip: pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
             labels: pod.metadata.labels.clone().unwrap_or_default(),
             deleting: pod.metadata.deletion_timestamp.is_some(),
+            uid: pod.metadata.uid.clone(),
         })
     }
 
@@ -227,6 +230,7 @@ mod tests {
             ip: Some(ip.to_string()),
             labels: BTreeMap::new(),
             deleting: false,
+            uid: None,
         }
     }
 

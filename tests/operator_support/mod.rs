@@ -54,18 +54,22 @@ pub async fn install_crd(bed: &TestBed) {
         "the CRD is established",
         Duration::from_secs(60),
         || async {
-            let established = kubectl(
-                bed,
-                &[
+            // Not `kubectl()`: right after the apply the CRD may have no conditions at all,
+            // and the jsonpath filter then fails; that is "not yet", not an error.
+            let output = bed
+                .kubectl()
+                .args([
                     "get",
                     "crd/pgreplicasets.pgrs.dev",
                     "-o",
                     "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
-                ],
-            );
-            (established.trim() == "True")
+                ])
+                .output()
+                .map_err(|e| format!("run kubectl: {e}"))?;
+            let established = String::from_utf8_lossy(&output.stdout).into_owned();
+            (output.status.success() && established.trim() == "True")
                 .then_some(())
-                .ok_or(established)
+                .ok_or_else(|| format!("{established}{}", String::from_utf8_lossy(&output.stderr)))
         },
     )
     .await
