@@ -513,6 +513,17 @@ impl Reconciler<'_> {
         let spec = &self.cluster.spec;
         let groups = resolve_groups(&name, spec);
         let instances: Vec<String> = groups.iter().flat_map(|g| g.instance_names()).collect();
+        // The Lease first, then the pods and agents: what they show is at least as recent as
+        // the Lease (a released Lease is never paired with a pod list from before the deletion).
+        let lease = lease_store.get().await.map_err(ReconcileError::Lease)?;
+        let now = Instant::now();
+        let seen = match &self.runtime.lease_seen {
+            Some((holder, version, at)) if *holder == lease.holder && *version == lease.version => {
+                *at
+            }
+            _ => now,
+        };
+        self.runtime.lease_seen = Some((lease.holder.clone(), lease.version.clone(), seen));
         let pods = self.pods().await?;
 
         // Observe every agent at once.
@@ -552,17 +563,8 @@ impl Reconciler<'_> {
             self.completed(&done).await;
         }
 
-        let lease = lease_store.get().await.map_err(ReconcileError::Lease)?;
-        let now = Instant::now();
-        let seen = match &self.runtime.lease_seen {
-            Some((holder, version, at)) if *holder == lease.holder && *version == lease.version => {
-                *at
-            }
-            _ => now,
-        };
-        self.runtime.lease_seen = Some((lease.holder.clone(), lease.version.clone(), seen));
         let mut input = observe::engine_input(
-            self.context.mono(now),
+            self.context.mono(Instant::now()),
             &instances,
             &pods,
             &self.runtime.reports,
