@@ -8,6 +8,7 @@
 mod actions;
 mod candidate;
 mod decide;
+mod former;
 mod model;
 mod switchover;
 mod sync;
@@ -23,6 +24,7 @@ pub use candidate::{
     Candidate, Refusal, choose_failover_candidate, promotable_replicas, quorum_position,
 };
 pub use decide::decide;
+pub use former::track_former_primaries;
 pub use model::{
     DataDurability, EngineInput, EngineSpec, InstanceObservation, LeaseView, Memory, MonoTime,
     ObservedRole, PrimaryRecord, ReplicationMode, SwitchoverPlan, SyncSet, SyncState,

@@ -806,27 +806,12 @@ async fn round(
     // another one holds it. They rejoin (rewind) rather than merely follow.
     {
         let mut state = lock(&shared.state);
-        let holder = round.input.lease.holder.clone();
-        if let Some(previous) = state.last_holder.clone()
-            && holder.as_ref() != Some(&previous)
-        {
-            state.former_primaries.insert(previous);
-        }
-        if holder.is_some() {
-            state.last_holder = holder.clone();
-        }
-        for i in &round.input.instances {
-            if i.role == ObservedRole::Primary
-                && i.reachable
-                && holder.is_some()
-                && holder.as_deref() != Some(&i.name)
-            {
-                state.former_primaries.insert(i.name.clone());
-            }
-        }
-        if let Some(holder) = &holder {
-            state.former_primaries.remove(holder);
-        }
+        let state = &mut *state;
+        crate::engine::track_former_primaries(
+            &mut state.former_primaries,
+            &mut state.last_holder,
+            &round.input,
+        );
         if state.memory != decision.memory {
             state.memory = decision.memory.clone();
         }

@@ -579,8 +579,8 @@ impl Reconciler<'_> {
         );
         self.request_switchover(&mut input).await?;
         let mut decision = decide(&input);
-        observe::track_former_primaries(
-            &mut self.runtime.remembered,
+        crate::engine::track_former_primaries(
+            &mut self.runtime.remembered.former_primaries,
             &mut self.runtime.last_holder,
             &input,
         );

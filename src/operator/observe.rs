@@ -190,36 +190,6 @@ pub fn engine_input(
     }
 }
 
-/// Updates `former_primaries` from what this round saw: a holder that lost the lease, or an
-/// instance running as primary while another one holds it. Pure.
-pub fn track_former_primaries(
-    remembered: &mut Remembered,
-    last_holder: &mut Option<String>,
-    input: &EngineInput,
-) {
-    let holder = input.lease.holder.clone();
-    if let Some(previous) = last_holder.clone()
-        && holder.as_ref() != Some(&previous)
-    {
-        remembered.former_primaries.insert(previous);
-    }
-    if holder.is_some() {
-        *last_holder = holder.clone();
-    }
-    for instance in &input.instances {
-        if instance.role == ObservedRole::Primary
-            && instance.reachable
-            && holder.is_some()
-            && holder.as_deref() != Some(&instance.name)
-        {
-            remembered.former_primaries.insert(instance.name.clone());
-        }
-    }
-    if let Some(holder) = &holder {
-        remembered.former_primaries.remove(holder);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,7 +225,11 @@ mod tests {
             EngineSpec::default(),
             &remembered,
         );
-        track_former_primaries(&mut remembered, &mut last_holder, &input);
+        crate::engine::track_former_primaries(
+            &mut remembered.former_primaries,
+            &mut last_holder,
+            &input,
+        );
         assert!(remembered.former_primaries.contains("pg-0"));
         assert!(!remembered.former_primaries.contains("pg-1"));
         assert_eq!(last_holder.as_deref(), Some("pg-1"));
