@@ -431,8 +431,24 @@ pub async fn switchover(
     }
 }
 
+/// Alive and not a zombie: a just-killed agent stays a zombie until the controller reaps it, and
+/// `kill(pid, 0)` still succeeds on zombies.
 fn process_alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() && !is_zombie(pid)
+}
+
+fn is_zombie(pid: i32) -> bool {
+    // /proc/<pid>/stat: "pid (comm) state ..."; comm may contain spaces or parentheses.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after_comm = stat.rsplit_once(')')?.1;
+            after_comm
+                .split_whitespace()
+                .next()
+                .map(|state| state == "Z")
+        })
+        .unwrap_or(false)
 }
 
 /// The postmaster pid of a node, if postgres runs.
@@ -440,7 +456,7 @@ pub fn postmaster_pid(layout: &Layout, node: &str) -> Option<i32> {
     let text = std::fs::read_to_string(layout.data_dir(node).join("postmaster.pid")).ok()?;
     let pid: i32 = text.lines().next()?.trim().parse().ok()?;
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    (comm.trim() == "postgres").then_some(pid)
+    (comm.trim() == "postgres" && !is_zombie(pid)).then_some(pid)
 }
 
 pub fn kill_node(dir: &Path, node: &str, hard: bool) -> anyhow::Result<String> {

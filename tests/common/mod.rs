@@ -24,9 +24,26 @@ pub const REPLICATION_PASSWORD: &str = "test-replication-pw";
 pub const TOKEN: &str = "test-token";
 
 /// A free TCP port on 127.0.0.1 (bound, read, released).
+/// A free loopback port below the kernel's ephemeral range (32768–60999): a port taken from
+/// that range can be grabbed as the source port of any outgoing connection (the tests make many)
+/// between this check and the server's bind. Never the same port twice in one test process.
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
+    use rand::Rng;
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static HANDED_OUT: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let handed_out = HANDED_OUT.get_or_init(|| Mutex::new(HashSet::new()));
+    loop {
+        let port = rand::rng().random_range(20_000..32_000u16);
+        let mut taken = handed_out.lock().expect("port registry");
+        if taken.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.insert(port);
+            return port;
+        }
+    }
 }
 
 /// uid/gid of the `postgres` OS user when running as root.
