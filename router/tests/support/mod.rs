@@ -86,9 +86,30 @@ pub struct Cluster {
     pub replica: PgNode,
 }
 
+/// A free loopback port below the kernel's ephemeral range (32768–60999), where outgoing
+/// connections cannot grab it between this check and the server's bind. Ports are handed out in
+/// order from a per-process starting point, so parallel tests never get the same one.
 fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("failed to bind a free port")?;
-    Ok(listener.local_addr()?.port())
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 1_000) as u16 * 10,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..2_000 {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = if port >= 32_000 {
+            20_000 + port % 12_000
+        } else {
+            port
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port between 20000 and 32000")
 }
 
 fn run(mut command: Command, what: &str) -> Result<()> {
