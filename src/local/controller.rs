@@ -833,13 +833,16 @@ async fn round(
         }
     });
 
+    // Also urgent while nobody holds the lease (right after a release, the engine waits for a
+    // fresh report before granting it) and while a switchover plan is open.
     shared.urgent.store(
         matches!(
             decision.status.phase,
             crate::engine::Phase::FailingOver
                 | crate::engine::Phase::SwitchingOver
                 | crate::engine::Phase::PrimaryUnavailable
-        ),
+        ) || decision.memory.switchover.is_some()
+            || round.input.lease.holder.is_none(),
         std::sync::atomic::Ordering::Relaxed,
     );
     record_events(shared, &decision.events);
