@@ -459,6 +459,15 @@ pub fn postmaster_pid(layout: &Layout, node: &str) -> Option<i32> {
     (comm.trim() == "postgres" && !is_zombie(pid)).then_some(pid)
 }
 
+/// The pid in a node's `postmaster.pid` while that process still exists, even as a zombie: a new
+/// postmaster refuses to start while it does ("lock file already exists").
+pub fn previous_postmaster(layout: &Layout, node: &str) -> Option<i32> {
+    let text = std::fs::read_to_string(layout.data_dir(node).join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    (comm.trim() == "postgres").then_some(pid)
+}
+
 pub fn kill_node(dir: &Path, node: &str, hard: bool) -> anyhow::Result<String> {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;

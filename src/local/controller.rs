@@ -240,6 +240,13 @@ async fn start_node(shared: &Arc<Shared>, name: &str, fresh: bool) -> Result<Str
             return Err(format!("{name} is already running"));
         }
     }
+    // Right after a hard kill the old postmaster may still be exiting; starting now would fail on
+    // its lock file.
+    if let Some(pid) = crate::local::cli::previous_postmaster(&shared.layout, name) {
+        return Err(format!(
+            "{name}'s previous postgres (pid {pid}) is still exiting; retry in a moment"
+        ));
+    }
     let lease = shared.store.get().await.map_err(|e| e.to_string())?;
     let last_primary = lock(&shared.state)
         .memory
