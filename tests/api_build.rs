@@ -131,7 +131,13 @@ fn services_select_operator_owned_labels() {
         Some("true")
     );
     assert!(!ro.contains_key(names::LABEL_ROLE));
-    assert_eq!(selector("pg-r").len(), 1);
+    // `-r`: every instance of the cluster that is not fenced.
+    let r = selector("pg-r");
+    assert_eq!(r.len(), 2);
+    assert_eq!(
+        r.get(names::LABEL_IN_SERVICE).map(String::as_str),
+        Some(names::IN_SERVICE)
+    );
     let headless = service(&objects, "pg-instances")
         .spec
         .clone()

@@ -8,6 +8,7 @@
 //! The operator runs as a process with the admin kubeconfig. Needs the test-bed binaries
 //! (`testbed/build.sh`).
 
+mod operator_report;
 mod operator_support;
 
 use std::sync::Arc;
@@ -237,6 +238,15 @@ async fn basic_cluster_is_healthy_replicates_and_fails_over_when_the_primary_pod
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     let deleted_at = Instant::now();
+    let deleted_wall = k8s_openapi::jiff::Timestamp::now();
+    let watched = operator_report::watch_failover(
+        client.clone(),
+        &ns_name,
+        CLUSTER,
+        &primary,
+        deleted_at,
+        Duration::from_secs(60),
+    );
     kubectl(
         bed,
         &["delete", "pod", &primary, "-n", &ns_name, "--wait=false"],
@@ -296,6 +306,7 @@ async fn basic_cluster_is_healthy_replicates_and_fails_over_when_the_primary_pod
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     let acked = writer.finish().await;
+    let ack_instants: Vec<Instant> = acked.iter().map(|(_, _, at)| *at).collect();
     let first_on_new = acked
         .iter()
         .find(|(_, host, _)| *host == new_ip)
@@ -334,6 +345,50 @@ async fn basic_cluster_is_healthy_replicates_and_fails_over_when_the_primary_pod
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("operator-failover.json");
     std::fs::write(&path, format!("{report:#}\n")).expect("write the failover report");
     eprintln!("failover report: {}", path.display());
+    let watched = watched.await.expect("the status watcher");
+    operator_report::Report {
+        test: "basic",
+        scenario: "primary pod deleted (`kubectl delete pod`) under a write load",
+        lease_seconds: 8,
+        steps: vec![
+            operator_report::Step {
+                name: "detected",
+                after: watched.detected,
+                how: "status.phase leaves Healthy",
+            },
+            operator_report::Step {
+                name: "promoted",
+                after: watched.promoted,
+                how: "status.currentPrimary names the new primary",
+            },
+            operator_report::Step {
+                name: "service switched",
+                after: Some(rw_switched),
+                how: "`-rw` EndpointSlice holds only the new primary's IP",
+            },
+            operator_report::Step {
+                name: "first write on the new primary",
+                after: first_on_new,
+                how: "first acknowledged INSERT through `-rw` on the new primary",
+            },
+            operator_report::Step {
+                name: "old primary rejoined",
+                after: Some(recovered),
+                how: "Healthy, the recreated pod a ready replica",
+            },
+        ],
+        write_unavailable: operator_report::longest_gap(&ack_instants, deleted_at),
+        write_how: "longest gap between acknowledged writes through `-rw`",
+        record: status.last_failover.clone(),
+        fault_at: deleted_wall,
+        notes: vec![format!(
+            "{} writes acknowledged, none lost: the deleted pod's agent stops postgres cleanly \
+             (its last WAL reaches the standbys) and releases the Lease, so no Lease expiry is \
+             waited for; the fenced step is that clean stop.",
+            ids.len()
+        )],
+    }
+    .write();
     if std::env::var("PGRS_TEST_OPERATOR_LOG").is_ok() {
         eprintln!("{}", operator.log());
     }

@@ -6,6 +6,7 @@
 //! The operator runs as a process with the admin kubeconfig. Needs the test-bed binaries
 //! (`testbed/build.sh`).
 
+mod operator_report;
 mod operator_support;
 
 use std::time::{Duration, Instant};
@@ -94,6 +95,15 @@ async fn a_frozen_primary_is_fenced_before_a_standby_is_promoted() {
     kill(Pid::from_raw(pid), Signal::SIGSTOP).expect("SIGSTOP the agent");
     let frozen = Frozen(pid);
     let frozen_at = Instant::now();
+    let frozen_wall = k8s_openapi::jiff::Timestamp::now();
+    let watched = operator_report::watch_failover(
+        client.clone(),
+        &ns_name,
+        CLUSTER,
+        &primary,
+        frozen_at,
+        Duration::from_secs(90),
+    );
 
     // Keep writing on the old primary until it refuses: that is when it was fenced.
     let mut id: i64 = 0;
@@ -154,13 +164,13 @@ async fn a_frozen_primary_is_fenced_before_a_standby_is_promoted() {
         last_old_write.as_millis(),
         first_new_write.as_millis()
     );
-    eventually(
+    let rw_switched = eventually(
         "-rw moves to the new primary",
         Duration::from_secs(30),
         || async {
             let rw = endpoint_addresses(&client, &ns_name, "pg-rw").await;
             (rw == [new_ip.clone()])
-                .then_some(())
+                .then(|| frozen_at.elapsed())
                 .ok_or(format!("{rw:?}"))
         },
     )
@@ -190,5 +200,59 @@ async fn a_frozen_primary_is_fenced_before_a_standby_is_promoted() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
+    let rejoined = frozen_at.elapsed();
+    let watched = watched.await.expect("the status watcher");
+    let record = cluster(&client, &ns_name, CLUSTER)
+        .await
+        .ok()
+        .and_then(|c| c.status)
+        .and_then(|s| s.last_failover);
+    operator_report::Report {
+        test: "frozen",
+        scenario: "primary agent frozen (SIGSTOP): no renewal, no answer",
+        lease_seconds: 8,
+        steps: vec![
+            operator_report::Step {
+                name: "detected",
+                after: watched.detected,
+                how: "status.phase leaves Healthy",
+            },
+            operator_report::Step {
+                name: "fenced",
+                after: Some(last_old_write),
+                how: "the old primary refuses writes (its watchdog stopped postgres)",
+            },
+            operator_report::Step {
+                name: "promoted",
+                after: watched.promoted,
+                how: "status.currentPrimary names the new primary",
+            },
+            operator_report::Step {
+                name: "first write on the new primary",
+                after: Some(first_new_write),
+                how: "first INSERT accepted on the new primary's pod IP",
+            },
+            operator_report::Step {
+                name: "service switched",
+                after: Some(rw_switched),
+                how: "`-rw` EndpointSlice holds only the new primary's IP (polled after the write)",
+            },
+            operator_report::Step {
+                name: "old primary rejoined",
+                after: Some(rejoined),
+                how: "resumed (SIGCONT) after the switch, then Healthy with it a ready replica",
+            },
+        ],
+        write_unavailable: Some(first_new_write.saturating_sub(last_old_write)),
+        write_how: "from the old primary's last accepted write to the new one's first",
+        record,
+        fault_at: frozen_wall,
+        notes: vec![format!(
+            "Write unavailability: from the old primary's last accepted write to the new \
+             primary's first. {count} of {last_old_id} writes acknowledged by the old primary \
+             are on the new one (asynchronous replication)."
+        )],
+    }
+    .write();
     drop(operator);
 }

@@ -10,6 +10,10 @@
 //! - `POST /v1/stop`    [`StopRequest`]    → [`ActionResponse`]
 //! - `POST /v1/start`   (empty body `{}`)  → [`ActionResponse`]
 //! - `POST /v1/fence`   [`FenceRequest`]   → [`ActionResponse`]
+//! - `POST /v1/restart` (empty body `{}`)  → [`ActionResponse`]: fast stop and start in the
+//!   same role (parameters that need a server restart)
+//! - `POST /v1/parameters` [`ParametersRequest`] → [`ActionResponse`]: write the user
+//!   parameters and reload; `pending_restart` in the status tells what still needs a restart
 //!
 //! Every `POST` needs `Authorization: Bearer <token>` (the shared token from the agent's
 //! `--token-file`); a missing or wrong token gets `401` with an [`ErrorResponse`]. A refused or
@@ -30,6 +34,8 @@ pub const REJOIN_PATH: &str = "/v1/rejoin";
 pub const STOP_PATH: &str = "/v1/stop";
 pub const START_PATH: &str = "/v1/start";
 pub const FENCE_PATH: &str = "/v1/fence";
+pub const RESTART_PATH: &str = "/v1/restart";
+pub const PARAMETERS_PATH: &str = "/v1/parameters";
 
 /// What the instance is, as far as its agent knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -101,6 +107,14 @@ pub struct AgentStatus {
     pub probe_error: Option<String>,
     /// When this status was computed (agent clock).
     pub observed_at: DateTime<Utc>,
+    /// Digest of the user parameters the agent has applied (written and reloaded), from its
+    /// parameters file or `POST /v1/parameters`; `None` when it manages no parameters file.
+    #[serde(default)]
+    pub parameters_hash: Option<String>,
+    /// Parameters whose new value waits for a server restart (`pg_settings.pending_restart`);
+    /// `None` when postgres could not be asked.
+    #[serde(default)]
+    pub pending_restart: Option<Vec<String>>,
 }
 
 /// Where a replica streams from.
@@ -205,6 +219,13 @@ pub struct FenceRequest {
     /// Recorded in the status (`fence_reason`) and the logs.
     #[serde(default)]
     pub reason: Option<String>,
+}
+
+/// `POST /v1/parameters`: the complete set of user parameters (name → value), replacing the
+/// previous set. Agent-owned names are refused (409).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParametersRequest {
+    pub parameters: std::collections::BTreeMap<String, String>,
 }
 
 /// Reply to every successful action.

@@ -103,6 +103,11 @@ pub struct AgentArgs {
     /// Extra postgres parameter `NAME=VALUE` (repeatable); agent-owned names are refused.
     #[arg(long = "parameter", value_name = "NAME=VALUE")]
     pub parameters: Vec<String>,
+    /// User parameters in postgresql.conf syntax (the operator's ConfigMap): read at start and
+    /// again whenever its content changes; new values are reloaded, and the status reports
+    /// those that need a restart. `POST /v1/parameters` replaces them too.
+    #[arg(long, env = "PGRS_PARAMETERS_FILE")]
+    pub parameters_file: Option<PathBuf>,
     /// Timeout to connect to a primary, in seconds.
     #[arg(long, default_value_t = 10)]
     pub primary_timeout_secs: u64,
@@ -151,6 +156,10 @@ impl AgentArgs {
                 archive_command: self.archive_command.clone(),
                 synchronous_standby_names: self.synchronous_standby_names.clone(),
                 parameters,
+                parameters_include: self
+                    .parameters_file
+                    .as_ref()
+                    .map(|_| run_dir.join(PARAMETERS_INCLUDE)),
             },
             data_dir: self.data_dir.clone(),
             run_dir,
@@ -165,6 +174,64 @@ impl AgentArgs {
             stop_timeout: Duration::from_secs(self.stop_timeout_secs),
             verify_timeout: Duration::from_secs(self.verify_timeout_secs),
         })
+    }
+}
+
+/// The include file of user parameters, in the run directory: pg_rewind and pg_basebackup
+/// never copy or overwrite it.
+const PARAMETERS_INCLUDE: &str = "parameters.conf";
+/// How often the parameters file is read (kubelet swaps ConfigMap volumes atomically).
+const PARAMETERS_POLL: Duration = Duration::from_millis(1500);
+
+/// Applies the parameters file once, then every time its content changes. Only changes of the
+/// file count: parameters pushed over HTTP are not undone by a file that has not moved yet
+/// (a kubelet refreshes ConfigMap volumes a minute or more after the change).
+async fn watch_parameters(
+    path: PathBuf,
+    handle: supervisor::SupervisorHandle,
+    mut last: Option<String>,
+) {
+    loop {
+        tokio::time::sleep(PARAMETERS_POLL).await;
+        refresh_parameters(&path, &handle, &mut last).await;
+    }
+}
+
+/// Reads the parameters file and applies it when its content differs from `last`.
+async fn refresh_parameters(
+    path: &std::path::Path,
+    handle: &supervisor::SupervisorHandle,
+    last: &mut Option<String>,
+) {
+    {
+        // A missing file is an empty parameter set (an optional ConfigMap, or none yet).
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => Some(text),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Some(String::new()),
+            Err(error) => {
+                tracing::warn!(%error, path = %path.display(), "cannot read the parameters file");
+                None
+            }
+        };
+        if let Some(text) = text
+            && last.as_ref() != Some(&text)
+        {
+            match crate::agent::config::parse_parameters_file(&text) {
+                Ok(parameters) => match handle.apply_parameters(parameters).await {
+                    Ok(outcome) => {
+                        tracing::info!(path = %path.display(), message = %outcome.message, "parameters file applied");
+                        *last = Some(text);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, path = %path.display(), "failed to apply the parameters file; retrying");
+                    }
+                },
+                Err(error) => {
+                    tracing::error!(%error, path = %path.display(), "the parameters file is invalid; keeping the previous parameters");
+                    *last = Some(text);
+                }
+            }
+        }
     }
 }
 
@@ -233,6 +300,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let (handle, supervisor_task) =
         supervisor::spawn(config.clone(), intended_role, upstream.clone());
+    // The first read is written before postgres starts, so that restart-only parameters
+    // count from the first start.
+    let parameters_watch = match args.parameters_file.clone() {
+        Some(path) => {
+            let mut last = None;
+            refresh_parameters(&path, &handle, &mut last).await;
+            Some(tokio::spawn(watch_parameters(path, handle.clone(), last)))
+        }
+        None => None,
+    };
     let app = router(HttpState {
         supervisor: handle.clone(),
         token: Arc::new(token),
@@ -278,6 +355,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let result = handle.shutdown().await;
     if let (Some(fencing), Ok(_)) = (&fencing, &result) {
         fencing.release_after_stop().await;
+    }
+    if let Some(watch) = &parameters_watch {
+        watch.abort();
     }
     let _ = stop_http.send(());
     let _ = http_task.await;

@@ -113,6 +113,20 @@ impl AgentClient {
         self.post(FENCE_PATH, request).await
     }
 
+    /// `POST /v1/restart`: fast stop and start in the same role.
+    pub async fn restart(&self) -> Result<ActionResponse, ClientError> {
+        self.post(crate::agent::api::RESTART_PATH, &serde_json::json!({}))
+            .await
+    }
+
+    /// `POST /v1/parameters`: replace the user parameters and reload.
+    pub async fn parameters(
+        &self,
+        request: &crate::agent::api::ParametersRequest,
+    ) -> Result<ActionResponse, ClientError> {
+        self.post(crate::agent::api::PARAMETERS_PATH, request).await
+    }
+
     async fn post<B: Serialize + ?Sized>(
         &self,
         path: &str,

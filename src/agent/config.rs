@@ -60,6 +60,10 @@ pub struct PostgresSettings {
     pub synchronous_standby_names: Option<String>,
     /// User parameters, rendered last; names in [`AGENT_OWNED_PARAMETERS`] are refused.
     pub parameters: BTreeMap<String, String>,
+    /// A file of user parameters the agent rewrites while postgres runs (from
+    /// `--parameters-file`, or pushed by the operator), included after everything else so that
+    /// its values win; `include_if_exists`, so a missing file is no error.
+    pub parameters_include: Option<PathBuf>,
 }
 
 /// How a standby reaches its primary.
@@ -79,6 +83,8 @@ pub enum ConfigError {
     BadName(String),
     #[error("failed to parse parameter {0:?}: expected NAME=VALUE")]
     NotAnAssignment(String),
+    #[error("failed to parse line {line} of the parameters file: {reason}")]
+    FileSyntax { line: usize, reason: String },
 }
 
 /// Parses `NAME=VALUE` user parameters, refusing agent-owned names.
@@ -236,7 +242,108 @@ pub fn render_postgresql_conf(
             let _ = writeln!(text, "{name} = {}", conf_quote(value));
         }
     }
+    if let Some(include) = &settings.parameters_include {
+        text.push_str("\n# User parameters applied while running (reload or restart)\n");
+        let _ = writeln!(
+            text,
+            "include_if_exists = {}",
+            conf_quote(&include.to_string_lossy())
+        );
+    }
     Ok(text)
+}
+
+/// Parses a parameters file in `postgresql.conf` syntax, as the operator renders
+/// `spec.parameters` into its ConfigMap: `name = 'value'` (or an unquoted value) per line,
+/// `#` comments, blank lines. Directives (`include ...`) and agent-owned names are refused, so
+/// the file can never change what the agent manages.
+pub fn parse_parameters_file(text: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut parameters = BTreeMap::new();
+    for (index, raw) in text.lines().enumerate() {
+        let line = index + 1;
+        let syntax = |reason: &str| ConfigError::FileSyntax {
+            line,
+            reason: reason.to_string(),
+        };
+        let trimmed = raw.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let name_end = trimmed
+            .find(|c: char| c == '=' || c.is_whitespace())
+            .ok_or_else(|| syntax("expected name = value"))?;
+        let name = trimmed[..name_end].to_ascii_lowercase();
+        validate_parameter_name(&name)?;
+        if name.starts_with("include") {
+            return Err(syntax("include directives are not accepted"));
+        }
+        let rest = trimmed[name_end..].trim_start();
+        let rest = rest.strip_prefix('=').unwrap_or(rest).trim_start();
+        let (value, tail) = match rest.strip_prefix('\'') {
+            Some(quoted) => unquote(quoted).ok_or_else(|| syntax("unterminated quoted value"))?,
+            None => {
+                let end = rest
+                    .find(|c: char| c.is_whitespace() || c == '#')
+                    .unwrap_or(rest.len());
+                (rest[..end].to_string(), &rest[end..])
+            }
+        };
+        let tail = tail.trim_start();
+        if !(tail.is_empty() || tail.starts_with('#')) {
+            return Err(syntax("unexpected text after the value"));
+        }
+        parameters.insert(name, value);
+    }
+    Ok(parameters)
+}
+
+/// The inside of a `'...'` literal (after the opening quote): `''` is a quote, a backslash
+/// escapes the next character. Returns the value and what follows the closing quote.
+fn unquote(text: &str) -> Option<(String, &str)> {
+    let mut value = String::new();
+    let mut chars = text.char_indices().peekable();
+    while let Some((index, c)) = chars.next() {
+        match c {
+            '\\' => value.push(chars.next()?.1),
+            '\'' if chars.peek().is_some_and(|(_, next)| *next == '\'') => {
+                chars.next();
+                value.push('\'');
+            }
+            '\'' => return Some((value, &text[index + 1..])),
+            other => value.push(other),
+        }
+    }
+    None
+}
+
+/// The include file of user parameters, rendered from parsed parameters (never copied
+/// verbatim from the source file).
+pub fn render_parameters_include(parameters: &BTreeMap<String, String>) -> String {
+    let mut text = String::from(
+        "# Written by the pgrs agent from its parameters file (or the operator): edits are lost.\n",
+    );
+    for (name, value) in parameters {
+        let _ = writeln!(text, "{name} = {}", conf_quote(value));
+    }
+    text
+}
+
+/// A stable digest of a parameter set (FNV-1a, 64 bits, hex), so the operator can tell which
+/// parameters an agent has applied without comparing whole maps. Not a security measure.
+pub fn parameters_hash(parameters: &BTreeMap<String, String>) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for (name, value) in parameters {
+        for byte in name
+            .bytes()
+            .chain(std::iter::once(0))
+            .chain(value.bytes())
+            .chain(std::iter::once(0))
+        {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{hash:016x}")
 }
 
 /// Renders `pg_hba.conf`: SCRAM everywhere, replication only for the replication user.
@@ -296,6 +403,7 @@ mod tests {
             archive_command: None,
             synchronous_standby_names: None,
             parameters: BTreeMap::new(),
+            parameters_include: None,
         }
     }
 
@@ -379,6 +487,68 @@ mod tests {
             parse_parameters(&["novalue".into()]),
             Err(ConfigError::NotAnAssignment(_))
         ));
+    }
+
+    #[test]
+    fn the_parameters_file_round_trips_the_operator_rendering() {
+        let text = "# Managed by pgrs from spec.parameters of the PgReplicaSet.\n\
+                    log_line_prefix = 'it''s %m \\\\ '\n\
+                    work_mem = '4MB'\n\
+                    \n\
+                    Shared_Buffers=16MB   # a comment\n";
+        let parsed = parse_parameters_file(text).unwrap();
+        assert_eq!(
+            parsed,
+            BTreeMap::from([
+                ("log_line_prefix".to_string(), "it's %m \\ ".to_string()),
+                ("shared_buffers".to_string(), "16MB".to_string()),
+                ("work_mem".to_string(), "4MB".to_string()),
+            ])
+        );
+        let include = render_parameters_include(&parsed);
+        assert_eq!(parse_parameters_file(&include).unwrap(), parsed);
+    }
+
+    #[test]
+    fn the_parameters_file_refuses_directives_owned_names_and_garbage() {
+        assert_eq!(
+            parse_parameters_file("port = 1\n"),
+            Err(ConfigError::AgentOwned("port".into()))
+        );
+        assert!(matches!(
+            parse_parameters_file("include_if_exists = '/etc/x'\n"),
+            Err(ConfigError::FileSyntax { line: 1, .. })
+        ));
+        assert!(matches!(
+            parse_parameters_file("# c\nwork_mem = '4MB\n"),
+            Err(ConfigError::FileSyntax { line: 2, .. })
+        ));
+        assert!(matches!(
+            parse_parameters_file("work_mem = '4MB' x\n"),
+            Err(ConfigError::FileSyntax { line: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn the_include_is_rendered_last_and_the_hash_is_stable() {
+        let mut s = settings();
+        s.parameters_include = Some("/run/pgrs/parameters.conf".into());
+        let text = render_postgresql_conf(&s, None).unwrap();
+        assert!(
+            text.trim_end()
+                .ends_with("include_if_exists = '/run/pgrs/parameters.conf'"),
+            "{text}"
+        );
+        let a = BTreeMap::from([("work_mem".to_string(), "4MB".to_string())]);
+        let b = BTreeMap::from([("work_mem".to_string(), "8MB".to_string())]);
+        assert_eq!(parameters_hash(&a), parameters_hash(&a.clone()));
+        assert_ne!(parameters_hash(&a), parameters_hash(&b));
+        assert_ne!(parameters_hash(&a), parameters_hash(&BTreeMap::new()));
+        // Name/value boundaries count: {"ab": "c"} is not {"a": "bc"}.
+        let ab = BTreeMap::from([("ab".to_string(), "c".to_string())]);
+        let a_bc = BTreeMap::from([("a".to_string(), "bc".to_string())]);
+        assert_ne!(parameters_hash(&ab), parameters_hash(&a_bc));
+        assert_eq!(parameters_hash(&BTreeMap::new()).len(), 16);
     }
 
     #[test]

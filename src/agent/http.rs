@@ -35,6 +35,8 @@ pub fn router(state: HttpState) -> Router {
         .route(STOP_PATH, post(stop))
         .route(START_PATH, post(start))
         .route(FENCE_PATH, post(fence))
+        .route(crate::agent::api::RESTART_PATH, post(restart))
+        .route(crate::agent::api::PARAMETERS_PATH, post(parameters))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route(STATUS_PATH, get(status))
@@ -144,6 +146,8 @@ pub async fn build_status(supervisor: &SupervisorHandle) -> AgentStatus {
         last_error: state.last_error.clone(),
         probe_error: None,
         observed_at: Utc::now(),
+        parameters_hash: state.parameters_hash.clone(),
+        pending_restart: None,
     };
     if state.phase != Phase::Running {
         return status;
@@ -165,6 +169,10 @@ pub async fn build_status(supervisor: &SupervisorHandle) -> AgentStatus {
             status.last_replay_timestamp = probe.last_replay_timestamp;
             status.replication = probe.replication;
             status.wal_receiver = probe.wal_receiver;
+            status.pending_restart = supervisor
+                .pending_restart(Duration::from_secs(2))
+                .await
+                .ok();
         }
         Err(error) => status.probe_error = Some(error.to_string()),
     }
@@ -243,6 +251,19 @@ async fn fence(
         .reason
         .unwrap_or_else(|| "fence requested over HTTP".into());
     let result = state.supervisor.fence(&reason).await;
+    respond(&state, result).await
+}
+
+async fn restart(State(state): State<HttpState>) -> Result<Json<ActionResponse>, ApiError> {
+    let result = state.supervisor.restart().await;
+    respond(&state, result).await
+}
+
+async fn parameters(
+    State(state): State<HttpState>,
+    Json(request): Json<crate::agent::api::ParametersRequest>,
+) -> Result<Json<ActionResponse>, ApiError> {
+    let result = state.supervisor.apply_parameters(request.parameters).await;
     respond(&state, result).await
 }
 

@@ -399,6 +399,14 @@ pub async fn prepare_upstream(
             port: upstream.port,
             cause: error.cause(),
         })?;
+    prepare_upstream_with(&client, upstream).await
+}
+
+/// [`prepare_upstream`] on an open superuser session to the primary.
+pub async fn prepare_upstream_with(
+    client: &tokio_postgres::Client,
+    upstream: &Upstream,
+) -> Result<PreparedUpstream, InstanceError> {
     let probe_error = |source| InstanceError::Probe {
         host: upstream.host.clone(),
         port: upstream.port,

@@ -25,11 +25,11 @@ use tokio::time::Instant;
 
 use crate::agent::api::{RejoinPath, RejoinReport, Role, StopMode, Upstream};
 use crate::agent::instance::{
-    AgentConfig, InstanceError, check_port_free, clone_from, prepare_upstream, sibling,
-    write_configuration,
+    AgentConfig, InstanceError, check_port_free, clone_from, prepare_upstream,
+    prepare_upstream_with, sibling, write_configuration,
 };
 use crate::postgres::probe::{self, InstanceProbe, ProbeError};
-use crate::postgres::process::run_tool;
+use crate::postgres::process::{read_controldata, run_tool};
 
 const LOG_TAIL_LINES: usize = 20;
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -60,6 +60,9 @@ pub struct SupervisorState {
     pub last_rejoin: Option<RejoinReport>,
     pub fence_reason: Option<String>,
     pub last_error: Option<String>,
+    /// Digest of the user parameters written to the include file (`config::parameters_hash`);
+    /// `None` until the first apply (or without `--parameters-file`).
+    pub parameters_hash: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +120,8 @@ enum Command {
     Follow(Upstream, Reply),
     Rejoin(Upstream, Reply),
     Shutdown(Reply),
+    Restart(Reply),
+    Parameters(std::collections::BTreeMap<String, String>, Reply),
 }
 
 /// The cloneable way to drive the supervisor.
@@ -126,6 +131,11 @@ pub struct SupervisorHandle {
     state: Arc<Mutex<SupervisorState>>,
     config: Arc<AgentConfig>,
     log_tail: Arc<Mutex<VecDeque<String>>>,
+    /// The status probe's session, kept open between probes: a SCRAM handshake per status
+    /// request (several a second) was most of an idle agent's CPU.
+    status_session: Arc<tokio::sync::Mutex<Option<Arc<tokio_postgres::Client>>>>,
+    /// The newest timeline this standby's WAL receiver reported since postgres started.
+    received_timeline: Arc<Mutex<Option<u32>>>,
 }
 
 impl SupervisorHandle {
@@ -198,10 +208,133 @@ impl SupervisorHandle {
         self.request(Command::Shutdown).await
     }
 
-    /// Probes the local postgres (superuser over the Unix socket).
+    /// Restarts postgres in its current role (fast stop, start): for parameters that only take
+    /// effect at server start. Refused unless postgres runs.
+    pub async fn restart(&self) -> Result<ActionOutcome, ActionError> {
+        self.request(Command::Restart).await
+    }
+
+    /// Writes the user parameters to the include file and, when postgres runs and the file
+    /// changed, reloads it (waiting until the postmaster has re-read its configuration).
+    pub async fn apply_parameters(
+        &self,
+        parameters: std::collections::BTreeMap<String, String>,
+    ) -> Result<ActionOutcome, ActionError> {
+        self.request(|reply| Command::Parameters(parameters, reply))
+            .await
+    }
+
+    /// Parameters whose new value waits for a restart (`pg_settings.pending_restart`).
+    /// Asked on the kept session (it is part of every status): the backend re-reads the
+    /// configuration files on the postmaster's SIGHUP before it runs its next query.
+    pub async fn pending_restart(&self, timeout: Duration) -> Result<Vec<String>, ProbeError> {
+        let (client, _) = self.session(timeout).await?;
+        let query = client.query(
+            "SELECT name FROM pg_settings WHERE pending_restart ORDER BY name",
+            &[],
+        );
+        let rows = match tokio::time::timeout(timeout, query).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(source)) => {
+                self.forget_session(&client).await;
+                return Err(ProbeError::Query {
+                    what: "pending restart settings",
+                    source,
+                });
+            }
+            Err(_) => {
+                self.forget_session(&client).await;
+                return Err(ProbeError::QueryTimeout { timeout });
+            }
+        };
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    async fn probe_client(&self, timeout: Duration) -> Result<tokio_postgres::Client, ProbeError> {
+        probe::connect(&self.config.local_target(), timeout).await
+    }
+
+    /// The kept session to the local postgres, connected anew when there is none or it closed
+    /// (postgres restarted); `true` when it was just connected.
+    async fn session(
+        &self,
+        timeout: Duration,
+    ) -> Result<(Arc<tokio_postgres::Client>, bool), ProbeError> {
+        let mut session = self.status_session.lock().await;
+        if let Some(client) = session.as_ref().filter(|c| !c.is_closed()) {
+            return Ok((client.clone(), false));
+        }
+        *session = None;
+        let client = Arc::new(probe::connect(&self.config.local_target(), timeout).await?);
+        *session = Some(client.clone());
+        Ok((client, true))
+    }
+
+    /// Drops the kept session if it is still `client` (after a failed query on it).
+    async fn forget_session(&self, client: &Arc<tokio_postgres::Client>) {
+        let mut session = self.status_session.lock().await;
+        if session.as_ref().is_some_and(|c| Arc::ptr_eq(c, client)) {
+            *session = None;
+        }
+    }
+
+    /// Probes the local postgres (superuser over the Unix socket) on the kept session; a session
+    /// that fails (backend terminated, postgres restarted) is dropped and the probe retried once
+    /// on a fresh one. Every probe queries live: nothing is cached but the session.
     pub async fn probe(&self, timeout: Duration) -> Result<InstanceProbe, ProbeError> {
-        let client = probe::connect(&self.config.local_target(), timeout).await?;
-        probe::probe_instance(&client).await
+        let mut probe = self.probe_live(timeout).await?;
+        self.remember_timeline(&mut probe);
+        Ok(probe)
+    }
+
+    /// A standby whose WAL receiver stopped (its primary died) would report the timeline of
+    /// its last restartpoint, which can be older than the WAL it holds; a peer rewound since
+    /// would then look newer and the more advanced standby ineligible for promotion. So a
+    /// standby reports the newest timeline it received WAL on since postgres started.
+    fn remember_timeline(&self, probe: &mut InstanceProbe) {
+        if !probe.in_recovery {
+            return;
+        }
+        let mut remembered = lock(&self.received_timeline);
+        if let Some(received) = probe
+            .wal_receiver
+            .as_ref()
+            .and_then(|w| w.received_tli)
+            .filter(|t| *t > 0)
+        {
+            *remembered = Some(remembered.map_or(received, |t| t.max(received)));
+        }
+        if let Some(received) = *remembered {
+            probe.timeline = Some(probe.timeline.map_or(received, |t| t.max(received)));
+        }
+    }
+
+    async fn probe_live(&self, timeout: Duration) -> Result<InstanceProbe, ProbeError> {
+        let (client, fresh) = self.session(timeout).await?;
+        match tokio::time::timeout(timeout, probe::probe_instance(&client)).await {
+            Ok(Ok(probe)) => return Ok(probe),
+            Ok(Err(error)) => {
+                self.forget_session(&client).await;
+                if fresh {
+                    return Err(error);
+                }
+                tracing::debug!(%error, "kept postgres session failed; reconnecting");
+            }
+            // A hung postgres would hang a new session too: report it rather than wait twice.
+            Err(_) => {
+                self.forget_session(&client).await;
+                return Err(ProbeError::QueryTimeout { timeout });
+            }
+        }
+        let (client, _) = self.session(timeout).await?;
+        let result = tokio::time::timeout(timeout, probe::probe_instance(&client))
+            .await
+            .map_err(|_| ProbeError::QueryTimeout { timeout })
+            .and_then(|result| result);
+        if result.is_err() {
+            self.forget_session(&client).await;
+        }
+        result
     }
 }
 
@@ -229,12 +362,15 @@ pub fn spawn(
         last_rejoin: None,
         fence_reason: None,
         last_error: None,
+        parameters_hash: None,
     }));
     let handle = SupervisorHandle {
         commands,
         state,
         config,
         log_tail: Arc::new(Mutex::new(VecDeque::new())),
+        status_session: Arc::new(tokio::sync::Mutex::new(None)),
+        received_timeline: Arc::new(Mutex::new(None)),
     };
     let mut supervisor = Supervisor {
         handle: handle.clone(),
@@ -373,6 +509,10 @@ impl Supervisor {
             Command::Follow(upstream, reply) => (self.action_follow(upstream).await, reply),
             Command::Rejoin(upstream, reply) => (self.action_rejoin(upstream).await, reply),
             Command::Shutdown(reply) => (unreachable_shutdown(), reply),
+            Command::Restart(reply) => (self.action_restart().await, reply),
+            Command::Parameters(parameters, reply) => {
+                (self.action_parameters(parameters).await, reply)
+            }
         };
         match &result {
             Ok(outcome) => tracing::info!(message = %outcome.message, "action done"),
@@ -436,6 +576,8 @@ impl Supervisor {
             "postgres started; waiting until it accepts connections"
         );
         self.update(|s| s.pid = pid);
+        // A new postmaster: what an earlier one received says nothing about this one's WAL.
+        *lock(&self.handle.received_timeline) = None;
         let deadline = Instant::now() + config.start_timeout;
         let client = loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -459,7 +601,8 @@ impl Supervisor {
                         self.handle.log_tail().join("; ")
                     )));
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                // A refusal while starting up comes before authentication: cheap to retry often.
+                Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
             }
         };
         let in_recovery: bool = client
@@ -473,6 +616,8 @@ impl Supervisor {
         if !in_recovery {
             ensure_replication_user(&client, &config).await?;
         }
+        // The first status probe needs no handshake of its own.
+        *self.handle.status_session.lock().await = Some(Arc::new(client));
         self.child = Some(child);
         self.started_at = Some(Instant::now());
         self.update(|s| {
@@ -536,6 +681,26 @@ impl Supervisor {
         } else {
             None
         };
+        // A data directory last run as a primary (crashed or shut down) may hold WAL its new
+        // primary never had. Rewind it before its first start as a replica: starting it, having
+        // the observer find it diverged, stopping and rewinding it then costs a second.
+        if let Some(upstream) = upstream.clone()
+            && self.child.is_none()
+            && self.last_ran_as_primary().await
+        {
+            tracing::info!(
+                host = %upstream.host,
+                port = upstream.port,
+                "the data directory was last a primary's: rewinding it before it starts as a replica"
+            );
+            match self.action_rejoin(upstream).await {
+                Ok(outcome) => return Ok(outcome),
+                // Unreachable primary and the like: start as is; the observer rejoins it later.
+                Err(error) => {
+                    tracing::warn!(%error, "rewind before the first start failed; starting as is")
+                }
+            }
+        }
         write_configuration(&config, &config.data_dir, upstream.as_ref())?;
         self.restart_at = None;
         self.update(|s| s.phase = Phase::Starting);
@@ -546,6 +711,26 @@ impl Supervisor {
         Ok(ActionOutcome::message(
             format!("postgres started as {role:?}").to_lowercase(),
         ))
+    }
+
+    /// The control file says the data directory last ran as a primary: crashed ("in production")
+    /// or cleanly stopped ("shut down"; a standby's says "... in recovery"). A fresh clone also
+    /// says "in production" but carries a `backup_label`.
+    async fn last_ran_as_primary(&self) -> bool {
+        let config = self.config();
+        if config.data_dir.join("backup_label").exists() {
+            return false;
+        }
+        match read_controldata(&config.binaries, &config.identity, &config.data_dir).await {
+            Ok(control) => matches!(
+                control.cluster_state.as_str(),
+                "in production" | "shut down"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "failed to read the control file");
+                false
+            }
+        }
     }
 
     async fn action_stop(&mut self, mode: StopMode) -> Result<ActionOutcome, ActionError> {
@@ -580,31 +765,52 @@ impl Supervisor {
             )));
         }
         let config = self.handle.config.clone();
-        let client = probe::connect(&config.local_target(), Duration::from_secs(5)).await?;
-        let in_recovery: bool = client
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .map_err(|source| ProbeError::Query {
-                what: "recovery state",
-                source,
-            })?
-            .get(0);
-        if !in_recovery {
+        // On the kept session: a new (SCRAM) session would delay the promotion itself.
+        let (session, _) = self.handle.session(Duration::from_secs(5)).await?;
+        let in_recovery = |session: Arc<tokio_postgres::Client>| async move {
+            session
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map(|row| row.get::<_, bool>(0))
+                .map_err(|source| ProbeError::Query {
+                    what: "recovery state",
+                    source,
+                })
+        };
+        if !in_recovery(session.clone()).await? {
             return Err(ActionError::Refused(
                 "cannot promote: already a primary".into(),
             ));
         }
-        let wait_seconds = wait.as_secs().clamp(1, i32::MAX as u64) as i32;
-        let promoted: bool = client
-            .query_one("SELECT pg_promote(true, $1)", &[&wait_seconds])
+        // Signal without waiting and watch every 10 ms: pg_promote's own wait polls every 100 ms.
+        let signalled: bool = session
+            .query_one("SELECT pg_promote(false)", &[])
             .await
             .map_err(|e| ActionError::Promote(e.to_string()))?
             .get(0);
-        if !promoted {
-            return Err(ActionError::Promote(format!(
-                "pg_promote did not finish within {wait_seconds} s"
-            )));
+        if !signalled {
+            return Err(ActionError::Promote(
+                "pg_promote could not signal the startup process".into(),
+            ));
         }
+        let deadline = Instant::now() + wait.max(Duration::from_secs(1));
+        while in_recovery(session.clone()).await? {
+            if Instant::now() >= deadline {
+                return Err(ActionError::Promote(format!(
+                    "still in recovery {} s after pg_promote",
+                    wait.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(session);
+        tracing::info!("promoted: out of recovery");
+        // A rejoin report describes this instance as a replica; as a primary it has none (an
+        // observer may take a current report as proof that a former primary was rewound).
+        self.update(|s| s.last_rejoin = None);
+        // The rest takes its own session: a CHECKPOINT on the kept one would hold up status
+        // probes queued behind it.
+        let client = probe::connect(&config.local_target(), Duration::from_secs(5)).await?;
         // The control file shows the new timeline only after a checkpoint; pg_rewind and
         // followers read it from there.
         client
@@ -631,6 +837,114 @@ impl Supervisor {
             s.upstream = None;
         });
         Ok(ActionOutcome::message("promoted to primary"))
+    }
+
+    async fn action_restart(&mut self) -> Result<ActionOutcome, ActionError> {
+        if self.phase() != Phase::Running || self.child.is_none() {
+            return Err(ActionError::Refused(format!(
+                "cannot restart: postgres is not running (phase {:?})",
+                self.phase()
+            )));
+        }
+        let (role, upstream) = {
+            let state = lock(&self.handle.state);
+            (state.intended_role, state.upstream.clone())
+        };
+        let config = self.handle.config.clone();
+        let upstream = if role == Role::Replica {
+            upstream
+        } else {
+            None
+        };
+        // Starting (not Running) while down: the lease keeper of a primary sees a restart, not
+        // a stop, and keeps renewing.
+        self.update(|s| s.phase = Phase::Starting);
+        self.restart_at = None;
+        self.stop_postgres(StopMode::Fast).await?;
+        write_configuration(&config, &config.data_dir, upstream.as_ref())?;
+        if let Err(error) = self.start_postgres().await {
+            // As after a crash: keep trying with backoff rather than stay down.
+            if self.phase() == Phase::Starting {
+                self.schedule_restart();
+            }
+            return Err(error);
+        }
+        Ok(ActionOutcome::message(
+            format!("postgres restarted as {role:?}").to_lowercase(),
+        ))
+    }
+
+    async fn action_parameters(
+        &mut self,
+        parameters: std::collections::BTreeMap<String, String>,
+    ) -> Result<ActionOutcome, ActionError> {
+        use crate::agent::config::{
+            parameters_hash, parse_parameters_file, render_parameters_include,
+        };
+        let config = self.handle.config.clone();
+        let Some(path) = config.settings.parameters_include.clone() else {
+            return Err(ActionError::Refused(
+                "this agent has no parameters file (--parameters-file)".into(),
+            ));
+        };
+        let text = render_parameters_include(&parameters);
+        // The rendering round-trips through the parser: refuses agent-owned or malformed names.
+        parse_parameters_file(&text).map_err(|e| ActionError::Refused(e.to_string()))?;
+        let hash = parameters_hash(&parameters);
+        let unchanged = std::fs::read_to_string(&path).is_ok_and(|current| current == text);
+        if !unchanged {
+            write_include(&config, &path, &text)?;
+        }
+        let running = self.phase() == Phase::Running && self.child.is_some();
+        if unchanged || !running {
+            self.update(|s| s.parameters_hash = Some(hash.clone()));
+            return Ok(ActionOutcome::message(format!(
+                "parameters {hash} written{}",
+                if running {
+                    ""
+                } else {
+                    " (used at the next start)"
+                }
+            )));
+        }
+        let load_time = |client: tokio_postgres::Client| async move {
+            client
+                .query_one("SELECT pg_conf_load_time()::text", &[])
+                .await
+                .map(|row| row.get::<_, String>(0))
+                .map_err(|source| ProbeError::Query {
+                    what: "configuration load time",
+                    source,
+                })
+        };
+        let before = load_time(self.handle.probe_client(Duration::from_secs(5)).await?).await?;
+        self.reload()?;
+        // A new session inherits the postmaster's configuration: once its load time moved,
+        // the postmaster has re-read the files and `pending_restart` is meaningful.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = load_time(self.handle.probe_client(Duration::from_secs(5)).await?).await?;
+            if now != before {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(ActionError::Start(
+                    "postgres did not reload its configuration within 10 s".into(),
+                ));
+            }
+        }
+        self.update(|s| s.parameters_hash = Some(hash.clone()));
+        let pending = self.handle.pending_restart(Duration::from_secs(5)).await?;
+        tracing::info!(%hash, ?pending, "parameters reloaded");
+        Ok(ActionOutcome::message(if pending.is_empty() {
+            format!("parameters {hash} reloaded")
+        } else {
+            format!(
+                "parameters {hash} reloaded; waiting for a restart: {}",
+                pending.join(", ")
+            )
+        }))
     }
 
     fn reload(&self) -> Result<(), ActionError> {
@@ -694,25 +1008,32 @@ impl Supervisor {
             s.upstream = Some(upstream.clone());
         });
         self.restart_at = None;
-        self.stop_postgres(StopMode::Fast).await?;
 
         // CHECKPOINT on the new primary first: right after a promotion its control file still
         // shows the old timeline, and pg_rewind would wrongly conclude "no rewind required".
-        let primary = probe::connect(
-            &config.remote_target(&upstream.host, upstream.port),
-            config.primary_timeout,
-        )
-        .await?;
-        primary
-            .batch_execute("CHECKPOINT")
-            .await
-            .map_err(|source| ProbeError::Query {
-                what: "CHECKPOINT on the new primary",
-                source,
-            })?;
-        prepare_upstream(&config, &upstream).await?;
+        // One session does it, ensures the slot and reads the timeline to stream on, while the
+        // local postgres stops.
+        let prepare = async {
+            let primary = probe::connect(
+                &config.remote_target(&upstream.host, upstream.port),
+                config.primary_timeout,
+            )
+            .await?;
+            primary
+                .batch_execute("CHECKPOINT")
+                .await
+                .map_err(|source| ProbeError::Query {
+                    what: "CHECKPOINT on the new primary",
+                    source,
+                })?;
+            prepare_upstream_with(&primary, &upstream).await?;
+            Ok::<_, ActionError>(probe::probe_instance(&primary).await?.timeline)
+        };
+        let (stopped, prepared) = tokio::join!(self.stop_postgres(StopMode::Fast), prepare);
+        stopped?;
+        let primary_timeline = prepared?;
 
-        let rewind_failure = match self.rejoin_by_rewind(&upstream).await {
+        let rewind_failure = match self.rejoin_by_rewind(&upstream, primary_timeline).await {
             Ok(()) => None,
             Err(error) => Some(error.to_string()),
         };
@@ -750,7 +1071,11 @@ impl Supervisor {
         })
     }
 
-    async fn rejoin_by_rewind(&mut self, upstream: &Upstream) -> Result<(), ActionError> {
+    async fn rejoin_by_rewind(
+        &mut self,
+        upstream: &Upstream,
+        primary_timeline: Option<u32>,
+    ) -> Result<(), ActionError> {
         let config = self.handle.config.clone();
         let source = crate::agent::config::conninfo(
             &upstream.host,
@@ -767,13 +1092,23 @@ impl Supervisor {
             .arg(format!("--source-server={source}"))
             .arg("--progress");
         tracing::info!(host = %upstream.host, port = upstream.port, "running pg_rewind");
+        let started = Instant::now();
         run_tool("pg_rewind", command)
             .await
             .map_err(|e| ActionError::Rewind(e.to_string()))?;
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "pg_rewind done"
+        );
         // pg_rewind copied the source's configuration files: render ours again.
         write_configuration(&config, &config.data_dir, Some(upstream))?;
+        let started = Instant::now();
         self.start_postgres().await?;
-        self.verify_streaming(upstream).await
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "postgres up after pg_rewind"
+        );
+        self.verify_streaming(upstream, primary_timeline).await
     }
 
     async fn rejoin_by_reclone(&mut self, upstream: &Upstream) -> Result<(), ActionError> {
@@ -794,7 +1129,7 @@ impl Supervisor {
         }
         tracing::info!(old = %old.display(), "swapped in the re-cloned data directory");
         self.start_postgres().await?;
-        self.verify_streaming(upstream).await?;
+        self.verify_streaming(upstream, None).await?;
         // Only now is the old data directory no longer needed.
         if let Err(error) = std::fs::remove_dir_all(&old) {
             tracing::warn!(%error, old = %old.display(), "failed to remove the replaced data directory");
@@ -802,15 +1137,25 @@ impl Supervisor {
         Ok(())
     }
 
-    /// A rejoin counts only when the instance streams from `upstream` on its timeline.
-    async fn verify_streaming(&mut self, upstream: &Upstream) -> Result<(), ActionError> {
+    /// A rejoin counts only when the instance streams from `upstream` on its timeline (read from
+    /// the primary unless the caller just did).
+    async fn verify_streaming(
+        &mut self,
+        upstream: &Upstream,
+        primary_timeline: Option<u32>,
+    ) -> Result<(), ActionError> {
         let config = self.handle.config.clone();
-        let primary = probe::connect(
-            &config.remote_target(&upstream.host, upstream.port),
-            config.primary_timeout,
-        )
-        .await?;
-        let primary_state = probe::probe_instance(&primary).await?;
+        let primary_timeline = match primary_timeline {
+            Some(timeline) => Some(timeline),
+            None => {
+                let primary = probe::connect(
+                    &config.remote_target(&upstream.host, upstream.port),
+                    config.primary_timeout,
+                )
+                .await?;
+                probe::probe_instance(&primary).await?.timeline
+            }
+        };
         let deadline = Instant::now() + config.verify_timeout;
         let mut last_seen = String::from("no probe yet");
         while Instant::now() < deadline {
@@ -824,8 +1169,7 @@ impl Supervisor {
                 Ok(probe) => {
                     let receiver = probe.wal_receiver.as_ref();
                     let streaming = receiver.is_some_and(|r| r.status == "streaming");
-                    let on_timeline =
-                        receiver.and_then(|r| r.received_tli) == primary_state.timeline;
+                    let on_timeline = receiver.and_then(|r| r.received_tli) == primary_timeline;
                     if probe.in_recovery && streaming && on_timeline {
                         return Ok(());
                     }
@@ -833,7 +1177,7 @@ impl Supervisor {
                         "in_recovery={}, receiver={:?}, primary timeline {:?}",
                         probe.in_recovery,
                         receiver.map(|r| (&r.status, r.received_tli)),
-                        primary_state.timeline
+                        primary_timeline
                     );
                 }
                 Err(error) => last_seen = error.to_string(),
@@ -850,7 +1194,8 @@ impl Supervisor {
                     self.handle.log_tail().join("; ")
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Cheap on the kept session; the rejoin is done the moment it streams.
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
         Err(ActionError::Start(format!(
             "not streaming from {}:{} after {:?} ({last_seen}); postgres log: {}",
@@ -860,6 +1205,32 @@ impl Supervisor {
             self.handle.log_tail().join("; ")
         )))
     }
+}
+
+/// Writes the parameters include atomically (a reload never reads half a file), readable by
+/// the postgres user only.
+fn write_include(config: &AgentConfig, path: &Path, text: &str) -> Result<(), ActionError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ActionError::Instance(InstanceError::Io { what, path, source })
+    };
+    let temporary = path.with_extension("conf.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(io("write", &temporary))?;
+    file.write_all(text.as_bytes())
+        .map_err(io("write", &temporary))?;
+    config
+        .identity
+        .chown(&temporary)
+        .map_err(io("chown", &temporary))?;
+    std::fs::rename(&temporary, path).map_err(io("rename parameters file to", path))
 }
 
 fn unreachable_shutdown() -> Result<ActionOutcome, ActionError> {

@@ -18,6 +18,11 @@ pub mod condition {
     pub const FAILOVER_BLOCKED: &str = "FailoverBlocked";
     /// The spec was rejected by the operator's own validation (see the message).
     pub const SPEC_VALID: &str = "SpecValid";
+    /// Every instance runs the current `spec.parameters` (reloaded, or restarted when a
+    /// parameter needs it); False while a rollout is under way (the reason says which step).
+    pub const PARAMETERS_APPLIED: &str = "ParametersApplied";
+    /// Some instance is fenced on request (annotation `pgrs.dev/fence`).
+    pub const FENCED: &str = "Fenced";
 }
 
 /// The cluster phase shown by `kubectl get pgrs`.

@@ -341,6 +341,7 @@ fn print_up(layout: &Layout, status: &LocalStatus) -> anyhow::Result<()> {
         config.controller_url(),
         layout.dir.display()
     );
+    println!("dashboard: {}/", config.controller_url());
     println!("stop:    pgrs local down --dir {}", layout.dir.display());
     Ok(())
 }

@@ -89,6 +89,8 @@ struct Shared {
     shutting_down: std::sync::atomic::AtomicBool,
     /// A failover or switchover is under way.
     urgent: std::sync::atomic::AtomicBool,
+    /// An agent's report changed (role, postgres up, upstream): run a round now.
+    wake: tokio::sync::Notify,
     clients: HashMap<String, AgentClient>,
 }
 
@@ -307,6 +309,72 @@ async fn start_node(shared: &Arc<Shared>, name: &str, fresh: bool) -> Result<Str
     Ok(role)
 }
 
+/// What a round acts on in a report: when it changes, the round runs at once.
+fn report_key(status: &AgentStatus) -> (Role, bool, Option<i32>, Option<u32>, bool) {
+    let receiver = status.wal_receiver.as_ref();
+    (
+        status.role,
+        status.postgres_up,
+        receiver.and_then(|w| w.sender_port),
+        status.timeline,
+        receiver.is_some_and(|w| w.status == "streaming"),
+    )
+}
+
+/// Stores a successful report asked for at `asked_at`, unless a newer one is already stored
+/// (an action's answer may arrive before a poll sent earlier); wakes the round when it changes
+/// what the engine sees.
+fn note_report(shared: &Shared, name: &str, asked_at: Instant, status: AgentStatus) {
+    let mut observed = lock(&shared.observed);
+    let entry = observed.entry(name.to_string()).or_insert(Observed {
+        ok: None,
+        error: None,
+        gone: false,
+    });
+    if entry.ok.as_ref().is_some_and(|(at, _)| *at > asked_at) {
+        return;
+    }
+    let changed = entry.gone
+        || entry
+            .ok
+            .as_ref()
+            .is_none_or(|(_, last)| report_key(last) != report_key(&status));
+    entry.ok = Some((asked_at, status));
+    entry.error = None;
+    entry.gone = false;
+    drop(observed);
+    if changed {
+        shared.wake.notify_one();
+    }
+}
+
+/// A node in transition (starting, rejoining, a replica not streaming): polled faster, so that a
+/// rejoin proceeds without waiting a full controller interval at each step.
+fn settled(shared: &Shared, name: &str) -> bool {
+    if lock(&shared.state).former_primaries.contains(name) {
+        return false;
+    }
+    let observed = lock(&shared.observed);
+    let Some(entry) = observed.get(name) else {
+        return false;
+    };
+    if entry.gone {
+        // No agent: nothing to follow closely until `pgrs local start`.
+        return true;
+    }
+    entry.ok.as_ref().is_some_and(|(_, status)| {
+        status.postgres_up
+            && match status.role {
+                Role::Primary => true,
+                Role::Replica => status
+                    .wal_receiver
+                    .as_ref()
+                    .is_some_and(|w| w.status == "streaming"),
+                _ => false,
+            }
+    })
+}
+
 /// Polls one agent continuously; the engine reads the latest answer and its arrival time.
 async fn observe_node(shared: Arc<Shared>, name: String) {
     let client = shared.clients[&name].clone();
@@ -314,14 +382,14 @@ async fn observe_node(shared: Arc<Shared>, name: String) {
         // The report's time is when the request was sent: what it says is at least that recent.
         let asked_at = Instant::now();
         let result = tokio::time::timeout(Duration::from_secs(2), client.status()).await;
-        {
+        let keep_last = {
             let mut observed = lock(&shared.observed);
             let entry = observed.entry(name.clone()).or_insert(Observed {
                 ok: None,
                 error: None,
                 gone: false,
             });
-            match result {
+            match &result {
                 // A running postgres that could not be probed says nothing new about its role.
                 Ok(Ok(status))
                     if status.role == Role::Starting
@@ -332,24 +400,35 @@ async fn observe_node(shared: Arc<Shared>, name: String) {
                             .is_some_and(|(_, last)| last.role == Role::Primary) =>
                 {
                     entry.error = status.probe_error.clone();
+                    true
                 }
-                Ok(Ok(status)) => {
-                    entry.ok = Some((asked_at, status));
-                    entry.error = None;
-                    entry.gone = false;
-                }
+                Ok(Ok(_)) => false,
                 Ok(Err(error)) => {
                     // A refused connection means no agent listens; a slow answer keeps the last
                     // report, which the engine ages out by its own freshness rule.
-                    entry.gone = matches!(&error, crate::agent::client::ClientError::Transport { source, .. } if source.is_connect());
+                    let gone = matches!(error, crate::agent::client::ClientError::Transport { source, .. } if source.is_connect());
+                    if gone && !entry.gone {
+                        shared.wake.notify_one();
+                    }
+                    entry.gone = gone;
                     entry.error = Some(error.to_string());
+                    true
                 }
-                Err(_) => entry.error = Some("status request timed out".to_string()),
+                Err(_) => {
+                    entry.error = Some("status request timed out".to_string());
+                    true
+                }
             }
+        };
+        if !keep_last && let Ok(Ok(status)) = result {
+            note_report(&shared, &name, asked_at, status);
         }
-        // Poll fast while a failover or switchover is under way: the write endpoint switches as
-        // soon as the new primary is seen out of recovery.
+        // Poll fast while a failover or switchover is under way (the write endpoint switches as
+        // soon as the new primary is seen out of recovery) and while this node is in transition.
+        // A poll is cheap: the agent probes on a kept session.
         let pause = if shared.urgent.load(std::sync::atomic::Ordering::Relaxed) {
+            Duration::from_millis(20)
+        } else if !settled(&shared, &name) {
             Duration::from_millis(50)
         } else {
             Duration::from_millis(shared.config.interval_ms)
@@ -581,8 +660,9 @@ fn node_statuses(shared: &Shared, round: &Round) -> Vec<NodeStatus> {
         .collect()
 }
 
-async fn apply_sync(shared: &Shared, primary: &str, sync: &SyncSet) -> Result<(), String> {
-    let node = shared.node(primary).ok_or("unknown node")?;
+/// Superuser connection to `name`'s postgres.
+async fn connect_node(shared: &Shared, name: &str) -> Result<tokio_postgres::Client, String> {
+    let node = shared.node(name).ok_or("unknown node")?;
     let password =
         std::fs::read_to_string(shared.layout.superuser_password()).map_err(|e| e.to_string())?;
     let target = crate::postgres::probe::ConnectTarget {
@@ -592,9 +672,34 @@ async fn apply_sync(shared: &Shared, primary: &str, sync: &SyncSet) -> Result<()
         password: password.trim().to_string(),
         dbname: "postgres".to_string(),
     };
-    let client = crate::postgres::probe::connect(&target, Duration::from_secs(2))
+    crate::postgres::probe::connect(&target, Duration::from_secs(2))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// CHECKPOINT on a primary about to be demoted; bounded, and a failure only costs time.
+async fn checkpoint_before_demote(shared: &Shared, instance: &str) {
+    let started = Instant::now();
+    let attempt = async {
+        let client = connect_node(shared, instance).await?;
+        client
+            .batch_execute("CHECKPOINT")
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+        Ok(Ok(())) => tracing::info!(
+            instance,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "checkpoint before demotion"
+        ),
+        Ok(Err(error)) => tracing::warn!(instance, %error, "checkpoint before demotion failed"),
+        Err(_) => tracing::warn!(instance, "checkpoint before demotion timed out"),
+    }
+}
+
+async fn apply_sync(shared: &Shared, primary: &str, sync: &SyncSet) -> Result<(), String> {
+    let client = connect_node(shared, primary).await?;
     let names = sync.to_standby_names().replace('\'', "''");
     let describe = |e: tokio_postgres::Error| {
         let detail = e
@@ -674,14 +779,17 @@ async fn execute(shared: &Arc<Shared>, action: &Action) -> Result<(), String> {
                     })
                     .await;
                 match result {
-                    Ok(_) => shared.record(
-                        "info",
-                        "promote",
-                        format!(
-                            "{instance}: promoted in {} ms",
-                            started.elapsed().as_millis()
-                        ),
-                    ),
+                    Ok(response) => {
+                        note_report(&shared, &instance, started, response.status);
+                        shared.record(
+                            "info",
+                            "promote",
+                            format!(
+                                "{instance}: promoted in {} ms",
+                                started.elapsed().as_millis()
+                            ),
+                        )
+                    }
                     Err(error) => {
                         shared.record("warning", "promote", format!("{instance}: {error}"))
                     }
@@ -691,13 +799,20 @@ async fn execute(shared: &Arc<Shared>, action: &Action) -> Result<(), String> {
             Ok(())
         }
         Action::Demote { instance } => {
+            // A CHECKPOINT while it still serves leaves the shutdown checkpoint, which runs inside
+            // the write-unavailability window, little to write.
+            checkpoint_before_demote(shared, instance).await;
             let client = &shared.clients[instance];
-            client
+            let asked_at = Instant::now();
+            let response = client
                 .stop(&StopRequest {
                     mode: StopMode::Fast,
                 })
                 .await
                 .map_err(|e| e.to_string())?;
+            // The answer is the freshest report: the engine sees the old primary down without
+            // waiting for the next poll.
+            note_report(shared, instance, asked_at, response.status);
             // postgres is down: give the lease up at once (the agent would too, a bit later).
             match shared.store.release(instance).await {
                 Ok(_) | Err(LeaseError::NotHolder { .. }) => Ok(()),
@@ -790,6 +905,89 @@ fn record_events(shared: &Shared, events: &[Event]) {
     }
 }
 
+/// A former primary that its agent rewound against the holder when it started (the agent does
+/// that for a data directory last run as a primary) and that now streams from the holder on the
+/// holder's timeline has rejoined: no second rejoin. Nodes with an action under way are left to
+/// that action.
+fn clear_rewound_former_primaries(shared: &Shared, lease: &LeaseRecord) {
+    let Some(holder) = lease.holder.as_deref().and_then(|h| shared.node(h)) else {
+        return;
+    };
+    let formers: Vec<String> = lock(&shared.state)
+        .former_primaries
+        .iter()
+        .filter(|name| **name != holder.name)
+        .cloned()
+        .collect();
+    if formers.is_empty() {
+        return;
+    }
+    let mut rejoined = Vec::new();
+    {
+        let observed = lock(&shared.observed);
+        let nodes = lock(&shared.nodes);
+        let report = |name: &str| {
+            observed
+                .get(name)
+                .filter(|o| !o.gone)
+                .and_then(|o| o.ok.as_ref())
+                .map(|(_, status)| status)
+        };
+        let holder_timeline = report(&holder.name)
+            .filter(|s| s.role == Role::Primary && s.postgres_up)
+            .and_then(|s| s.timeline);
+        for name in formers {
+            if nodes.get(&name).is_some_and(|n| n.busy) {
+                continue;
+            }
+            let Some(status) = report(&name) else {
+                continue;
+            };
+            let Some(rejoin) = status
+                .last_rejoin
+                .as_ref()
+                .filter(|r| r.upstream.port == holder.pg_port)
+            else {
+                continue;
+            };
+            let streaming = status.role == Role::Replica
+                && status.wal_receiver.as_ref().is_some_and(|w| {
+                    w.status == "streaming"
+                        && w.sender_port == Some(i32::from(holder.pg_port))
+                        && w.received_tli.is_some()
+                        && w.received_tli == holder_timeline
+                });
+            if streaming {
+                rejoined.push((name, rejoin.path));
+            }
+        }
+    }
+    if rejoined.is_empty() {
+        return;
+    }
+    {
+        let mut state = lock(&shared.state);
+        for (name, _) in &rejoined {
+            state.former_primaries.remove(name);
+        }
+    }
+    shared.persist_state();
+    for (name, path) in rejoined {
+        shared.record(
+            "info",
+            "rejoin",
+            format!(
+                "{name}: rejoined 127.0.0.1:{} by {} when its agent started",
+                holder.pg_port,
+                match path {
+                    crate::agent::api::RejoinPath::Rewind => "pg_rewind",
+                    crate::agent::api::RejoinPath::Reclone => "re-clone",
+                }
+            ),
+        );
+    }
+}
+
 /// One observe → decide → act round. Returns whether anything was done (then the next round
 /// runs at once).
 async fn round(
@@ -806,6 +1004,7 @@ async fn round(
             return false;
         }
     };
+    clear_rewound_former_primaries(shared, &lease);
     let round = build_input(shared, &lease, lease_seen);
     let decision = decide(&round.input);
 
@@ -824,6 +1023,25 @@ async fn round(
         }
     }
 
+    // Also urgent while nobody holds the lease (right after a release, the engine waits for a
+    // fresh report before granting it) and while a switchover plan is open.
+    let urgent = matches!(
+        decision.status.phase,
+        crate::engine::Phase::FailingOver
+            | crate::engine::Phase::SwitchingOver
+            | crate::engine::Phase::PrimaryUnavailable
+    ) || decision.memory.switchover.is_some()
+        || round.input.lease.holder.is_none();
+    shared
+        .urgent
+        .store(urgent, std::sync::atomic::Ordering::Relaxed);
+    // During a handover the write endpoint holds new connections for the next primary.
+    forwarder.hold.send_if_modified(|hold| {
+        let modified = *hold != urgent;
+        *hold = urgent;
+        modified
+    });
+
     // The write endpoint follows the serving holder only.
     let serving = decision
         .status
@@ -840,18 +1058,6 @@ async fn round(
         }
     });
 
-    // Also urgent while nobody holds the lease (right after a release, the engine waits for a
-    // fresh report before granting it) and while a switchover plan is open.
-    shared.urgent.store(
-        matches!(
-            decision.status.phase,
-            crate::engine::Phase::FailingOver
-                | crate::engine::Phase::SwitchingOver
-                | crate::engine::Phase::PrimaryUnavailable
-        ) || decision.memory.switchover.is_some()
-            || round.input.lease.holder.is_none(),
-        std::sync::atomic::Ordering::Relaxed,
-    );
     record_events(shared, &decision.events);
     let phase_name = format!("{:?}", decision.status.phase);
     if last_phase.as_deref() != Some(phase_name.as_str()) {
@@ -1125,17 +1331,53 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
         shutdown: tokio::sync::Notify::new(),
         shutting_down: std::sync::atomic::AtomicBool::new(false),
         urgent: std::sync::atomic::AtomicBool::new(false),
+        wake: tokio::sync::Notify::new(),
         clients,
         layout: layout.clone(),
         config: config.clone(),
     });
+    // `/metrics`: counters fed by a sampler of each round's status, the round timer below and
+    // the agents' lease renewals (counted where the lease service answers them).
+    let metrics = Arc::new(crate::metrics::local::LocalMetrics::new(&config.cluster));
+    let counted_store = Arc::new(crate::metrics::local::CountingLeaseStore::new(
+        store.clone(),
+        metrics.clone(),
+    ));
     let api = Router::new()
         .route("/v1/cluster", get(get_cluster))
         .route("/v1/switchover", post(post_switchover))
         .route("/v1/nodes/{name}/start", post(post_start))
         .route("/v1/shutdown", post(post_shutdown))
         .with_state(shared.clone())
-        .merge(lease_router(store.clone()));
+        .merge(lease_router(counted_store))
+        .merge(Router::new().route(
+            "/metrics",
+            get({
+                let shared = shared.clone();
+                let metrics = metrics.clone();
+                move || std::future::ready(render_metrics(&shared, &metrics))
+            }),
+        ))
+        // The dashboard (`/`, `/api/clusters`) samples the latest round's status.
+        .merge(crate::dashboard::local_router({
+            let shared = shared.clone();
+            move || lock(&shared.status).clone()
+        }));
+    // Failovers are counted from status snapshots: sample each round's (it is replaced every
+    // 10 ms while a failover runs; 25 ms bounds the error of the measured duration).
+    let sampler = {
+        let shared = shared.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                let status = lock(&shared.status).clone();
+                if let Some(status) = status {
+                    metrics.observe_status(&status);
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
     let http = tokio::spawn(async move {
         let _ = axum::serve(listener, api).await;
     });
@@ -1194,7 +1436,9 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
     let mut last_phase = None;
     let interval = Duration::from_millis(config.interval_ms);
     loop {
+        let round_started = Instant::now();
         let acted = round(&shared, &mut lease_seen, &forwarder, &mut last_phase).await;
+        metrics.observe_round(round_started.elapsed());
         if shared
             .shutting_down
             .load(std::sync::atomic::Ordering::SeqCst)
@@ -1208,6 +1452,7 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
         };
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
+            _ = shared.wake.notified() => {}
             _ = shared.shutdown.notified() => break,
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -1217,7 +1462,39 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
     forwarder.target.send_replace(None);
     stop_agents(&shared, Duration::from_secs(20)).await;
     shared.persist_state();
+    sampler.abort();
     http.abort();
     let _ = std::fs::remove_file(&pid_path);
     Ok(())
+}
+
+/// `GET /metrics`: the Prometheus exposition of the local cluster.
+fn render_metrics(
+    shared: &Shared,
+    metrics: &crate::metrics::local::LocalMetrics,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    let status = lock(&shared.status).clone();
+    if let Some(status) = &status {
+        metrics.observe_status(status);
+    }
+    let wal_receivers = lock(&shared.observed)
+        .iter()
+        .filter_map(|(name, observed)| {
+            let (_, report) = observed.ok.as_ref()?;
+            (report.role == Role::Replica).then(|| {
+                let streaming = report
+                    .wal_receiver
+                    .as_ref()
+                    .is_some_and(|w| w.status == "streaming");
+                (name.clone(), streaming)
+            })
+        })
+        .collect();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        metrics.render(status.as_ref(), &wal_receivers),
+    )
 }

@@ -2,6 +2,10 @@
 //! current lease holder's postgres, and refuses connections (accept, then close at once) while
 //! there is none. When the target changes, connections to the old one are cut, so clients
 //! reconnect and land on the new primary instead of lingering on a deposed one.
+//!
+//! While a handover is under way (`hold`), a connection that arrives without a target is held
+//! for up to [`HOLD_LIMIT`] and forwarded the moment the new primary serves: the client sees a
+//! slow connect instead of an error, a retry pause and a second connect.
 
 use std::net::SocketAddr;
 
@@ -21,9 +25,14 @@ pub enum ForwarderError {
 /// Where the write endpoint points; `None` refuses connections.
 pub type TargetSender = watch::Sender<Option<SocketAddr>>;
 
+/// How long a connection arriving during a handover waits for the new primary.
+pub const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub struct Forwarder {
     pub local_addr: SocketAddr,
     pub target: TargetSender,
+    /// A handover is under way: hold target-less connections (bounded) instead of closing them.
+    pub hold: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -42,16 +51,44 @@ impl Forwarder {
             .local_addr()
             .map_err(|source| ForwarderError::Bind { addr, source })?;
         let (target, receiver) = watch::channel(None);
-        let task = tokio::spawn(accept_loop(listener, receiver));
+        let (hold, holding) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(listener, receiver, holding));
         Ok(Forwarder {
             local_addr,
             target,
+            hold,
             task,
         })
     }
 }
 
-async fn accept_loop(listener: TcpListener, target: watch::Receiver<Option<SocketAddr>>) {
+/// Waits (at most [`HOLD_LIMIT`], and only while `holding`) for a target to appear.
+async fn wait_for_target(
+    mut target: watch::Receiver<Option<SocketAddr>>,
+    mut holding: watch::Receiver<bool>,
+) -> Option<SocketAddr> {
+    let wait = async {
+        loop {
+            if let Some(upstream) = *target.borrow_and_update() {
+                return Some(upstream);
+            }
+            if !*holding.borrow_and_update() {
+                return None;
+            }
+            tokio::select! {
+                changed = target.changed() => changed.ok()?,
+                changed = holding.changed() => changed.ok()?,
+            }
+        }
+    };
+    tokio::time::timeout(HOLD_LIMIT, wait).await.ok().flatten()
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    target: watch::Receiver<Option<SocketAddr>>,
+    holding: watch::Receiver<bool>,
+) {
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -62,12 +99,26 @@ async fn accept_loop(listener: TcpListener, target: watch::Receiver<Option<Socke
             }
         };
         let current = *target.borrow();
-        let Some(upstream) = current else {
-            tracing::debug!(%peer, "write endpoint: no primary, refusing");
-            drop(client);
-            continue;
-        };
-        tokio::spawn(forward(client, upstream, target.clone()));
+        match current {
+            Some(upstream) => {
+                tokio::spawn(forward(client, upstream, target.clone()));
+            }
+            None if *holding.borrow() => {
+                let (target, holding) = (target.clone(), holding.clone());
+                tokio::spawn(async move {
+                    match wait_for_target(target.clone(), holding).await {
+                        Some(upstream) => forward(client, upstream, target).await,
+                        None => {
+                            tracing::debug!(%peer, "write endpoint: no primary after the hold, refusing");
+                        }
+                    }
+                });
+            }
+            None => {
+                tracing::debug!(%peer, "write endpoint: no primary, refusing");
+                drop(client);
+            }
+        }
     }
 }
 
@@ -180,6 +231,39 @@ mod tests {
         assert_eq!(
             roundtrip(&mut client, b"again").await.expect("echo"),
             b"again"
+        );
+    }
+
+    #[tokio::test]
+    async fn holds_connections_during_a_handover() {
+        let forwarder = Forwarder::bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let (upstream, _t) = echo_server().await;
+
+        // Held without a target, forwarded once one appears.
+        forwarder.hold.send_replace(true);
+        let mut held = TcpStream::connect(forwarder.local_addr)
+            .await
+            .expect("connect");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        forwarder.target.send_replace(Some(upstream));
+        assert_eq!(roundtrip(&mut held, b"held").await.expect("echo"), b"held");
+
+        // Held, then closed when no primary comes within the limit.
+        forwarder.target.send_replace(None);
+        let mut refused = TcpStream::connect(forwarder.local_addr)
+            .await
+            .expect("connect");
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(HOLD_LIMIT * 5, refused.read(&mut buf))
+            .await
+            .expect("closed after the hold limit");
+        assert_eq!(read.expect("eof"), 0);
+        assert!(
+            started.elapsed() >= HOLD_LIMIT / 2,
+            "closed before the hold"
         );
     }
 }

@@ -281,31 +281,36 @@ async fn set_synchronous_standbys(
     Ok(())
 }
 
-/// The role and read-pool labels every pod should carry. Pure: `primary` is the serving lease
-/// holder (the only pod `<name>-rw` may select); `readable` the replicas within the read lag
-/// limit.
+/// The role, read-pool and in-service labels every pod should carry. Pure: `primary` is the
+/// serving lease holder (the only pod `<name>-rw` may select); `readable` the replicas within
+/// the read lag limit; `fenced` pods carry none of them (no Service selects them).
 pub fn desired_labels(
     pods: &HashMap<String, PodView>,
     primary: Option<&str>,
     replicas: &BTreeSet<String>,
     readable: &BTreeSet<String>,
+    fenced: &BTreeSet<String>,
 ) -> BTreeMap<String, BTreeMap<String, Option<String>>> {
     let mut changes = BTreeMap::new();
     for pod in pods.values() {
-        let role = if Some(pod.name.as_str()) == primary {
+        let is_fenced = fenced.contains(&pod.name);
+        let role = if is_fenced {
+            None
+        } else if Some(pod.name.as_str()) == primary {
             Some(names::ROLE_PRIMARY)
         } else if replicas.contains(&pod.name) {
             Some(names::ROLE_REPLICA)
         } else {
             None
         };
-        let read_pool = readable
-            .contains(&pod.name)
+        let read_pool = (readable.contains(&pod.name) && !is_fenced)
             .then_some(names::READ_POOL_MEMBER);
+        let in_service = (!is_fenced).then_some(names::IN_SERVICE);
         let mut patch = BTreeMap::new();
         for (key, want) in [
             (names::LABEL_ROLE, role),
             (names::LABEL_READ_POOL, read_pool),
+            (names::LABEL_IN_SERVICE, in_service),
         ] {
             if pod.labels.get(key).map(String::as_str) != want {
                 patch.insert(key.to_string(), want.map(str::to_string));
@@ -368,15 +373,54 @@ mod tests {
             pod("pg-0", &[(names::LABEL_ROLE, names::ROLE_PRIMARY)]),
             pod("pg-1", &[(names::LABEL_ROLE, names::ROLE_REPLICA)]),
         ]);
-        let changes = desired_labels(&pods, Some("pg-1"), &BTreeSet::new(), &BTreeSet::new());
+        let none_fenced = BTreeSet::new();
+        let changes = desired_labels(
+            &pods,
+            Some("pg-1"),
+            &BTreeSet::new(),
+            &BTreeSet::new(),
+            &none_fenced,
+        );
         assert_eq!(changes["pg-0"][names::LABEL_ROLE], None);
         assert_eq!(
             changes["pg-1"][names::LABEL_ROLE].as_deref(),
             Some(names::ROLE_PRIMARY)
         );
         // Without a serving primary nobody carries the primary label.
-        let none = desired_labels(&pods, None, &BTreeSet::new(), &BTreeSet::new());
+        let none = desired_labels(&pods, None, &BTreeSet::new(), &BTreeSet::new(), &none_fenced);
         assert_eq!(none["pg-0"][names::LABEL_ROLE], None);
         assert!(!none.contains_key("pg-1") || none["pg-1"][names::LABEL_ROLE].is_none());
+    }
+
+    #[test]
+    fn a_fenced_pod_leaves_every_service() {
+        let pods = HashMap::from([
+            pod(
+                "pg-0",
+                &[
+                    (names::LABEL_ROLE, names::ROLE_PRIMARY),
+                    (names::LABEL_IN_SERVICE, names::IN_SERVICE),
+                ],
+            ),
+            pod(
+                "pg-1",
+                &[
+                    (names::LABEL_ROLE, names::ROLE_REPLICA),
+                    (names::LABEL_READ_POOL, names::READ_POOL_MEMBER),
+                    (names::LABEL_IN_SERVICE, names::IN_SERVICE),
+                ],
+            ),
+        ]);
+        let replicas = BTreeSet::from(["pg-1".to_string()]);
+        let fenced = BTreeSet::from(["pg-1".to_string()]);
+        let changes = desired_labels(&pods, Some("pg-0"), &replicas, &replicas, &fenced);
+        for key in [
+            names::LABEL_ROLE,
+            names::LABEL_READ_POOL,
+            names::LABEL_IN_SERVICE,
+        ] {
+            assert_eq!(changes["pg-1"][key], None, "{key}");
+        }
+        assert!(!changes.contains_key("pg-0"));
     }
 }

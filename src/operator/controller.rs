@@ -30,7 +30,9 @@ use crate::coordination::{KubeLeaseStore, LeaseStore as _};
 use crate::engine::{self, LeaseView, MonoTime, ObservedRole, Severity, decide};
 use crate::operator::act::{self, ActError, Actor, Busy, Completed};
 use crate::operator::build::{self, BuildError, BuildInput, ClusterSecrets, names};
+use crate::operator::fence::{self, FenceRequest};
 use crate::operator::observe::{self, PodView, Poll, Remembered, Report};
+use crate::operator::rollout;
 use crate::operator::status::{self, SeenAt, StatusInput};
 
 /// Children are re-applied at least this often even when the spec did not change (drift).
@@ -101,6 +103,8 @@ pub struct Metrics {
     pub reconciles: AtomicU64,
     pub failures: std::sync::Mutex<HashMap<&'static str, u64>>,
     pub failovers: AtomicU64,
+    /// Per-cluster series (instances, lease, failovers, reconcile durations): `crate::metrics`.
+    pub clusters: crate::metrics::operator::OperatorMetrics,
 }
 
 impl Metrics {
@@ -124,6 +128,7 @@ impl Metrics {
             "pgrs_operator_failovers_total {}\n",
             self.failovers.load(Ordering::Relaxed)
         ));
+        text.push_str(&self.clusters.render());
         text
     }
 }
@@ -149,6 +154,12 @@ struct ClusterRuntime {
     ever_served: bool,
     last_events: HashMap<String, String>,
     errors_in_a_row: u32,
+    /// Instances fenced by the annotation in the last round (for Fenced/Unfenced Events).
+    fenced: BTreeSet<String>,
+    /// Standbys whose lag was above `monitoring.lagAlertSeconds` in the last round.
+    lag_high: BTreeSet<String>,
+    /// Parameter rollout and scale-down bookkeeping (`rollout` module).
+    rollout: RolloutMemory,
 }
 
 impl ClusterRuntime {
@@ -171,6 +182,9 @@ impl ClusterRuntime {
             ever_served: previous.is_some_and(|s| s.current_primary.is_some()),
             last_events: HashMap::new(),
             errors_in_a_row: 0,
+            fenced: BTreeSet::new(),
+            lag_high: BTreeSet::new(),
+            rollout: RolloutMemory::new(previous),
         }
     }
 }
@@ -310,8 +324,14 @@ async fn reconcile_in_span(
     if cluster.metadata.deletion_timestamp.is_some() {
         // Children carry owner references: the garbage collector deletes them.
         context.clusters.lock().await.remove(&key(&cluster));
+        let namespace = cluster.namespace().unwrap_or_default();
+        context
+            .metrics
+            .clusters
+            .forget(&namespace, &cluster.name_any());
         return Ok(Requeue::await_change());
     }
+    let started = Instant::now();
     let runtime = runtime_of(&context, &cluster).await;
     let mut runtime = runtime.lock().await;
     let result = Reconciler {
@@ -325,6 +345,12 @@ async fn reconcile_in_span(
         Ok(_) => runtime.errors_in_a_row = 0,
         Err(_) => runtime.errors_in_a_row = runtime.errors_in_a_row.saturating_add(1),
     }
+    context.metrics.clusters.observe_reconcile(
+        &cluster.namespace().unwrap_or_default(),
+        &cluster.name_any(),
+        started.elapsed(),
+        result.as_ref().err().map(ReconcileError::category),
+    );
     result
 }
 
@@ -449,9 +475,11 @@ impl Reconciler<'_> {
         secrets: &ClusterSecrets,
         generation: i64,
     ) -> Result<(), ReconcileError> {
+        let retained = self.retained_replicas();
         if let Some((applied, at)) = self.runtime.applied
             && applied == generation
             && at.elapsed() < REAPPLY_EVERY
+            && self.runtime.rollout.applied_replicas.as_ref() == Some(&retained)
         {
             return Ok(());
         }
@@ -460,6 +488,14 @@ impl Reconciler<'_> {
             default_image: &self.context.settings.default_image,
             secrets,
         })?;
+        // A scale-down keeps the primary's pod until a switchover moved the role away.
+        for statefulset in &mut objects.statefulsets {
+            let name = statefulset.metadata.name.clone().unwrap_or_default();
+            if let Some(count) = retained.get(&name) {
+                statefulset.spec.replicas = Some(i32::try_from(*count).unwrap_or(i32::MAX));
+            }
+        }
+        self.runtime.rollout.applied_replicas = Some(retained);
         if self.context.settings.database_as_root {
             for statefulset in &mut objects.statefulsets {
                 if let Some(pod) = statefulset.spec.template.spec.as_mut() {
@@ -512,10 +548,14 @@ impl Reconciler<'_> {
         let name = self.name();
         let spec = &self.cluster.spec;
         let groups = resolve_groups(&name, spec);
-        let instances: Vec<String> = groups.iter().flat_map(|g| g.instance_names()).collect();
         // The Lease first, then the pods and agents: what they show is at least as recent as
         // the Lease (a released Lease is never paired with a pod list from before the deletion).
         let lease = lease_store.get().await.map_err(ReconcileError::Lease)?;
+        // A scale-down keeps the instances up to the primary until it moved (`rollout`).
+        let spec_groups = groups;
+        let groups = rollout::retained_groups(&spec_groups, lease.holder.as_deref());
+        let instances: Vec<String> = groups.iter().flat_map(|g| g.instance_names()).collect();
+        self.forget_removed(&instances);
         let now = Instant::now();
         let seen = match &self.runtime.lease_seen {
             Some((holder, version, at)) if *holder == lease.holder && *version == lease.version => {
@@ -524,6 +564,14 @@ impl Reconciler<'_> {
             _ => now,
         };
         self.runtime.lease_seen = Some((lease.holder.clone(), lease.version.clone(), seen));
+        self.context.metrics.clusters.observe_lease(
+            &self.namespace(),
+            &name,
+            lease.holder.as_deref(),
+            &lease.version,
+            now.saturating_duration_since(seen),
+            lease.duration,
+        );
         let pods = self.pods().await?;
 
         // Observe every agent at once.
@@ -577,8 +625,20 @@ impl Reconciler<'_> {
             engine_spec(&name, spec),
             &self.runtime.remembered,
         );
+        let fence_request = FenceRequest::parse(
+            self.cluster
+                .annotations()
+                .get(fence::ANNOTATION_FENCE)
+                .map(String::as_str),
+            &instances,
+        );
+        fence::restrict_input(&mut input, &fence_request);
         self.request_switchover(&mut input).await?;
+        let rollout_outcome = self
+            .rollout(&mut input, &spec_groups, &groups, &pods, secrets)
+            .await;
         let mut decision = decide(&input);
+        fence::restrict_decision(&mut decision, &input, &fence_request);
         crate::engine::track_former_primaries(
             &mut self.runtime.remembered.former_primaries,
             &mut self.runtime.last_holder,
@@ -625,6 +685,7 @@ impl Reconciler<'_> {
 
         self.track_failover(&decision, &lease, &pods);
         self.record_events(&decision.events).await;
+        self.fence_events(&fence_request).await;
 
         let actor = Actor {
             pods: &pods,
@@ -670,7 +731,13 @@ impl Reconciler<'_> {
                 readable.insert(instance.clone());
             }
         }
-        let changes = act::desired_labels(&pods, primary.as_deref(), &replicas, &readable);
+        let changes = act::desired_labels(
+            &pods,
+            primary.as_deref(),
+            &replicas,
+            &readable,
+            &fence_request.fenced,
+        );
         if !changes.is_empty() {
             let api: Api<Pod> = Api::namespaced(self.context.client.clone(), &self.namespace());
             act::relabel(&api, &changes).await?;
@@ -703,10 +770,24 @@ impl Reconciler<'_> {
             never_served: !self.runtime.ever_served,
             lag_alert_seconds: f64::from(spec.monitoring.lag_alert_seconds),
             last_failover: self.runtime.last_failover.clone(),
+            fenced: &fence_request.fenced,
         });
+        new_status
+            .conditions
+            .push(rollout_outcome.condition(generation));
         if let Some(previous) = &self.cluster.status {
             status::keep_transition_times(&mut new_status.conditions, &previous.conditions);
         }
+        self.lag_events(&new_status, f64::from(spec.monitoring.lag_alert_seconds))
+            .await;
+        self.context.metrics.clusters.observe_status(
+            &self.namespace(),
+            &name,
+            &new_status,
+            crate::metrics::operator::wal_receivers(
+                self.runtime.reports.iter().map(|(n, r)| (n, &r.status)),
+            ),
+        );
         self.write_status(&new_status).await?;
         if let Some(error) = action_error {
             return Err(error.into());
@@ -717,7 +798,8 @@ impl Reconciler<'_> {
                 | engine::Phase::SwitchingOver
                 | engine::Phase::PrimaryUnavailable
                 | engine::Phase::Bootstrapping
-        ) || !decision.actions.is_empty())
+        ) || !decision.actions.is_empty()
+            || rollout_outcome.busy)
     }
 
     /// A planned switchover, from the annotation `pgrs.dev/switchover-to` (removed once read)
@@ -901,6 +983,72 @@ impl Reconciler<'_> {
         }
     }
 
+    /// Events when instances are fenced or unfenced by the annotation, or it names no instance.
+    async fn fence_events(&mut self, request: &FenceRequest) {
+        let (fenced, unfenced) = fence::changes(&self.runtime.fenced, &request.fenced);
+        self.runtime.fenced = request.fenced.clone();
+        for instance in fenced {
+            tracing::warn!(%instance, "fencing on request");
+            let note = format!(
+                "{instance} fenced on request ({}): postgres stopped, removed from every Service, excluded from failover",
+                fence::ANNOTATION_FENCE
+            );
+            self.context
+                .publish(self.cluster, EventType::Warning, "Fenced", note)
+                .await;
+        }
+        for instance in unfenced {
+            tracing::info!(%instance, "unfenced on request");
+            let note = format!("{instance} unfenced: it rejoins as a replica");
+            self.context
+                .publish(self.cluster, EventType::Normal, "Unfenced", note)
+                .await;
+        }
+        if !request.unknown.is_empty() {
+            let note = format!(
+                "{} names no instance of this cluster: {}",
+                fence::ANNOTATION_FENCE,
+                request.unknown.join(", ")
+            );
+            if self.runtime.last_events.get("FenceUnknownInstance") != Some(&note) {
+                self.runtime
+                    .last_events
+                    .insert("FenceUnknownInstance".to_string(), note.clone());
+                self.context
+                    .publish(self.cluster, EventType::Warning, "FenceUnknownInstance", note)
+                    .await;
+            }
+        }
+    }
+
+    /// `LagHigh` when a standby's replay lag goes above `monitoring.lagAlertSeconds`,
+    /// `LagRecovered` when it comes back under it (or stops being a standby).
+    async fn lag_events(&mut self, new_status: &PgReplicaSetStatus, threshold: f64) {
+        let lagging = status::lagging(new_status, threshold);
+        let now: BTreeSet<String> = lagging.keys().cloned().collect();
+        let (started, ended) = fence::changes(&self.runtime.lag_high, &now);
+        self.runtime.lag_high = now;
+        for instance in started {
+            let seconds = lagging.get(&instance).copied().unwrap_or_default();
+            tracing::warn!(%instance, lag_seconds = seconds, threshold, "replication lag above the alert threshold");
+            let note = format!(
+                "{instance} replays {seconds:.1}s behind the primary (monitoring.lagAlertSeconds: {threshold})"
+            );
+            self.context
+                .publish(self.cluster, EventType::Warning, "LagHigh", note)
+                .await;
+        }
+        for instance in ended {
+            tracing::info!(%instance, threshold, "replication lag back under the alert threshold");
+            let note = format!(
+                "{instance} is no longer more than {threshold}s behind the primary"
+            );
+            self.context
+                .publish(self.cluster, EventType::Normal, "LagRecovered", note)
+                .await;
+        }
+    }
+
     /// Engine events as Kubernetes Events, without repeating the same message.
     async fn record_events(&mut self, events: &[engine::Event]) {
         for event in events {
@@ -1000,4 +1148,433 @@ fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
         std::borrow::Cow::Borrowed(kind) => kind,
         std::borrow::Cow::Owned(_) => "object",
     }
+}
+
+// ---- parameter rollout and scaling (planned by `rollout`, carried out here) -------------------
+
+/// How long an agent may take to write and reload the parameters.
+const PARAMETERS_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long an agent may take to restart postgres (fast stop, start, recovery).
+const RESTART_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// What the controller remembers between rounds for rollouts and scaling.
+struct RolloutMemory {
+    /// The instance restarted for its parameters, until it is back.
+    restarting: Option<String>,
+    /// The parameters digest last announced as applied everywhere.
+    applied_hash: Option<String>,
+    /// Replica counts per StatefulSet as last applied.
+    applied_replicas: Option<std::collections::BTreeMap<String, u32>>,
+    /// The instances of the previous round, to notice removals.
+    known: Vec<String>,
+    /// Removed instances whose replication slot is still to drop on the primary.
+    slots_to_drop: BTreeSet<String>,
+}
+
+impl RolloutMemory {
+    fn new(previous: Option<&PgReplicaSetStatus>) -> Self {
+        RolloutMemory {
+            restarting: None,
+            applied_hash: None,
+            applied_replicas: None,
+            known: previous
+                .map(|s| s.instances.iter().map(|i| i.name.clone()).collect())
+                .unwrap_or_default(),
+            slots_to_drop: BTreeSet::new(),
+        }
+    }
+}
+
+/// The rollout's share of a round: the `ParametersApplied` condition and whether to come back
+/// quickly.
+struct RolloutOutcome {
+    condition: (bool, &'static str, String),
+    busy: bool,
+}
+
+impl RolloutOutcome {
+    fn condition(
+        &self,
+        generation: i64,
+    ) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        let (ok, reason, message) = &self.condition;
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: api::condition::PARAMETERS_APPLIED.to_string(),
+            status: if *ok { "True" } else { "False" }.to_string(),
+            reason: reason.to_string(),
+            message: message.clone(),
+            observed_generation: Some(generation),
+            last_transition_time: now_time(),
+        }
+    }
+}
+
+impl Reconciler<'_> {
+    /// Replicas per StatefulSet: the spec's, or up to the primary's ordinal during a
+    /// scale-down (the Lease holder as last seen, else the status).
+    fn retained_replicas(&self) -> std::collections::BTreeMap<String, u32> {
+        let holder = match &self.runtime.lease_seen {
+            Some((holder, _, _)) => holder.clone(),
+            None => self
+                .cluster
+                .status
+                .as_ref()
+                .and_then(|s| s.current_primary.clone()),
+        };
+        let groups = resolve_groups(&self.name(), &self.cluster.spec);
+        rollout::retained_groups(&groups, holder.as_deref())
+            .into_iter()
+            .map(|g| (g.statefulset, g.replicas))
+            .collect()
+    }
+
+    /// Forgets instances that left the cluster (their reports, so they leave the status) and
+    /// queues their replication slots for dropping.
+    fn forget_removed(&mut self, instances: &[String]) {
+        let memory = &mut self.runtime.rollout;
+        let removed = rollout::removed(&memory.known, instances);
+        if !removed.is_empty() {
+            tracing::info!(?removed, "instances removed from the cluster");
+        }
+        memory.slots_to_drop.extend(removed);
+        memory.slots_to_drop.retain(|n| !instances.contains(n));
+        memory.known = instances.to_vec();
+        self.runtime.reports.retain(|n, _| instances.contains(n));
+        self.runtime.seen_at.retain(|n, _| instances.contains(n));
+    }
+
+    /// Scale-down switchover, slot cleanup and the parameter rollout for this round. Runs
+    /// before the engine decides, so that a switchover it plans is carried out this round.
+    async fn rollout(
+        &mut self,
+        input: &mut engine::EngineInput,
+        spec_groups: &[crate::api::ResolvedGroup],
+        groups: &[crate::api::ResolvedGroup],
+        pods: &HashMap<String, PodView>,
+        secrets: &ClusterSecrets,
+    ) -> RolloutOutcome {
+        let desired = crate::agent::config::parameters_hash(&self.cluster.spec.parameters);
+        let names: Vec<String> = groups.iter().flat_map(|g| g.instance_names()).collect();
+        let views: Vec<rollout::InstanceView> = names
+            .iter()
+            .filter(|name| input.instance(name).is_some_and(|i| input.is_fresh(i)))
+            .filter_map(|name| {
+                let status = &self.runtime.reports.get(name)?.status;
+                Some(rollout::InstanceView {
+                    name: name.clone(),
+                    role: status.role,
+                    streaming: status
+                        .wal_receiver
+                        .as_ref()
+                        .is_some_and(|w| w.status == "streaming"),
+                    parameters_hash: status.parameters_hash.clone(),
+                    pending_restart: status.pending_restart.clone(),
+                })
+            })
+            .collect();
+        let primary = input.lease.holder.clone().filter(|holder| {
+            views
+                .iter()
+                .any(|v| v.name == *holder && v.role == crate::agent::api::Role::Primary)
+        });
+
+        // Scale-down: the primary must not be among the removed instances.
+        let extra = rollout::retained_extra(spec_groups, groups);
+        let mut scaling = false;
+        if let Some(p) = &primary
+            && extra.contains(p)
+        {
+            scaling = true;
+            if input.memory.switchover.is_none() {
+                let candidates = rollout::scale_down_candidates(spec_groups, &views);
+                let why = format!("{p} is removed by the scale-down");
+                self.switchover_for(input, &candidates, "ScaleDownSwitchover", why)
+                    .await;
+            }
+        }
+        if let Some(p) = &primary {
+            self.drop_removed_slots(p, pods, secrets).await;
+        }
+
+        let restarting = self.runtime.rollout.restarting.clone();
+        let plan = rollout::plan(&rollout::RolloutInput {
+            desired_hash: &desired,
+            primary: primary.as_deref(),
+            instances: &views,
+            desired_instances: names.len(),
+            restarting: restarting.as_deref(),
+            role_change_in_progress: input.memory.switchover.is_some() || scaling,
+        });
+        self.push_parameters(&plan.push, pods, secrets).await;
+        if let Some(done) = &plan.restart_finished {
+            self.runtime.rollout.restarting = None;
+            tracing::info!(instance = %done, "restarted for its parameters");
+            let note = format!("{done} is back after its restart, with nothing pending");
+            self.context
+                .publish(self.cluster, EventType::Normal, "InstanceRestarted", note)
+                .await;
+        }
+        let mut busy = false;
+        match &plan.step {
+            rollout::RolloutStep::Restart { instance, primary } => {
+                busy = true;
+                self.restart_instance(instance, *primary, pods, secrets)
+                    .await;
+            }
+            rollout::RolloutStep::Switchover { from, candidates } => {
+                if input.memory.switchover.is_none() {
+                    let why = format!("{from} needs a restart for its parameters");
+                    self.switchover_for(input, candidates, "SwitchoverForRestart", why)
+                        .await;
+                }
+            }
+            rollout::RolloutStep::Applied => {
+                if self.runtime.rollout.applied_hash.as_deref() != Some(desired.as_str()) {
+                    self.runtime.rollout.applied_hash = Some(desired.clone());
+                    let note = format!("every instance runs the parameters {desired}");
+                    self.context
+                        .publish(self.cluster, EventType::Normal, "ParametersApplied", note)
+                        .await;
+                }
+            }
+            rollout::RolloutStep::Wait { .. } => {}
+        }
+        RolloutOutcome {
+            condition: rollout::condition(&plan.step),
+            busy,
+        }
+    }
+
+    fn agent(
+        &self,
+        instance: &str,
+        pods: &HashMap<String, PodView>,
+        secrets: &ClusterSecrets,
+        timeout: Duration,
+    ) -> Option<crate::agent::client::AgentClient> {
+        let url = pods.get(instance).and_then(PodView::agent_url)?;
+        crate::agent::client::AgentClient::new(url, Some(secrets.agent_token.clone()))
+            .ok()
+            .map(|c| c.with_action_timeout(timeout))
+    }
+
+    /// Sends the spec's parameters to every agent in `instances` at once.
+    async fn push_parameters(
+        &mut self,
+        instances: &[String],
+        pods: &HashMap<String, PodView>,
+        secrets: &ClusterSecrets,
+    ) {
+        let request = crate::agent::api::ParametersRequest {
+            parameters: self.cluster.spec.parameters.clone(),
+        };
+        let clients: Vec<_> = instances
+            .iter()
+            .filter_map(|i| Some((i.clone(), self.agent(i, pods, secrets, PARAMETERS_TIMEOUT)?)))
+            .collect();
+        let results = futures::future::join_all(clients.into_iter().map(|(instance, client)| {
+            let request = &request;
+            async move { (instance, client.parameters(request).await) }
+        }))
+        .await;
+        for (instance, result) in results {
+            let (type_, reason, note) = match result {
+                Ok(response) => {
+                    tracing::info!(%instance, message = %response.message, "parameters sent");
+                    (
+                        EventType::Normal,
+                        "ParametersReloaded",
+                        format!("{instance}: {}", response.message),
+                    )
+                }
+                Err(error) => {
+                    tracing::warn!(%instance, %error, "failed to send the parameters");
+                    (
+                        EventType::Warning,
+                        "ParametersFailed",
+                        format!("failed to send the parameters to {instance}: {error}"),
+                    )
+                }
+            };
+            let key = format!("{reason}/{instance}");
+            if self.runtime.last_events.get(&key) != Some(&note) {
+                self.runtime.last_events.insert(key, note.clone());
+                self.context
+                    .publish(self.cluster, type_, reason, note)
+                    .await;
+            }
+        }
+    }
+
+    /// Restarts one instance's postgres (the round waits: one restart at a time anyway).
+    async fn restart_instance(
+        &mut self,
+        instance: &str,
+        primary: bool,
+        pods: &HashMap<String, PodView>,
+        secrets: &ClusterSecrets,
+    ) {
+        let pending = self
+            .runtime
+            .reports
+            .get(instance)
+            .and_then(|r| r.status.pending_restart.clone())
+            .unwrap_or_default()
+            .join(", ");
+        let role = if primary {
+            "the primary, in place: no standby to switch to"
+        } else {
+            "a standby"
+        };
+        tracing::info!(%instance, %pending, primary, "restarting for parameters");
+        let note = format!("restarting {instance} ({role}) for {pending}");
+        self.context
+            .publish(self.cluster, EventType::Normal, "RestartingInstance", note)
+            .await;
+        self.runtime.rollout.restarting = Some(instance.to_string());
+        let result = match self.agent(instance, pods, secrets, RESTART_TIMEOUT) {
+            Some(client) => client.restart().await.map_err(|e| e.to_string()),
+            None => Err("its pod has no IP".to_string()),
+        };
+        if let Err(error) = result {
+            tracing::warn!(%instance, %error, "restart failed");
+            self.runtime.rollout.restarting = None;
+            let note = format!("restart of {instance} failed: {error}");
+            self.context
+                .publish(self.cluster, EventType::Warning, "RestartFailed", note)
+                .await;
+        }
+    }
+
+    /// Plans a switchover to the first candidate the engine accepts; an Event says why.
+    async fn switchover_for(
+        &mut self,
+        input: &mut engine::EngineInput,
+        candidates: &[String],
+        reason: &'static str,
+        why: String,
+    ) {
+        let mut refusals = Vec::new();
+        for candidate in candidates {
+            match engine::plan_switchover(input, Some(candidate)) {
+                Ok(plan) => {
+                    let note = format!("{why}: switching over from {} to {}", plan.from, plan.to);
+                    tracing::info!(from = %plan.from, to = %plan.to, reason, "switchover planned");
+                    input.memory.switchover = Some(plan);
+                    self.context
+                        .publish(self.cluster, EventType::Normal, reason, note)
+                        .await;
+                    return;
+                }
+                Err(refusal) => refusals.push(format!("{candidate}: {refusal}")),
+            }
+        }
+        let note = if refusals.is_empty() {
+            format!("{why}, but no standby is ready to take over")
+        } else {
+            format!(
+                "{why}, but no standby can take over ({})",
+                refusals.join("; ")
+            )
+        };
+        let key = format!("{reason}Waiting");
+        if self.runtime.last_events.get(&key) != Some(&note) {
+            self.runtime.last_events.insert(key.clone(), note.clone());
+            self.context
+                .publish(self.cluster, EventType::Warning, &key, note)
+                .await;
+        }
+    }
+
+    /// Drops the replication slots of removed instances on the primary once their pods are
+    /// gone (an active slot is left for the next round).
+    async fn drop_removed_slots(
+        &mut self,
+        primary: &str,
+        pods: &HashMap<String, PodView>,
+        secrets: &ClusterSecrets,
+    ) {
+        let gone: Vec<String> = self
+            .runtime
+            .rollout
+            .slots_to_drop
+            .iter()
+            .filter(|n| !pods.contains_key(*n))
+            .cloned()
+            .collect();
+        let Some(host) = pods.get(primary).and_then(|p| p.ip.clone()) else {
+            return;
+        };
+        if gone.is_empty() {
+            return;
+        }
+        let slots: Vec<String> = gone
+            .iter()
+            .map(|n| crate::agent::config::slot_name_for(n))
+            .collect();
+        match drop_slots(&host, &secrets.superuser_password, &slots).await {
+            Ok(dropped) => {
+                for instance in &gone {
+                    self.runtime.rollout.slots_to_drop.remove(instance);
+                }
+                if !dropped.is_empty() {
+                    tracing::info!(
+                        ?dropped,
+                        "dropped the replication slots of removed instances"
+                    );
+                    let note = format!(
+                        "dropped replication slots {} on {primary}",
+                        dropped.join(", ")
+                    );
+                    self.context
+                        .publish(
+                            self.cluster,
+                            EventType::Normal,
+                            "ReplicationSlotDropped",
+                            note,
+                        )
+                        .await;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "failed to drop the replication slots of removed instances");
+            }
+        }
+    }
+}
+
+/// Drops the inactive physical slots among `slots` on the primary at `host`; returns those
+/// dropped. An active slot (its standby still streams) fails the call, to be retried.
+async fn drop_slots(host: &str, password: &str, slots: &[String]) -> Result<Vec<String>, String> {
+    let target = crate::postgres::probe::ConnectTarget {
+        host: host.to_string(),
+        port: names::POSTGRES_PORT,
+        user: "postgres".to_string(),
+        password: password.to_string(),
+        dbname: "postgres".to_string(),
+    };
+    let client = crate::postgres::probe::connect(&target, Duration::from_secs(2))
+        .await
+        .map_err(|e| e.to_string())?;
+    let active: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = ANY($1) AND active",
+            &[&slots],
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .get(0);
+    if active > 0 {
+        return Err(format!("{active} of the slots are still active"));
+    }
+    let rows = client
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots \
+             WHERE slot_name = ANY($1) AND slot_type = 'physical' AND NOT active \
+             AND pg_drop_replication_slot(slot_name) IS NOT NULL",
+            &[&slots],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
 }

@@ -5,5 +5,8 @@ pub mod act;
 pub mod build;
 pub mod cli;
 pub mod controller;
+pub mod fence;
+pub mod leader;
 pub mod observe;
+pub mod rollout;
 pub mod status;

@@ -1,7 +1,7 @@
 //! Status: from one round's observations and decision to `PgReplicaSet.status`. Pure; the
 //! controller writes it with server-side apply on the status subresource.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -107,6 +107,8 @@ pub struct StatusInput<'a> {
     pub never_served: bool,
     pub lag_alert_seconds: f64,
     pub last_failover: Option<crate::api::FailoverRecord>,
+    /// Instances fenced on request (annotation `pgrs.dev/fence`).
+    pub fenced: &'a BTreeSet<String>,
 }
 
 pub fn cluster_status(input: &StatusInput<'_>) -> PgReplicaSetStatus {
@@ -257,11 +259,40 @@ pub fn cluster_status(input: &StatusInput<'_>) -> PgReplicaSetStatus {
             generation,
         ),
     ];
+    conditions.push(condition(
+        condition::FENCED,
+        !input.fenced.is_empty(),
+        if input.fenced.is_empty() {
+            "NoneFenced"
+        } else {
+            "FencedOnRequest"
+        },
+        if input.fenced.is_empty() {
+            "no instance is fenced".to_string()
+        } else {
+            let names: Vec<&str> = input.fenced.iter().map(String::as_str).collect();
+            format!(
+                "fenced on request (annotation pgrs.dev/fence): {}",
+                names.join(", ")
+            )
+        },
+        generation,
+    ));
+    let primary_fenced = input.decision.status.primary.is_none()
+        && input
+            .decision
+            .status
+            .message
+            .contains(crate::operator::fence::ANNOTATION_FENCE);
     if engine_phase == engine::Phase::FailoverBlocked && !input.never_served {
         conditions.push(condition(
             condition::FAILOVER_BLOCKED,
             true,
-            "NoSafeCandidate",
+            if primary_fenced {
+                "PrimaryFenced"
+            } else {
+                "NoSafeCandidate"
+            },
             input.decision.status.message.clone(),
             generation,
         ));
@@ -281,6 +312,17 @@ pub fn cluster_status(input: &StatusInput<'_>) -> PgReplicaSetStatus {
         instances,
         last_failover: input.last_failover.clone(),
     }
+}
+
+/// Standbys replaying more than `threshold` seconds behind the primary, with their lag: what
+/// the `LagHigh` condition lists and the `LagHigh` Events announce.
+pub fn lagging(status: &PgReplicaSetStatus, threshold: f64) -> BTreeMap<String, f64> {
+    status
+        .instances
+        .iter()
+        .filter(|i| status.current_primary.as_deref() != Some(i.name.as_str()))
+        .filter_map(|i| i.lag_seconds.filter(|s| *s > threshold).map(|s| (i.name.clone(), s)))
+        .collect()
 }
 
 /// The status of a spec the operator refuses: phase Invalid and the reason, nothing else

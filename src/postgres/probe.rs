@@ -41,6 +41,8 @@ pub enum ProbeError {
     },
     #[error("timed out connecting to postgres at {host}:{port}")]
     ConnectTimeout { host: String, port: u16 },
+    #[error("postgres did not answer the probe within {timeout:?}")]
+    QueryTimeout { timeout: Duration },
     #[error("failed to query postgres ({what}): {source}")]
     Query {
         what: &'static str,

@@ -28,6 +28,10 @@ pub const LABEL_READ_POOL: &str = "pgrs.dev/read-pool";
 pub const READ_POOL_MEMBER: &str = "true";
 /// Annotation requesting a planned switchover to the named instance.
 pub const ANNOTATION_SWITCHOVER_TO: &str = "pgrs.dev/switchover-to";
+/// Set on pods by the operator only: `true` on every instance that is not fenced (selected by
+/// `<name>-r`), so that a fenced instance leaves every client Service.
+pub const LABEL_IN_SERVICE: &str = "pgrs.dev/in-service";
+pub const IN_SERVICE: &str = "true";
 
 /// `app.kubernetes.io/component` of the database pods and their objects.
 pub const COMPONENT_DATABASE: &str = "database";

@@ -79,11 +79,12 @@ pub fn ro_service(owner: &Owner) -> Service {
     client_service(owner, names::ro_service(&owner.name), selector)
 }
 
-/// Any ready instance.
+/// Any ready instance that is not fenced.
 pub fn r_service(owner: &Owner) -> Service {
-    client_service(
-        owner,
-        names::r_service(&owner.name),
-        names::cluster_selector(&owner.name),
-    )
+    let mut selector = names::cluster_selector(&owner.name);
+    selector.insert(
+        names::LABEL_IN_SERVICE.to_string(),
+        names::IN_SERVICE.to_string(),
+    );
+    client_service(owner, names::r_service(&owner.name), selector)
 }

@@ -1,0 +1,376 @@
+//! A hard kill of the primary pod on the test bed: every process of the pod (the agent, its
+//! fencing watchdog, postgres and its backends) is SIGKILLed without any API call, under a write
+//! load. Nothing releases the Lease; the operator waits for it to expire, promotes a standby and
+//! moves `-rw`; writes resume on the new primary without losing an acknowledged one; the pod's
+//! container is restarted by the (fake) kubelet and the old primary rejoins as a replica;
+//! `status.lastFailover` is filled.
+//!
+//! The kubelet restarts a dead container after 1 s, and an agent that finds itself still the
+//! Lease holder resumes as primary (crash recovery, no failover). To test the failover, the test
+//! keeps the pod down, killing its restarted processes, until the Lease expired and a standby
+//! was chosen: a pod whose processes die and stay dead for longer than the Lease.
+//!
+//! The operator runs as a process with the admin kubeconfig. Needs the test-bed binaries
+//! (`testbed/build.sh`).
+
+mod operator_report;
+mod operator_support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use kube::Client;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Pid, getpgid};
+use operator_report::{Report, Step, longest_gap};
+use operator_support::*;
+use pgrs::api::{InstanceRole, PgReplicaSetStatus, Phase};
+use pgrs_testbed::wait::eventually;
+use tokio::sync::Mutex;
+
+const CLUSTER: &str = "pg";
+
+/// The processes of pod `pod`: those started with its `PGRS_NAME`/`PGRS_NAMESPACE` (the agent
+/// and its watchdog), and everything in the agent's process group (postgres rewrites its own
+/// environment area, so its processes are found through the group).
+fn pod_processes(ns: &str, pod: &str) -> BTreeSet<i32> {
+    let wanted_name = format!("PGRS_NAME={pod}");
+    let wanted_ns = format!("PGRS_NAMESPACE={ns}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return BTreeSet::new();
+    };
+    let pids: Vec<i32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut found = BTreeSet::new();
+    let mut groups = BTreeSet::new();
+    for &pid in &pids {
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+        if vars.contains(&wanted_name.as_bytes()) && vars.contains(&wanted_ns.as_bytes()) {
+            found.insert(pid);
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            if args.get(1) == Some(&b"agent".as_slice())
+                && let Ok(group) = getpgid(Some(Pid::from_raw(pid)))
+            {
+                groups.insert(group.as_raw());
+            }
+        }
+    }
+    for &pid in &pids {
+        if let Ok(group) = getpgid(Some(Pid::from_raw(pid)))
+            && groups.contains(&group.as_raw())
+        {
+            found.insert(pid);
+        }
+    }
+    found
+}
+
+/// SIGKILLs every process of the pod; returns how many there were.
+fn hard_kill(ns: &str, pod: &str) -> usize {
+    let pids = pod_processes(ns, pod);
+    for pid in &pids {
+        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+    pids.len()
+}
+
+async fn status(client: &Client, ns: &str) -> Result<PgReplicaSetStatus, String> {
+    cluster(client, ns, CLUSTER)
+        .await?
+        .status
+        .ok_or_else(|| "no status yet".to_string())
+}
+
+/// Writes a row every 20 ms through whatever `-rw` points at; remembers acknowledged ids.
+struct Writer {
+    acked: Arc<Mutex<Vec<(i64, String, Instant)>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(client: Client, ns: String, password: String) -> Writer {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = {
+            let acked = acked.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut next_id: i64 = 1;
+                let mut connection: Option<(String, tokio_postgres::Client)> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    if connection.is_none() {
+                        let addresses =
+                            endpoint_addresses(&client, &ns, &format!("{CLUSTER}-rw")).await;
+                        if let [address] = addresses.as_slice()
+                            && let Ok(db) = connect(address, &password).await
+                        {
+                            connection = Some((address.clone(), db));
+                        }
+                    }
+                    if let Some((address, db)) = &connection {
+                        let id = next_id;
+                        next_id += 1;
+                        let result = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            db.execute("INSERT INTO t (id) VALUES ($1)", &[&id]),
+                        )
+                        .await;
+                        match result {
+                            Ok(Ok(_)) => {
+                                acked
+                                    .lock()
+                                    .await
+                                    .push((id, address.clone(), Instant::now()))
+                            }
+                            _ => connection = None,
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        Writer { acked, stop, task }
+    }
+
+    async fn finish(self) -> Vec<(i64, String, Instant)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        self.acked.lock().await.clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_killed_primary_pod_is_failed_over_and_rejoins_after_its_restart() {
+    let bed = bed().await;
+    install_crd(bed).await;
+    let ns = bed.namespace("op-hardkill").await.expect("namespace");
+    let ns_name = ns.name().to_string();
+    let client = bed.client().await.expect("admin client");
+    let operator = OperatorProcess::start(bed, &ns_name);
+
+    let example = repo_path("examples/basic.yaml");
+    kubectl(
+        bed,
+        &["apply", "-n", &ns_name, "-f", &example.to_string_lossy()],
+    );
+    let primary = eventually(
+        "basic cluster Healthy",
+        Duration::from_secs(180),
+        || async {
+            let status = status(&client, &ns_name).await?;
+            match (
+                &status.phase,
+                &status.current_primary,
+                status.ready.as_deref(),
+            ) {
+                (Some(Phase::Healthy), Some(primary), Some("3/3")) => Ok(primary.clone()),
+                _ => Err(format!("{:?} {:?}", status.phase, status.ready)),
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ips = pod_ips(&client, &ns_name, CLUSTER).await;
+    let old_ip = ips[&primary].clone();
+    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    connect(&old_ip, &password)
+        .await
+        .expect("connect to the primary")
+        .batch_execute("CREATE TABLE t (id bigint PRIMARY KEY)")
+        .await
+        .expect("create a table");
+    let writer = Writer::start(client.clone(), ns_name.clone(), password.clone());
+    eventually("writes flow", Duration::from_secs(30), || async {
+        let count = writer.acked.lock().await.len();
+        (count >= 20)
+            .then_some(())
+            .ok_or(format!("{count} acknowledged"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    let processes = pod_processes(&ns_name, &primary);
+    assert!(
+        processes.len() >= 3,
+        "the agent, its watchdog and postgres of {primary}: {processes:?}"
+    );
+    let fault_wall = k8s_openapi::jiff::Timestamp::now();
+    let fault = Instant::now();
+    let killed = hard_kill(&ns_name, &primary);
+    eprintln!("SIGKILLed {killed} processes of {primary}");
+
+    // Watch the failover; keep the pod's restarted processes down until a standby is chosen.
+    let mut detected = None;
+    let mut promoted = None;
+    let mut kills = 1;
+    let new_primary = loop {
+        assert!(
+            fault.elapsed() < Duration::from_secs(90),
+            "no failover 90 s after the hard kill"
+        );
+        let status = status(&client, &ns_name).await.unwrap_or_default();
+        if detected.is_none() && status.phase != Some(Phase::Healthy) {
+            detected = Some(fault.elapsed());
+        }
+        match status.current_primary {
+            Some(current) if current != primary => {
+                promoted.get_or_insert(fault.elapsed());
+                break current;
+            }
+            _ => {}
+        }
+        // The failover decision is taken (the Lease moved) once a failover record names it.
+        let chosen = status
+            .last_failover
+            .as_ref()
+            .is_some_and(|r| r.from.as_deref() == Some(primary.as_str()));
+        if !chosen && hard_kill(&ns_name, &primary) > 0 {
+            kills += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let new_ip = pod_ips(&client, &ns_name, CLUSTER).await[&new_primary].clone();
+    let switched = eventually(
+        "-rw moves to the new primary",
+        Duration::from_secs(30),
+        || async {
+            let rw = endpoint_addresses(&client, &ns_name, "pg-rw").await;
+            (rw == [new_ip.clone()])
+                .then(|| fault.elapsed())
+                .ok_or(format!("{rw:?}"))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    eventually(
+        "writes resume on the new primary",
+        Duration::from_secs(30),
+        || async {
+            let acked = writer.acked.lock().await;
+            let on_new = acked.iter().filter(|(_, host, _)| *host == new_ip).count();
+            (on_new >= 10)
+                .then_some(())
+                .ok_or(format!("{on_new} on the new primary"))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // The restarted pod rejoins as a replica.
+    let status = eventually(
+        "the killed pod restarts and rejoins as a replica",
+        Duration::from_secs(180),
+        || async {
+            let status = status(&client, &ns_name).await?;
+            let old = status
+                .instances
+                .iter()
+                .find(|i| i.name == primary)
+                .ok_or("not listed")?;
+            match (&status.phase, old.role, old.ready) {
+                (Some(Phase::Healthy), InstanceRole::Replica, true) => Ok(status.clone()),
+                _ => Err(format!("{:?}: {old:?}", status.phase)),
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let rejoined = fault.elapsed();
+    assert_eq!(status.current_primary.as_deref(), Some(new_primary.as_str()));
+    let record = status.last_failover.clone().expect("status.lastFailover");
+    assert_eq!(record.from.as_deref(), Some(primary.as_str()));
+    assert_eq!(record.to, new_primary);
+    assert!(record.detected_at.is_some() && record.fenced_at.is_some());
+    assert!(record.promoted_at.is_some() && record.service_switched_at.is_some());
+    let restarts = kubectl(
+        bed,
+        &[
+            "get",
+            "pod",
+            &primary,
+            "-n",
+            &ns_name,
+            "-o",
+            "jsonpath={.status.containerStatuses[0].restartCount}",
+        ],
+    );
+    assert!(
+        restarts.trim().parse::<u32>().is_ok_and(|n| n >= 1),
+        "the container was restarted in place: restartCount {restarts}"
+    );
+
+    let acked = writer.finish().await;
+    let new_db = connect(&new_ip, &password)
+        .await
+        .expect("connect to the new primary");
+    let ids: Vec<i64> = acked.iter().map(|(id, _, _)| *id).collect();
+    let rows = new_db
+        .query("SELECT id FROM t WHERE id = ANY($1)", &[&ids])
+        .await
+        .expect("read back");
+    let lost = ids.len() - rows.len();
+    let first_on_new = acked
+        .iter()
+        .filter(|(_, host, _)| *host == new_ip)
+        .map(|(_, _, at)| at.duration_since(fault))
+        .min();
+    let instants: Vec<Instant> = acked.iter().map(|(_, _, at)| *at).collect();
+    Report {
+        test: "hardkill",
+        scenario: "every process of the primary pod SIGKILLed, no API call",
+        lease_seconds: 8,
+        steps: vec![
+            Step {
+                name: "detected",
+                after: detected,
+                how: "status.phase leaves Healthy",
+            },
+            Step {
+                name: "fenced",
+                after: Some(Duration::ZERO),
+                how: "the killed postgres accepts nothing from the kill on",
+            },
+            Step {
+                name: "promoted",
+                after: promoted,
+                how: "status.currentPrimary names the new primary",
+            },
+            Step {
+                name: "service switched",
+                after: Some(switched),
+                how: "`-rw` EndpointSlice holds only the new primary's IP",
+            },
+            Step {
+                name: "first write on the new primary",
+                after: first_on_new,
+                how: "first acknowledged INSERT through `-rw` on the new primary",
+            },
+            Step {
+                name: "old primary rejoined",
+                after: Some(rejoined),
+                how: "Healthy, the restarted pod a ready replica",
+            },
+        ],
+        write_unavailable: longest_gap(&instants, fault),
+        write_how: "longest gap between acknowledged writes through `-rw`",
+        record: Some(record),
+        fault_at: fault_wall,
+        notes: vec![format!(
+            "{} writes acknowledged, {lost} of them missing on the new primary (asynchronous \
+             replication: the kill can lose the last acknowledged commits). The pod's processes \
+             were killed {kills} times: the restarted agent, still the Lease holder, would \
+             resume as primary before the Lease expires.",
+            ids.len()
+        )],
+    }
+    .write();
+    drop(operator);
+}

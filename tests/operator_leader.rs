@@ -1,0 +1,281 @@
+//! Leader election between two `pgrs operator` processes on the test bed: only the holder of the
+//! Lease `pgrs-operator` reconciles (the other's reconcile counter stays at 0, its `/readyz` says
+//! standby); when the leader is SIGKILLed (no release), the standby takes over after the Lease
+//! expires on its clock, and it still fails the cluster over when the primary pod is deleted.
+//!
+//! Both operators run as processes with the admin kubeconfig. Needs the test-bed binaries
+//! (`testbed/build.sh`).
+
+mod operator_support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
+use operator_support::*;
+use pgrs::api::Phase;
+use pgrs_testbed::TestBed;
+use pgrs_testbed::wait::eventually;
+
+const CLUSTER: &str = "pg";
+const LEASE: &str = "pgrs-operator";
+/// Election timings of both operators (seconds): short, to keep the test quick.
+const LEASE_DURATION: u64 = 8;
+const RENEW_DEADLINE: u64 = 5;
+const RETRY_PERIOD: u64 = 1;
+
+/// One operator process with its identity and health port.
+struct Operator {
+    identity: String,
+    port: u16,
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Operator {
+    fn start(bed: &TestBed, namespace: &str, identity: &str, port: u16) -> Operator {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("operator.log");
+        let file = std::fs::File::create(&log).expect("create the operator log");
+        let child = Command::new(env!("CARGO_BIN_EXE_pgrs"))
+            .args([
+                "operator",
+                "--namespace",
+                namespace,
+                "--default-image",
+                IMAGE,
+                "--database-as-root",
+                "--health-listen",
+                &format!("127.0.0.1:{port}"),
+                "--leader-election-identity",
+                identity,
+                "--leader-election-lease-duration",
+                &LEASE_DURATION.to_string(),
+                "--leader-election-renew-deadline",
+                &RENEW_DEADLINE.to_string(),
+                "--leader-election-retry-period",
+                &RETRY_PERIOD.to_string(),
+            ])
+            .env("KUBECONFIG", bed.admin_kubeconfig())
+            .env("PGRS_LOG", "info,kube=warn")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("clone the log handle"))
+            .stderr(file)
+            .spawn()
+            .expect("start pgrs operator");
+        Operator {
+            identity: identity.to_string(),
+            port,
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    async fn get(&self, path: &str) -> Result<String, String> {
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let response = reqwest::Client::new()
+            .get(&url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        response.text().await.map_err(|e| format!("GET {url}: {e}"))
+    }
+
+    /// The value of an unlabelled metric.
+    async fn metric(&self, name: &str) -> Result<u64, String> {
+        let text = self.get("/metrics").await?;
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| format!("{name} missing from {text}"))
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- operator {} log (last 60 lines) ---", self.identity);
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+async fn holder(client: &Client, ns: &str) -> Result<String, String> {
+    let lease = Api::<Lease>::namespaced(client.clone(), ns)
+        .get(LEASE)
+        .await
+        .map_err(|e| e.to_string())?;
+    lease
+        .spec
+        .and_then(|s| s.holder_identity)
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| "the Lease has no holder".to_string())
+}
+
+async fn healthy_primary(client: &Client, ns: &str) -> Result<String, String> {
+    let status = cluster(client, ns, CLUSTER)
+        .await?
+        .status
+        .ok_or("no status yet")?;
+    match (
+        &status.phase,
+        &status.current_primary,
+        status.ready.as_deref(),
+    ) {
+        (Some(Phase::Healthy), Some(primary), Some("3/3")) => Ok(primary.clone()),
+        _ => Err(format!("{:?} {:?}", status.phase, status.ready)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
+    let bed = bed().await;
+    install_crd(bed).await;
+    let ns = bed.namespace("op-leader").await.expect("namespace");
+    let ns_name = ns.name().to_string();
+    let client = bed.client().await.expect("admin client");
+    let first = Operator::start(bed, &ns_name, "operator-a", 28471);
+    // The first one takes the free Lease; the second starts once it is held.
+    let leader_id = eventually("operator-a leads", Duration::from_secs(30), || async {
+        holder(&client, &ns_name).await
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(leader_id, "operator-a");
+    let second = Operator::start(bed, &ns_name, "operator-b", 28472);
+    let (mut leader, standby) = (first, second);
+
+    let example = repo_path("examples/basic.yaml");
+    kubectl(
+        bed,
+        &["apply", "-n", &ns_name, "-f", &example.to_string_lossy()],
+    );
+    let primary = eventually(
+        "basic cluster Healthy",
+        Duration::from_secs(180),
+        || async { healthy_primary(&client, &ns_name).await },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // Only the leader reconciled; both are ready and say which they are.
+    let reconciles = leader
+        .metric("pgrs_operator_reconciles_total")
+        .await
+        .expect("leader metrics");
+    assert!(reconciles > 0, "the leader reconciled");
+    assert_eq!(
+        leader.metric("pgrs_operator_leader").await.expect("metric"),
+        1
+    );
+    assert_eq!(
+        standby
+            .metric("pgrs_operator_reconciles_total")
+            .await
+            .expect("standby metrics"),
+        0,
+        "the standby must not reconcile"
+    );
+    assert_eq!(
+        standby.metric("pgrs_operator_leader").await.expect("metric"),
+        0
+    );
+    let ready = standby.get("/readyz").await.expect("standby /readyz");
+    assert!(
+        ready.contains("standby") && ready.contains("operator-a"),
+        "{ready}"
+    );
+    assert_eq!(
+        holder(&client, &ns_name).await.expect("holder"),
+        "operator-a"
+    );
+
+    // SIGKILL: the Lease is not released; the standby waits for it to expire on its own clock.
+    leader.kill();
+    let killed_at = Instant::now();
+    eventually(
+        "operator-b takes the Lease over",
+        Duration::from_secs(LEASE_DURATION + 30),
+        || async {
+            let holder = holder(&client, &ns_name).await?;
+            (holder == "operator-b")
+                .then_some(())
+                .ok_or(format!("held by {holder}"))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let took_over = killed_at.elapsed();
+    eventually(
+        "operator-b reports leadership",
+        Duration::from_secs(10),
+        || async {
+            let leading = standby.metric("pgrs_operator_leader").await?;
+            let ready = standby.get("/readyz").await?;
+            (leading == 1 && ready.contains("leader"))
+                .then_some(())
+                .ok_or(format!("leader={leading} readyz={ready}"))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "operator leader election: operator-b took over {} ms after operator-a was killed (lease {LEASE_DURATION} s)",
+        took_over.as_millis()
+    );
+
+    // The new leader does the work: a deleted primary pod is failed over.
+    kubectl(
+        bed,
+        &["delete", "pod", &primary, "-n", &ns_name, "--wait=false"],
+    );
+    let deleted_at = Instant::now();
+    let new_primary = eventually(
+        "the new leader fails the cluster over",
+        Duration::from_secs(120),
+        || async {
+            let status = cluster(&client, &ns_name, CLUSTER)
+                .await?
+                .status
+                .ok_or("no status")?;
+            let record = status.last_failover.ok_or("no lastFailover yet")?;
+            let current = status.current_primary.ok_or("no primary")?;
+            (record.from.as_deref() == Some(primary.as_str())
+                && record.to == current
+                && current != primary)
+                .then_some(current)
+                .ok_or_else(|| format!("{record:?}"))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "operator leader election: failover {primary} -> {new_primary} by the new leader {} ms after the pod deletion",
+        deleted_at.elapsed().as_millis()
+    );
+    assert!(
+        standby
+            .metric("pgrs_operator_reconciles_total")
+            .await
+            .expect("metrics")
+            > 0
+    );
+    drop(standby);
+}

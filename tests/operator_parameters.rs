@@ -1,0 +1,279 @@
+//! Parameter changes on the test bed: a reload-only parameter (`work_mem`) reaches every pod
+//! without a restart (postmaster start times unchanged); a restart parameter
+//! (`shared_buffers`) reaches every pod by restarting the standbys first, one at a time, then
+//! switching the primary role over and restarting the former primary; writes go on through
+//! the new primary.
+//!
+//! The operator runs as a process with the admin kubeconfig. Needs the test-bed binaries
+//! (`testbed/build.sh`).
+
+mod operator_support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use kube::Client;
+use operator_support::*;
+use pgrs::api::{InstanceRole, PgReplicaSetStatus, Phase};
+use pgrs_testbed::wait::eventually;
+
+const CLUSTER: &str = "pg";
+const PODS: [&str; 3] = ["pg-0", "pg-1", "pg-2"];
+
+/// Healthy, 3/3, every standby streaming, and `ParametersApplied` True for the current
+/// generation.
+async fn wait_applied(client: &Client, ns: &str, what: &str) -> PgReplicaSetStatus {
+    eventually(what, Duration::from_secs(300), || async {
+        let resource = cluster(client, ns, CLUSTER).await?;
+        let generation = resource.metadata.generation;
+        let status = resource.status.ok_or("no status yet")?;
+        let applied = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "ParametersApplied")
+            .ok_or("no ParametersApplied condition")?;
+        let replicas_ready = status
+            .instances
+            .iter()
+            .filter(|i| i.role == InstanceRole::Replica && i.ready)
+            .count();
+        if status.phase == Some(Phase::Healthy)
+            && status.ready.as_deref() == Some("3/3")
+            && replicas_ready == 2
+            && status.observed_generation == generation
+            && applied.status == "True"
+        {
+            Ok(status)
+        } else {
+            Err(format!(
+                "{:?} {:?} applied={} ({}: {})",
+                status.phase, status.ready, applied.status, applied.reason, applied.message
+            ))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `SHOW name` and the postmaster start time of every pod.
+async fn settings(
+    client: &Client,
+    ns: &str,
+    password: &str,
+    name: &str,
+) -> Result<BTreeMap<String, (String, String)>, String> {
+    let ips = pod_ips(client, ns, CLUSTER).await;
+    let mut seen = BTreeMap::new();
+    for pod in PODS {
+        let ip = ips.get(pod).ok_or(format!("{pod} has no IP"))?;
+        let db = connect(ip, password).await?;
+        let row = db
+            .query_one(
+                &format!("SELECT current_setting('{name}'), pg_postmaster_start_time()::text"),
+                &[],
+            )
+            .await
+            .map_err(|e| format!("{pod}: {e}"))?;
+        seen.insert(pod.to_string(), (row.get(0), row.get(1)));
+    }
+    Ok(seen)
+}
+
+async fn wait_setting(
+    client: &Client,
+    ns: &str,
+    password: &str,
+    name: &str,
+    value: &str,
+) -> BTreeMap<String, (String, String)> {
+    eventually(
+        &format!("{name} = {value} on every pod"),
+        Duration::from_secs(300),
+        || async {
+            let seen = settings(client, ns, password, name).await?;
+            seen.values()
+                .all(|(v, _)| v == value)
+                .then_some(seen.clone())
+                .ok_or(format!("{seen:?}"))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn patch_parameters(bed: &pgrs_testbed::TestBed, ns: &str, parameters: &str) {
+    kubectl(
+        bed,
+        &[
+            "patch",
+            "pgrs",
+            CLUSTER,
+            "-n",
+            ns,
+            "--type",
+            "merge",
+            "-p",
+            &format!("{{\"spec\":{{\"parameters\":{parameters}}}}}"),
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameters_are_reloaded_or_rolled_out_replicas_first() {
+    let bed = bed().await;
+    install_crd(bed).await;
+    let ns = bed.namespace("op-params").await.expect("namespace");
+    let ns_name = ns.name().to_string();
+    let client = bed.client().await.expect("admin client");
+    let operator = OperatorProcess::start(bed, &ns_name);
+
+    let example = repo_path("examples/basic.yaml");
+    kubectl(
+        bed,
+        &["apply", "-n", &ns_name, "-f", &example.to_string_lossy()],
+    );
+    let status = wait_applied(&client, &ns_name, "basic cluster Healthy").await;
+    let first_primary = status.current_primary.clone().expect("a primary");
+    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    let before = settings(&client, &ns_name, &password, "work_mem")
+        .await
+        .expect("read the settings");
+    assert!(
+        before.values().all(|(v, _)| v != "12MB"),
+        "the test needs another work_mem to start from: {before:?}"
+    );
+
+    // A reload-only parameter: every pod shows it, no postmaster restarted.
+    let reload_requested = Instant::now();
+    patch_parameters(bed, &ns_name, r#"{"work_mem":"12MB"}"#);
+    let reloaded = wait_setting(&client, &ns_name, &password, "work_mem", "12MB").await;
+    let reload_took = reload_requested.elapsed();
+    for pod in PODS {
+        assert_eq!(
+            before[pod].1, reloaded[pod].1,
+            "{pod} restarted for a reload-only parameter"
+        );
+    }
+    wait_applied(&client, &ns_name, "work_mem applied").await;
+
+    // A restart parameter: standbys restart first, then the primary role moves.
+    let ips = pod_ips(&client, &ns_name, CLUSTER).await;
+    let db = connect(&ips[&first_primary], &password)
+        .await
+        .expect("connect to the primary");
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, note text); INSERT INTO t VALUES (1, 'before')",
+    )
+    .await
+    .expect("write before the rollout");
+    drop(db);
+    let before = settings(&client, &ns_name, &password, "shared_buffers")
+        .await
+        .expect("read the settings");
+    assert!(
+        before.values().all(|(v, _)| v != "32MB"),
+        "the test needs another shared_buffers to start from: {before:?}"
+    );
+    let restart_requested = Instant::now();
+    patch_parameters(
+        bed,
+        &ns_name,
+        r#"{"work_mem":"12MB","shared_buffers":"32MB"}"#,
+    );
+    let restarted = wait_setting(&client, &ns_name, &password, "shared_buffers", "32MB").await;
+    let status = wait_applied(&client, &ns_name, "shared_buffers applied").await;
+    let rollout_took = restart_requested.elapsed();
+    let after = settings(&client, &ns_name, &password, "shared_buffers")
+        .await
+        .expect("read the settings");
+    for pod in PODS {
+        assert_ne!(before[pod].1, after[pod].1, "{pod} was not restarted");
+        assert_eq!(after[pod].0, "32MB");
+    }
+    assert_eq!(
+        settings(&client, &ns_name, &password, "work_mem")
+            .await
+            .expect("read work_mem")
+            .values()
+            .map(|(v, _)| v.as_str())
+            .collect::<Vec<_>>(),
+        ["12MB"; 3],
+        "the reload-only parameter survives the restarts"
+    );
+    // Start times on one machine (the test bed's pods share the host clock): the former
+    // primary came back after every standby had restarted.
+    let primary_start = &restarted[&first_primary].1;
+    for pod in PODS.iter().filter(|p| **p != first_primary) {
+        assert!(
+            restarted[*pod].1 < *primary_start,
+            "{pod} restarted at {} but the primary {first_primary} at {primary_start}",
+            restarted[*pod].1
+        );
+    }
+    let new_primary = status.current_primary.clone().expect("a primary");
+    assert_ne!(
+        new_primary, first_primary,
+        "the primary role moved before the primary restarted"
+    );
+    let record = status.last_failover.expect("status.lastFailover");
+    assert_eq!(record.reason, "Switchover");
+    assert_eq!(record.from.as_deref(), Some(first_primary.as_str()));
+
+    // Writes go on through the new primary and reach the standbys.
+    let ips = pod_ips(&client, &ns_name, CLUSTER).await;
+    let db = connect(&ips[&new_primary], &password)
+        .await
+        .expect("connect to the new primary");
+    db.batch_execute("INSERT INTO t VALUES (2, 'after')")
+        .await
+        .expect("write after the switchover");
+    for pod in PODS.iter().filter(|p| **p != new_primary) {
+        let ip = ips[*pod].clone();
+        let password = password.clone();
+        eventually(
+            &format!("{pod} has both rows"),
+            Duration::from_secs(60),
+            || async {
+                let replica = connect(&ip, &password).await?;
+                let rows = replica
+                    .query("SELECT id FROM t ORDER BY id", &[])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let ids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+                (ids == [1, 2]).then_some(()).ok_or(format!("{ids:?}"))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    let events = kubectl(
+        bed,
+        &[
+            "get",
+            "events",
+            "-n",
+            &ns_name,
+            "-o",
+            "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+        ],
+    );
+    for reason in [
+        "ParametersReloaded",
+        "RestartingInstance",
+        "InstanceRestarted",
+        "SwitchoverForRestart",
+        "ParametersApplied",
+    ] {
+        assert!(
+            events.lines().any(|l| l == reason),
+            "no {reason} event: {events}"
+        );
+    }
+    eprintln!(
+        "operator parameters: reload on 3 pods in {} ms; restart rollout (2 standbys, switchover, former primary) in {} ms",
+        reload_took.as_millis(),
+        rollout_took.as_millis()
+    );
+    drop(operator);
+}

@@ -1,0 +1,172 @@
+//! Failover timing reports of the operator chaos tests: one Markdown file per test in
+//! `target/pgrs-reports/operator-failover-<test>.md` (figures for `docs/failover.md`). Timings
+//! are measured by the test itself from the moment it injected the fault, on its own monotonic
+//! clock; the operator's `status.lastFailover` timestamps (whole seconds: `metav1.Time`) are
+//! listed next to them.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pgrs::api::FailoverRecord;
+
+/// One step of a failover, measured from the fault.
+pub struct Step {
+    pub name: &'static str,
+    pub after: Option<Duration>,
+    pub how: &'static str,
+}
+
+pub struct Report {
+    pub test: &'static str,
+    pub scenario: &'static str,
+    pub lease_seconds: u64,
+    pub steps: Vec<Step>,
+    /// Longest time without an acknowledged write around the fault, and how it was measured.
+    pub write_unavailable: Option<Duration>,
+    pub write_how: &'static str,
+    pub record: Option<FailoverRecord>,
+    /// Wall clock when the fault was injected (to place `lastFailover` timestamps).
+    pub fault_at: k8s_openapi::jiff::Timestamp,
+    pub notes: Vec<String>,
+}
+
+fn millis(d: Option<Duration>) -> String {
+    d.map_or_else(|| "—".to_string(), |d| format!("{} ms", d.as_millis()))
+}
+
+fn since_fault(
+    fault: k8s_openapi::jiff::Timestamp,
+    at: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+) -> String {
+    at.map_or_else(
+        || "—".to_string(),
+        |t| {
+            // `metav1.Time` keeps whole seconds: the fault's second is truncated alike.
+            let seconds = t.0.as_second() - fault.as_second();
+            format!("{seconds} s")
+        },
+    )
+}
+
+impl Report {
+    pub fn markdown(&self) -> String {
+        let mut text = format!(
+            "# Operator failover: {}\n\nTest `{}`, Lease duration {} s, on the test bed \
+             (real kube-apiserver, fake kubelet, pods as local processes).\n\n\
+             | step | after the fault | measured as |\n| --- | --- | --- |\n",
+            self.scenario, self.test, self.lease_seconds
+        );
+        for step in &self.steps {
+            text.push_str(&format!(
+                "| {} | {} | {} |\n",
+                step.name,
+                millis(step.after),
+                step.how
+            ));
+        }
+        text.push_str(&format!(
+            "| write unavailability | {} | {} |\n",
+            millis(self.write_unavailable),
+            self.write_how
+        ));
+        if let Some(record) = &self.record {
+            text.push_str(&format!(
+                "\n`status.lastFailover` ({} → {}, reason {}, LSN gap {}), whole seconds after the fault: \
+                 detected {}, fenced {}, promoted {}, service switched {}.\n",
+                record.from.as_deref().unwrap_or("?"),
+                record.to,
+                record.reason,
+                record
+                    .lsn_gap_bytes
+                    .map_or("unknown".to_string(), |g| format!("{g} bytes")),
+                since_fault(self.fault_at, record.detected_at.as_ref()),
+                since_fault(self.fault_at, record.fenced_at.as_ref()),
+                since_fault(self.fault_at, record.promoted_at.as_ref()),
+                since_fault(self.fault_at, record.service_switched_at.as_ref()),
+            ));
+        }
+        for note in &self.notes {
+            text.push_str(&format!("\n{note}\n"));
+        }
+        text
+    }
+
+    /// Writes `target/pgrs-reports/operator-failover-<test>.md` and returns its path.
+    pub fn write(&self) -> PathBuf {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .parent()
+            .map(|p| p.join("pgrs-reports"))
+            .unwrap_or_else(|| PathBuf::from("target/pgrs-reports"));
+        std::fs::create_dir_all(&dir).expect("create the report directory");
+        let path = dir.join(format!("operator-failover-{}.md", self.test));
+        let text = self.markdown();
+        std::fs::write(&path, &text).expect("write the failover report");
+        eprintln!("{text}\nfailover report: {}", path.display());
+        path
+    }
+}
+
+/// The longest gap between consecutive acknowledgements (sorted instants), at least from
+/// `fault` on: the write outage the fault caused.
+pub fn longest_gap(
+    acks: &[std::time::Instant],
+    fault: std::time::Instant,
+) -> Option<Duration> {
+    let mut sorted: Vec<_> = acks.to_vec();
+    sorted.sort();
+    let before = sorted.iter().rev().find(|a| **a <= fault).copied();
+    let after: Vec<_> = sorted.iter().filter(|a| **a > fault).copied().collect();
+    if after.is_empty() {
+        return None;
+    }
+    let mut previous = before?;
+    let mut longest = Duration::ZERO;
+    for at in after {
+        longest = longest.max(at.duration_since(previous));
+        previous = at;
+    }
+    Some(longest)
+}
+
+/// When the cluster's status first left Healthy and first named another primary than `old`,
+/// from `fault` on (polled every 100 ms for up to `limit`).
+pub struct Watched {
+    pub detected: Option<Duration>,
+    pub promoted: Option<Duration>,
+}
+
+/// Watches `status.phase` and `status.currentPrimary` in the background from `fault` on.
+pub fn watch_failover(
+    client: kube::Client,
+    ns: &str,
+    cluster: &str,
+    old: &str,
+    fault: std::time::Instant,
+    limit: Duration,
+) -> tokio::task::JoinHandle<Watched> {
+    let api: kube::Api<pgrs::api::PgReplicaSet> = kube::Api::namespaced(client, ns);
+    let (cluster, old) = (cluster.to_string(), old.to_string());
+    tokio::spawn(async move {
+        let mut watched = Watched {
+            detected: None,
+            promoted: None,
+        };
+        while fault.elapsed() < limit {
+            if let Ok(Some(status)) = api.get(&cluster).await.map(|c| c.status) {
+                if watched.detected.is_none() && status.phase != Some(pgrs::api::Phase::Healthy)
+                {
+                    watched.detected = Some(fault.elapsed());
+                }
+                if status.current_primary.as_ref().is_some_and(|p| *p != old) {
+                    watched.promoted = Some(fault.elapsed());
+                    watched.detected.get_or_insert(fault.elapsed());
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        watched
+    })
+}

@@ -1,0 +1,267 @@
+//! Scaling on the test bed: 3 → 4 instances (the new pod clones from the primary and
+//! streams), then, with the primary moved to the highest ordinal, 4 → 2: the operator switches
+//! the primary over to an instance that stays before the StatefulSet removes the pods, drops
+//! the removed instances' replication slots, and the status and `kubectl get pgrs` follow.
+//!
+//! The operator runs as a process with the admin kubeconfig. Needs the test-bed binaries
+//! (`testbed/build.sh`).
+
+mod operator_support;
+
+use std::time::{Duration, Instant};
+
+use kube::Client;
+use operator_support::*;
+use pgrs::api::{InstanceRole, PgReplicaSetStatus, Phase};
+use pgrs_testbed::wait::eventually;
+
+const CLUSTER: &str = "pg";
+
+/// Healthy with exactly `names` as instances, all ready, for the current generation.
+async fn wait_instances(client: &Client, ns: &str, names: &[&str]) -> PgReplicaSetStatus {
+    let ready = format!("{}/{}", names.len(), names.len());
+    eventually(
+        &format!("Healthy with {names:?}"),
+        Duration::from_secs(300),
+        || async {
+            let resource = cluster(client, ns, CLUSTER).await?;
+            let generation = resource.metadata.generation;
+            let status = resource.status.ok_or("no status yet")?;
+            let listed: Vec<&str> = status.instances.iter().map(|i| i.name.as_str()).collect();
+            let all_ready = status.instances.iter().all(|i| i.ready);
+            if status.phase == Some(Phase::Healthy)
+                && status.observed_generation == generation
+                && status.ready.as_deref() == Some(ready.as_str())
+                && listed == names
+                && all_ready
+            {
+                Ok(status)
+            } else {
+                Err(format!(
+                    "{:?} {:?} {:?}",
+                    status.phase, status.ready, status.instances
+                ))
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn scale(bed: &pgrs_testbed::TestBed, ns: &str, replicas: u32) {
+    kubectl(
+        bed,
+        &[
+            "patch",
+            "pgrs",
+            CLUSTER,
+            "-n",
+            ns,
+            "--type",
+            "merge",
+            "-p",
+            &format!("{{\"spec\":{{\"replicas\":{replicas}}}}}"),
+        ],
+    );
+}
+
+/// The READY column of `kubectl get pgrs`.
+fn ready_column(bed: &pgrs_testbed::TestBed, ns: &str) -> String {
+    let table = kubectl(bed, &["get", "pgrs", CLUSTER, "-n", ns]);
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let column = header
+        .iter()
+        .position(|h| *h == "READY")
+        .unwrap_or_else(|| panic!("no READY column: {table}"));
+    row.get(column).map(|v| v.to_string()).unwrap_or_default()
+}
+
+async fn rows(ip: &str, password: &str) -> Result<Vec<i32>, String> {
+    let db = connect(ip, password).await?;
+    let rows = db
+        .query("SELECT id FROM t ORDER BY id", &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_up_clones_and_scaling_down_moves_the_primary_first() {
+    let bed = bed().await;
+    install_crd(bed).await;
+    let ns = bed.namespace("op-scale").await.expect("namespace");
+    let ns_name = ns.name().to_string();
+    let client = bed.client().await.expect("admin client");
+    let operator = OperatorProcess::start(bed, &ns_name);
+
+    let example = repo_path("examples/basic.yaml");
+    kubectl(
+        bed,
+        &["apply", "-n", &ns_name, "-f", &example.to_string_lossy()],
+    );
+    let status = wait_instances(&client, &ns_name, &["pg-0", "pg-1", "pg-2"]).await;
+    let primary = status.current_primary.clone().expect("a primary");
+    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    let ips = pod_ips(&client, &ns_name, CLUSTER).await;
+    connect(&ips[&primary], &password)
+        .await
+        .expect("connect to the primary")
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+        .await
+        .expect("write before scaling");
+
+    // Up: the new instance clones and streams.
+    let up_requested = Instant::now();
+    scale(bed, &ns_name, 4);
+    wait_instances(&client, &ns_name, &["pg-0", "pg-1", "pg-2", "pg-3"]).await;
+    let up_took = up_requested.elapsed();
+    assert_eq!(ready_column(bed, &ns_name), "4/4");
+    let ips = pod_ips(&client, &ns_name, CLUSTER).await;
+    let new_ip = ips["pg-3"].clone();
+    eventually("pg-3 has the data", Duration::from_secs(60), || async {
+        let ids = rows(&new_ip, &password).await?;
+        (ids == [1]).then_some(()).ok_or(format!("{ids:?}"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // The highest ordinal becomes the primary, so that the scale-down must move it first.
+    kubectl(
+        bed,
+        &[
+            "annotate",
+            "pgrs",
+            CLUSTER,
+            "-n",
+            &ns_name,
+            "pgrs.dev/switchover-to=pg-3",
+        ],
+    );
+    eventually("pg-3 is the primary", Duration::from_secs(120), || async {
+        let status = cluster(&client, &ns_name, CLUSTER)
+            .await?
+            .status
+            .ok_or("no status")?;
+        let all_ready = status.instances.iter().all(|i| i.ready);
+        (status.current_primary.as_deref() == Some("pg-3")
+            && status.phase == Some(Phase::Healthy)
+            && all_ready)
+            .then_some(())
+            .ok_or(format!("{:?} {:?}", status.current_primary, status.phase))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    connect(&new_ip, &password)
+        .await
+        .expect("connect to pg-3")
+        .batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .expect("write on pg-3");
+
+    // Down to 2: pg-3 hands the primary role to pg-0 or pg-1, then pg-2 and pg-3 go.
+    let down_requested = Instant::now();
+    scale(bed, &ns_name, 2);
+    let status = wait_instances(&client, &ns_name, &["pg-0", "pg-1"]).await;
+    let down_took = down_requested.elapsed();
+    assert_eq!(ready_column(bed, &ns_name), "2/2");
+    let primary = status.current_primary.clone().expect("a primary");
+    assert!(
+        ["pg-0", "pg-1"].contains(&primary.as_str()),
+        "primary {primary}"
+    );
+    let record = status.last_failover.clone().expect("status.lastFailover");
+    assert_eq!(record.reason, "Switchover", "{record:?}");
+    assert_eq!(record.from.as_deref(), Some("pg-3"));
+    let replica = status
+        .instances
+        .iter()
+        .find(|i| i.role == InstanceRole::Replica)
+        .expect("a replica")
+        .name
+        .clone();
+    eventually(
+        "pods pg-2 and pg-3 gone",
+        Duration::from_secs(120),
+        || async {
+            let ips = pod_ips(&client, &ns_name, CLUSTER).await;
+            let names: Vec<&String> = ips.keys().collect();
+            (names == ["pg-0", "pg-1"])
+                .then_some(())
+                .ok_or(format!("{names:?}"))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    let ips = pod_ips(&client, &ns_name, CLUSTER).await;
+    let replica_ip = ips[&replica].clone();
+    eventually(
+        "the remaining replica has every row",
+        Duration::from_secs(60),
+        || async {
+            let ids = rows(&replica_ip, &password).await?;
+            (ids == [1, 2]).then_some(()).ok_or(format!("{ids:?}"))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let primary_ip = ips[&primary].clone();
+    eventually(
+        "the removed instances' slots are dropped",
+        Duration::from_secs(120),
+        || async {
+            let db = connect(&primary_ip, &password).await?;
+            let rows = db
+                .query(
+                    "SELECT slot_name::text FROM pg_replication_slots ORDER BY 1",
+                    &[],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let slots: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            let stale = slots.iter().any(|s| s == "pgrs_pg_2" || s == "pgrs_pg_3");
+            (!stale).then_some(()).ok_or(format!("{slots:?}"))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    // Writes go on after the scale-down.
+    connect(&primary_ip, &password)
+        .await
+        .expect("connect to the primary")
+        .batch_execute("INSERT INTO t VALUES (3)")
+        .await
+        .expect("write after scaling down");
+
+    let events = kubectl(
+        bed,
+        &[
+            "get",
+            "events",
+            "-n",
+            &ns_name,
+            "-o",
+            "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+        ],
+    );
+    assert!(
+        events.lines().any(|l| l == "ScaleDownSwitchover"),
+        "no ScaleDownSwitchover event: {events}"
+    );
+    eprintln!(
+        "operator scaling: 3 -> 4 Healthy in {} ms; 4 -> 2 (primary on pg-3) Healthy in {} ms",
+        up_took.as_millis(),
+        down_took.as_millis()
+    );
+    drop(operator);
+}
