@@ -209,8 +209,8 @@ async fn fenced_instances_stop_leave_the_services_and_are_never_promoted() {
             (old.role == InstanceRole::Replica
                 && old.ready
                 && role_of(&status, &fenced) == Some(InstanceRole::Fenced))
-                .then_some(())
-                .ok_or(format!("{:?}", status.instances))
+            .then_some(())
+            .ok_or(format!("{:?}", status.instances))
         },
     )
     .await
@@ -281,12 +281,7 @@ async fn fenced_instances_stop_leave_the_services_and_are_never_promoted() {
 
     // 5. Unfenced: the cluster fails over and the old primary rejoins as a replica.
     annotate(bed, &ns_name, None);
-    let after = wait_healthy(
-        &client,
-        &ns_name,
-        "Healthy after unfencing the primary",
-    )
-    .await;
+    let after = wait_healthy(&client, &ns_name, "Healthy after unfencing the primary").await;
     assert_ne!(after, primary, "the unfenced primary rejoins as a replica");
     let status_now = status(&client, &ns_name).await.expect("status");
     assert_eq!(role_of(&status_now, &primary), Some(InstanceRole::Replica));

@@ -33,8 +33,8 @@ use tokio::sync::Mutex;
 const CLUSTER: &str = "pg";
 
 /// The processes of pod `pod`: those started with its `PGRS_NAME`/`PGRS_NAMESPACE` (the agent
-/// and its watchdog), and everything in the agent's process group (postgres rewrites its own
-/// environment area, so its processes are found through the group).
+/// and its watchdog), everything in the agent's process group (postgres rewrites its own
+/// environment area, so the postmaster is found through the group), and their descendants.
 fn pod_processes(ns: &str, pod: &str) -> BTreeSet<i32> {
     let wanted_name = format!("PGRS_NAME={pod}");
     let wanted_ns = format!("PGRS_NAMESPACE={ns}");
@@ -69,7 +69,26 @@ fn pod_processes(ns: &str, pod: &str) -> BTreeSet<i32> {
             found.insert(pid);
         }
     }
-    found
+    // postgres' children make themselves session leaders (setsid): add descendants by parent.
+    loop {
+        let children: Vec<i32> = pids
+            .iter()
+            .copied()
+            .filter(|pid| !found.contains(pid))
+            .filter(|pid| parent(*pid).is_some_and(|p| found.contains(&p)))
+            .collect();
+        if children.is_empty() {
+            return found;
+        }
+        found.extend(children);
+    }
+}
+
+/// The parent pid from `/proc/<pid>/stat` (after the parenthesised command name).
+fn parent(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// SIGKILLs every process of the pod; returns how many there were.
@@ -199,8 +218,8 @@ async fn a_hard_killed_primary_pod_is_failed_over_and_rejoins_after_its_restart(
 
     let processes = pod_processes(&ns_name, &primary);
     assert!(
-        processes.len() >= 3,
-        "the agent, its watchdog and postgres of {primary}: {processes:?}"
+        processes.len() >= 5,
+        "the agent, its watchdog, the postmaster and its children of {primary}: {processes:?}"
     );
     let fault_wall = k8s_openapi::jiff::Timestamp::now();
     let fault = Instant::now();
@@ -284,7 +303,10 @@ async fn a_hard_killed_primary_pod_is_failed_over_and_rejoins_after_its_restart(
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     let rejoined = fault.elapsed();
-    assert_eq!(status.current_primary.as_deref(), Some(new_primary.as_str()));
+    assert_eq!(
+        status.current_primary.as_deref(),
+        Some(new_primary.as_str())
+    );
     let record = status.last_failover.clone().expect("status.lastFailover");
     assert_eq!(record.from.as_deref(), Some(primary.as_str()));
     assert_eq!(record.to, new_primary);

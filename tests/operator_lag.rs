@@ -163,9 +163,7 @@ async fn a_standby_with_paused_replay_raises_lag_high_until_it_catches_up() {
         || async {
             let status = status(&client, &ns_name).await?;
             match lag_high(&status) {
-                Some((flag, message)) if flag == "True" && message.contains(&lagging) => {
-                    Ok(status)
-                }
+                Some((flag, message)) if flag == "True" && message.contains(&lagging) => Ok(status),
                 other => Err(format!(
                     "{other:?}; lags: {:?}",
                     status

@@ -194,7 +194,10 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
         "the standby must not reconcile"
     );
     assert_eq!(
-        standby.metric("pgrs_operator_leader").await.expect("metric"),
+        standby
+            .metric("pgrs_operator_leader")
+            .await
+            .expect("metric"),
         0
     );
     let ready = standby.get("/readyz").await.expect("standby /readyz");

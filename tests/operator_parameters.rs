@@ -4,9 +4,14 @@
 //! switching the primary role over and restarting the former primary; writes go on through
 //! the new primary.
 //!
+//! A cluster of one restarts its primary in place. And the agent on its own (no operator): it
+//! applies its parameters file when the file changes (as a kubelet swaps a ConfigMap volume),
+//! reports what needs a restart, and restarts on `POST /v1/restart`.
+//!
 //! The operator runs as a process with the admin kubeconfig. Needs the test-bed binaries
 //! (`testbed/build.sh`).
 
+mod common;
 mod operator_support;
 
 use std::collections::BTreeMap;
@@ -276,4 +281,208 @@ async fn parameters_are_reloaded_or_rolled_out_replicas_first() {
         rollout_took.as_millis()
     );
     drop(operator);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_primary_restarts_in_place() {
+    let bed = bed().await;
+    install_crd(bed).await;
+    let ns = bed.namespace("op-params-solo").await.expect("namespace");
+    let ns_name = ns.name().to_string();
+    let client = bed.client().await.expect("admin client");
+    let operator = OperatorProcess::start(bed, &ns_name);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let manifest = dir.path().join("solo.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: pgrs.dev/v1alpha1\nkind: PgReplicaSet\nmetadata:\n  name: solo\nspec:\n  replicas: 1\n  storage:\n    size: 1Gi\n",
+    )
+    .expect("write the manifest");
+    kubectl(
+        bed,
+        &["apply", "-n", &ns_name, "-f", &manifest.to_string_lossy()],
+    );
+    let healthy = |want_applied: bool| {
+        let client = client.clone();
+        let ns_name = ns_name.clone();
+        async move {
+            eventually("solo Healthy", Duration::from_secs(300), || async {
+                let resource = cluster(&client, &ns_name, "solo").await?;
+                let generation = resource.metadata.generation;
+                let status = resource.status.ok_or("no status yet")?;
+                let applied = status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "ParametersApplied" && c.status == "True");
+                (status.phase == Some(Phase::Healthy)
+                    && status.ready.as_deref() == Some("1/1")
+                    && status.observed_generation == generation
+                    && (applied || !want_applied))
+                    .then_some(status.clone())
+                    .ok_or(format!("{:?} {:?}", status.phase, status.conditions))
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+        }
+    };
+    healthy(true).await;
+    let password = superuser_password(&client, &ns_name, "solo").await;
+    let read = || async {
+        let ip = pod_ips(&client, &ns_name, "solo")
+            .await
+            .get("solo-0")
+            .cloned()
+            .ok_or("solo-0 has no IP")?;
+        let db = connect(&ip, &password).await?;
+        let row = db
+            .query_one(
+                "SELECT current_setting('shared_buffers'), pg_postmaster_start_time()::text",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<(String, String), String>((row.get(0), row.get(1)))
+    };
+    let (before, started) = read().await.expect("read shared_buffers");
+    assert_ne!(before, "32MB", "the test needs another starting value");
+    kubectl(
+        bed,
+        &[
+            "patch",
+            "pgrs",
+            "solo",
+            "-n",
+            &ns_name,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"parameters":{"shared_buffers":"32MB"}}}"#,
+        ],
+    );
+    let (_, restarted) = eventually("solo-0 runs 32MB", Duration::from_secs(300), || async {
+        let (value, at) = read().await?;
+        (value == "32MB")
+            .then_some((value.clone(), at))
+            .ok_or(value)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(started, restarted, "the postmaster restarted");
+    let status = healthy(true).await;
+    assert_eq!(status.current_primary.as_deref(), Some("solo-0"));
+    assert!(
+        status.last_failover.is_none(),
+        "no switchover for a cluster of one: {:?}",
+        status.last_failover
+    );
+    drop(operator);
+}
+
+/// `current_setting(name)` and the postmaster start time of a local agent's postgres.
+async fn show(agent: &common::AgentProcess, name: &str) -> (String, String) {
+    let db = agent.sql().await;
+    let row = db
+        .query_one(
+            &format!("SELECT current_setting('{name}'), pg_postmaster_start_time()::text"),
+            &[],
+        )
+        .await
+        .expect("SHOW");
+    (row.get(0), row.get(1))
+}
+
+/// Replaces `path` the way a kubelet updates a ConfigMap volume: a new file renamed over it.
+fn swap_file(path: &std::path::Path, text: &str) {
+    let fresh = path.with_extension("new");
+    std::fs::write(&fresh, text).expect("write the new parameters file");
+    std::fs::rename(&fresh, path).expect("swap the parameters file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_follows_its_parameters_file_and_restarts_on_request() {
+    use pgrs::agent::api::{ParametersRequest, Role};
+    let env = common::TestEnv::new("params-file");
+    let file = env.path("parameters.conf");
+    std::fs::write(&file, "work_mem = '5MB'\n").expect("write the parameters file");
+    let mut agent = env
+        .agent("p0")
+        .arg("--parameters-file")
+        .arg(file.to_string_lossy().to_string())
+        .spawn();
+    agent
+        .wait_role(Role::Primary, Duration::from_secs(60))
+        .await;
+    // Read before the first start.
+    let (work_mem, started) = show(&agent, "work_mem").await;
+    assert_eq!(work_mem, "5MB");
+    let first = agent.client.status().await.expect("status");
+    let first_hash = first.parameters_hash.clone().expect("a parameters hash");
+    assert_eq!(first.pending_restart, Some(Vec::new()));
+
+    // A reload-only change of the file: applied without a restart.
+    swap_file(&file, "work_mem = '7MB'\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while show(&agent, "work_mem").await.0 != "7MB" {
+        assert!(
+            Instant::now() < deadline,
+            "work_mem not reloaded; log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        show(&agent, "work_mem").await.1,
+        started,
+        "no restart for work_mem"
+    );
+
+    // A restart parameter: reported as pending until a restart.
+    swap_file(&file, "work_mem = '7MB'\nshared_buffers = '24MB'\n");
+    let pending = agent
+        .wait_for("shared_buffers pending", Duration::from_secs(30), |s| {
+            s.pending_restart
+                .as_ref()
+                .is_some_and(|p| p.iter().any(|n| n == "shared_buffers"))
+        })
+        .await;
+    assert_ne!(
+        pending.parameters_hash.as_deref(),
+        Some(first_hash.as_str())
+    );
+    assert_eq!(
+        show(&agent, "shared_buffers").await.0,
+        "16MB",
+        "not applied before a restart"
+    );
+
+    // Agent-owned names are refused over HTTP; the restart needs the token.
+    let refused = agent
+        .client
+        .parameters(&ParametersRequest {
+            parameters: [("port".to_string(), "1".to_string())].into(),
+        })
+        .await
+        .expect_err("port is agent-owned");
+    assert!(refused.to_string().contains("port"), "{refused}");
+    let anonymous = pgrs::agent::client::AgentClient::new(
+        format!("http://127.0.0.1:{}", agent.spec.http_port),
+        None,
+    )
+    .expect("client");
+    assert!(
+        anonymous.restart().await.is_err(),
+        "a restart needs the token"
+    );
+
+    agent.client.restart().await.expect("restart");
+    let after = agent
+        .wait_for("nothing pending", Duration::from_secs(60), |s| {
+            s.role == Role::Primary && s.pending_restart == Some(Vec::new())
+        })
+        .await;
+    assert_eq!(after.parameters_hash, pending.parameters_hash);
+    let (shared_buffers, restarted) = show(&agent, "shared_buffers").await;
+    assert_eq!(shared_buffers, "24MB");
+    assert_ne!(restarted, started, "the postmaster restarted");
+    assert_eq!(show(&agent, "work_mem").await.0, "7MB");
 }

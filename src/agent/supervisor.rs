@@ -379,6 +379,7 @@ pub fn spawn(
         started_at: None,
         restart_at: None,
         backoff: MIN_BACKOFF,
+        hold_starting: false,
     };
     let task = tokio::spawn(async move { supervisor.run().await });
     (handle, task)
@@ -396,6 +397,8 @@ struct Supervisor {
     started_at: Option<Instant>,
     restart_at: Option<Instant>,
     backoff: Duration,
+    /// A started postgres stays `Starting` (set during a rejoin, until it is verified).
+    hold_starting: bool,
 }
 
 enum Event {
@@ -620,8 +623,13 @@ impl Supervisor {
         *self.handle.status_session.lock().await = Some(Arc::new(client));
         self.child = Some(child);
         self.started_at = Some(Instant::now());
+        let phase = if self.hold_starting {
+            Phase::Starting
+        } else {
+            Phase::Running
+        };
         self.update(|s| {
-            s.phase = Phase::Running;
+            s.phase = phase;
             s.last_error = None;
         });
         tracing::info!(?pid, in_recovery, "postgres is up");
@@ -693,6 +701,14 @@ impl Supervisor {
                 port = upstream.port,
                 "the data directory was last a primary's: rewinding it before it starts as a replica"
             );
+            // pg_rewind completes a crashed directory's recovery in single-user mode, which
+            // refuses standby mode; the rejoin renders the standby configuration again.
+            let signal = config.data_dir.join("standby.signal");
+            if signal.exists()
+                && let Err(error) = std::fs::remove_file(&signal)
+            {
+                tracing::warn!(%error, "failed to remove standby.signal before pg_rewind");
+            }
             match self.action_rejoin(upstream).await {
                 Ok(outcome) => return Ok(outcome),
                 // Unreachable primary and the like: start as is; the observer rejoins it later.
@@ -998,7 +1014,23 @@ impl Supervisor {
         )))
     }
 
+    /// Rejoin: the instance reports `Starting` until it streams from `upstream` (an observer
+    /// must not take a replica still being rewound, or not yet streaming, for a rejoined one);
+    /// then `Running`, with the rejoin report in place. A fence that came meanwhile stays.
     async fn action_rejoin(&mut self, upstream: Upstream) -> Result<ActionOutcome, ActionError> {
+        self.hold_starting = true;
+        let result = self.rejoin(upstream).await;
+        self.hold_starting = false;
+        let running = self.child.is_some();
+        self.update(|s| {
+            if running && s.phase == Phase::Starting {
+                s.phase = Phase::Running;
+            }
+        });
+        result
+    }
+
+    async fn rejoin(&mut self, upstream: Upstream) -> Result<ActionOutcome, ActionError> {
         let upstream = self.with_default_slot(upstream);
         let config = self.handle.config.clone();
         self.update(|s| {

@@ -253,7 +253,13 @@ impl FailoverTracker {
                         .min()
                 };
                 let switchover = first(SWITCHOVER_REASONS).is_some();
-                let detected_at = first(START_REASONS).or(self.lost_at).unwrap_or(at);
+                // The earliest sign: a start event, or the first round without a serving
+                // primary (a hard-killed primary is lost long before the takeover starts).
+                let detected_at = [first(START_REASONS), self.lost_at]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap_or(at);
                 let completed_at = first(&["SwitchoverCompleted"])
                     .unwrap_or(at)
                     .max(detected_at);
@@ -455,6 +461,20 @@ mod tests {
         assert_eq!(records[0].completed_at, Some(t(9000)));
         assert_eq!(records[0].duration_ms, Some(8000));
         assert_eq!(records[0].lsn_gap_bytes, None);
+    }
+
+    #[test]
+    fn a_failover_is_detected_when_the_primary_is_lost_not_when_the_takeover_starts() {
+        let mut tracker = FailoverTracker::new(5);
+        tracker.observe(t(0), Some("node0"), &[], None);
+        tracker.observe(t(1000), None, &[], None);
+        let events = vec![event(9000, "FailoverStarted"), event(9100, "Promoting")];
+        tracker.observe(t(9500), Some("node1"), &events, Some(64));
+        let records = tracker.records();
+        assert_eq!(records[0].detected_at, Some(t(1000)));
+        assert_eq!(records[0].promoted_at, Some(t(9100)));
+        assert_eq!(records[0].duration_ms, Some(8500));
+        assert_eq!(records[0].lsn_gap_bytes, Some(64));
     }
 
     #[test]

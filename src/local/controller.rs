@@ -91,6 +91,9 @@ struct Shared {
     urgent: std::sync::atomic::AtomicBool,
     /// An agent's report changed (role, postgres up, upstream): run a round now.
     wake: tokio::sync::Notify,
+    /// Superuser sessions to the nodes' postgres, kept between uses: a (SCRAM) handshake per
+    /// statement would sit on the switchover path.
+    sessions: Mutex<HashMap<String, Arc<tokio_postgres::Client>>>,
     clients: HashMap<String, AgentClient>,
 }
 
@@ -677,16 +680,56 @@ async fn connect_node(shared: &Shared, name: &str) -> Result<tokio_postgres::Cli
         .map_err(|e| e.to_string())
 }
 
+/// An error of the statement (severity ERROR), not of the session (FATAL, closed, I/O).
+fn statement_error(error: &tokio_postgres::Error) -> bool {
+    error
+        .as_db_error()
+        .is_some_and(|db| db.severity() == "ERROR")
+}
+
+/// Runs `statements` one by one on the kept session to `name`'s postgres; a kept session that
+/// fails (postgres restarted since) is dropped and the statements retried once on a new one.
+async fn execute_on_node(shared: &Shared, name: &str, statements: &[String]) -> Result<(), String> {
+    let kept = lock(&shared.sessions)
+        .get(name)
+        .filter(|c| !c.is_closed())
+        .cloned();
+    let run = |client: Arc<tokio_postgres::Client>| async move {
+        for statement in statements {
+            client.batch_execute(statement).await?;
+        }
+        Ok::<_, tokio_postgres::Error>(())
+    };
+    let describe = |e: tokio_postgres::Error| {
+        e.as_db_error()
+            .map_or_else(|| e.to_string(), |db| db.message().to_string())
+    };
+    if let Some(client) = kept {
+        match run(client).await {
+            Ok(()) => return Ok(()),
+            // A statement's own error would only repeat on a new session.
+            Err(error) if statement_error(&error) => return Err(describe(error)),
+            Err(error) => {
+                tracing::debug!(node = name, %error, "kept session failed; reconnecting");
+                lock(&shared.sessions).remove(name);
+            }
+        }
+    }
+    let client = Arc::new(connect_node(shared, name).await?);
+    lock(&shared.sessions).insert(name.to_string(), client.clone());
+    run(client).await.map_err(|error| {
+        if !statement_error(&error) {
+            lock(&shared.sessions).remove(name);
+        }
+        describe(error)
+    })
+}
+
 /// CHECKPOINT on a primary about to be demoted; bounded, and a failure only costs time.
 async fn checkpoint_before_demote(shared: &Shared, instance: &str) {
     let started = Instant::now();
-    let attempt = async {
-        let client = connect_node(shared, instance).await?;
-        client
-            .batch_execute("CHECKPOINT")
-            .await
-            .map_err(|e| e.to_string())
-    };
+    let statements = ["CHECKPOINT".to_string()];
+    let attempt = execute_on_node(shared, instance, &statements);
     match tokio::time::timeout(Duration::from_secs(5), attempt).await {
         Ok(Ok(())) => tracing::info!(
             instance,
@@ -699,25 +742,17 @@ async fn checkpoint_before_demote(shared: &Shared, instance: &str) {
 }
 
 async fn apply_sync(shared: &Shared, primary: &str, sync: &SyncSet) -> Result<(), String> {
-    let client = connect_node(shared, primary).await?;
     let names = sync.to_standby_names().replace('\'', "''");
-    let describe = |e: tokio_postgres::Error| {
-        let detail = e
-            .as_db_error()
-            .map_or_else(|| e.to_string(), |db| db.message().to_string());
-        format!("failed to set synchronous_standby_names on {primary}: {detail}")
-    };
     // Separate statements: ALTER SYSTEM refuses to run inside an (implicit) transaction block.
-    client
-        .batch_execute(&format!(
-            "ALTER SYSTEM SET synchronous_standby_names = '{names}'"
-        ))
+    let statements = [
+        format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'"),
+        "SELECT pg_reload_conf()".to_string(),
+    ];
+    execute_on_node(shared, primary, &statements)
         .await
-        .map_err(describe)?;
-    client
-        .batch_execute("SELECT pg_reload_conf()")
-        .await
-        .map_err(describe)?;
+        .map_err(|detail| {
+            format!("failed to set synchronous_standby_names on {primary}: {detail}")
+        })?;
     lock(&shared.state)
         .applied_sync
         .insert(primary.to_string(), sync.clone());
@@ -1332,6 +1367,7 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
         shutting_down: std::sync::atomic::AtomicBool::new(false),
         urgent: std::sync::atomic::AtomicBool::new(false),
         wake: tokio::sync::Notify::new(),
+        sessions: Mutex::new(HashMap::new()),
         clients,
         layout: layout.clone(),
         config: config.clone(),

@@ -303,8 +303,8 @@ pub fn desired_labels(
         } else {
             None
         };
-        let read_pool = (readable.contains(&pod.name) && !is_fenced)
-            .then_some(names::READ_POOL_MEMBER);
+        let read_pool =
+            (readable.contains(&pod.name) && !is_fenced).then_some(names::READ_POOL_MEMBER);
         let in_service = (!is_fenced).then_some(names::IN_SERVICE);
         let mut patch = BTreeMap::new();
         for (key, want) in [
@@ -387,7 +387,13 @@ mod tests {
             Some(names::ROLE_PRIMARY)
         );
         // Without a serving primary nobody carries the primary label.
-        let none = desired_labels(&pods, None, &BTreeSet::new(), &BTreeSet::new(), &none_fenced);
+        let none = desired_labels(
+            &pods,
+            None,
+            &BTreeSet::new(),
+            &BTreeSet::new(),
+            &none_fenced,
+        );
         assert_eq!(none["pg-0"][names::LABEL_ROLE], None);
         assert!(!none.contains_key("pg-1") || none["pg-1"][names::LABEL_ROLE].is_none());
     }

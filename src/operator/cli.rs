@@ -49,10 +49,18 @@ pub struct OperatorArgs {
     #[arg(long, env = "PGRS_LEADER_ELECTION_IDENTITY")]
     pub leader_election_identity: Option<String>,
     /// Seconds a waiting replica sees the Lease unchanged before it takes over.
-    #[arg(long, env = "PGRS_LEADER_ELECTION_LEASE_DURATION", default_value_t = 15)]
+    #[arg(
+        long,
+        env = "PGRS_LEADER_ELECTION_LEASE_DURATION",
+        default_value_t = 15
+    )]
     pub leader_election_lease_duration: u64,
     /// Seconds a leader keeps leading without a successful renewal (< the lease duration).
-    #[arg(long, env = "PGRS_LEADER_ELECTION_RENEW_DEADLINE", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "PGRS_LEADER_ELECTION_RENEW_DEADLINE",
+        default_value_t = 10
+    )]
     pub leader_election_renew_deadline: u64,
     /// Seconds between renewals, and between attempts of a waiting replica.
     #[arg(long, env = "PGRS_LEADER_ELECTION_RETRY_PERIOD", default_value_t = 2)]
@@ -64,7 +72,11 @@ impl OperatorArgs {
         let namespace = self
             .leader_election_namespace
             .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
+            .or_else(|| {
+                std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .filter(|n| !n.is_empty())
+            })
             .or_else(|| self.namespace.clone())
             .unwrap_or_else(|| "default".to_string());
         ElectionSettings {

@@ -1015,7 +1015,12 @@ impl Reconciler<'_> {
                     .last_events
                     .insert("FenceUnknownInstance".to_string(), note.clone());
                 self.context
-                    .publish(self.cluster, EventType::Warning, "FenceUnknownInstance", note)
+                    .publish(
+                        self.cluster,
+                        EventType::Warning,
+                        "FenceUnknownInstance",
+                        note,
+                    )
                     .await;
             }
         }
@@ -1040,9 +1045,7 @@ impl Reconciler<'_> {
         }
         for instance in ended {
             tracing::info!(%instance, threshold, "replication lag back under the alert threshold");
-            let note = format!(
-                "{instance} is no longer more than {threshold}s behind the primary"
-            );
+            let note = format!("{instance} is no longer more than {threshold}s behind the primary");
             self.context
                 .publish(self.cluster, EventType::Normal, "LagRecovered", note)
                 .await;

@@ -125,10 +125,7 @@ pub fn restrict_decision(
 }
 
 /// Instances fenced now that were not before, and the other way round.
-pub fn changes(
-    before: &BTreeSet<String>,
-    now: &BTreeSet<String>,
-) -> (Vec<String>, Vec<String>) {
+pub fn changes(before: &BTreeSet<String>, now: &BTreeSet<String>) -> (Vec<String>, Vec<String>) {
     (
         now.difference(before).cloned().collect(),
         before.difference(now).cloned().collect(),
@@ -205,9 +202,12 @@ mod tests {
         restrict_input(&mut observed, &request);
         let mut decision = decide(&observed);
         restrict_decision(&mut decision, &observed, &request);
-        assert!(decision.actions.iter().any(
-            |a| matches!(a, Action::AcquireLease { holder, .. } if holder == "pg-2")
-        ));
+        assert!(
+            decision
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::AcquireLease { holder, .. } if holder == "pg-2"))
+        );
         assert!(
             decision
                 .actions
@@ -268,9 +268,12 @@ mod tests {
         );
         restrict_input(&mut observed, &unfenced);
         let decision = decide(&observed);
-        assert!(decision.actions.iter().any(
-            |a| matches!(a, Action::AcquireLease { holder, .. } if holder == "pg-1")
-        ));
+        assert!(
+            decision
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::AcquireLease { holder, .. } if holder == "pg-1"))
+        );
     }
 
     #[test]

@@ -321,7 +321,11 @@ pub fn lagging(status: &PgReplicaSetStatus, threshold: f64) -> BTreeMap<String, 
         .instances
         .iter()
         .filter(|i| status.current_primary.as_deref() != Some(i.name.as_str()))
-        .filter_map(|i| i.lag_seconds.filter(|s| *s > threshold).map(|s| (i.name.clone(), s)))
+        .filter_map(|i| {
+            i.lag_seconds
+                .filter(|s| *s > threshold)
+                .map(|s| (i.name.clone(), s))
+        })
         .collect()
 }
 

@@ -110,10 +110,7 @@ impl Report {
 
 /// The longest gap between consecutive acknowledgements (sorted instants), at least from
 /// `fault` on: the write outage the fault caused.
-pub fn longest_gap(
-    acks: &[std::time::Instant],
-    fault: std::time::Instant,
-) -> Option<Duration> {
+pub fn longest_gap(acks: &[std::time::Instant], fault: std::time::Instant) -> Option<Duration> {
     let mut sorted: Vec<_> = acks.to_vec();
     sorted.sort();
     let before = sorted.iter().rev().find(|a| **a <= fault).copied();
@@ -155,8 +152,7 @@ pub fn watch_failover(
         };
         while fault.elapsed() < limit {
             if let Ok(Some(status)) = api.get(&cluster).await.map(|c| c.status) {
-                if watched.detected.is_none() && status.phase != Some(pgrs::api::Phase::Healthy)
-                {
+                if watched.detected.is_none() && status.phase != Some(pgrs::api::Phase::Healthy) {
                     watched.detected = Some(fault.elapsed());
                 }
                 if status.current_primary.as_ref().is_some_and(|p| *p != old) {
