@@ -1,7 +1,7 @@
 //! `/metrics` of the operator on the test bed (real kube-apiserver; pods run as local processes):
 //! the exposition is valid (strict parser), its per-instance gauges equal `PgReplicaSet.status`
 //! (current primary, roles, timelines, lag present for every streaming standby), reconciles are
-//! timed, and a switchover (annotation) is counted by reason with the duration `lastFailover`
+//! timed, the primary's Lease renewals are counted, and a switchover (annotation) is counted by reason with the duration `lastFailover`
 //! shows.
 //!
 //! The operator runs as a process with the admin kubeconfig. Needs the test-bed binaries
@@ -240,6 +240,26 @@ async fn operator_metrics_are_valid_and_equal_the_status_across_a_switchover() {
             .sum()
     };
     assert_eq!(failovers(&parsed), 0.0);
+    // The primary's agent renews the Lease every second; the operator sees the versions change.
+    eventually(
+        "the operator counts the primary's Lease renewals",
+        Duration::from_secs(60),
+        || async {
+            let (text, parsed) = operator.scrape().await?;
+            let labels = [
+                cluster_labels[0],
+                cluster_labels[1],
+                ("instance", primary.as_str()),
+            ];
+            let renewals = parsed.value("pgrs_lease_renewals_total", &labels);
+            renewals
+                .is_some_and(|r| r >= 1.0)
+                .then_some(())
+                .ok_or(format!("{renewals:?}\n{text}"))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 
     // A switchover: counted once as `Switchover`, with the duration of `lastFailover`.
     let target = status

@@ -23,6 +23,12 @@ use pgrs::api::{InstanceRole, PgReplicaSetStatus, Phase};
 use pgrs_testbed::wait::eventually;
 
 const CLUSTER: &str = "pg";
+
+/// The tests of this binary run in parallel on one control plane: one CRD install.
+async fn crd_installed(bed: &'static pgrs_testbed::TestBed) {
+    static INSTALLED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    INSTALLED.get_or_init(|| install_crd(bed)).await;
+}
 const PODS: [&str; 3] = ["pg-0", "pg-1", "pg-2"];
 
 /// Healthy, 3/3, every standby streaming, and `ParametersApplied` True for the current
@@ -126,7 +132,7 @@ fn patch_parameters(bed: &pgrs_testbed::TestBed, ns: &str, parameters: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parameters_are_reloaded_or_rolled_out_replicas_first() {
     let bed = bed().await;
-    install_crd(bed).await;
+    crd_installed(bed).await;
     let ns = bed.namespace("op-params").await.expect("namespace");
     let ns_name = ns.name().to_string();
     let client = bed.client().await.expect("admin client");
@@ -263,6 +269,19 @@ async fn parameters_are_reloaded_or_rolled_out_replicas_first() {
             "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
         ],
     );
+    let story = kubectl(
+        bed,
+        &[
+            "get",
+            "events",
+            "-n",
+            &ns_name,
+            "--sort-by=.metadata.creationTimestamp",
+            "-o",
+            "custom-columns=REASON:.reason,MESSAGE:.note,MSG:.message",
+        ],
+    );
+    eprintln!("{story}");
     for reason in [
         "ParametersReloaded",
         "RestartingInstance",
@@ -286,7 +305,7 @@ async fn parameters_are_reloaded_or_rolled_out_replicas_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_primary_restarts_in_place() {
     let bed = bed().await;
-    install_crd(bed).await;
+    crd_installed(bed).await;
     let ns = bed.namespace("op-params-solo").await.expect("namespace");
     let ns_name = ns.name().to_string();
     let client = bed.client().await.expect("admin client");
@@ -438,17 +457,23 @@ async fn the_agent_follows_its_parameters_file_and_restarts_on_request() {
 
     // A restart parameter: reported as pending until a restart.
     swap_file(&file, "work_mem = '7MB'\nshared_buffers = '24MB'\n");
+    let expected = pgrs::agent::config::parameters_hash(
+        &[
+            ("shared_buffers".to_string(), "24MB".to_string()),
+            ("work_mem".to_string(), "7MB".to_string()),
+        ]
+        .into(),
+    );
+    assert_ne!(expected, first_hash);
+    // The hash moves once the postmaster has re-read the file (never before).
     let pending = agent
         .wait_for("shared_buffers pending", Duration::from_secs(30), |s| {
-            s.pending_restart
-                .as_ref()
-                .is_some_and(|p| p.iter().any(|n| n == "shared_buffers"))
+            s.parameters_hash.as_deref() == Some(expected.as_str())
+                && s.pending_restart
+                    .as_ref()
+                    .is_some_and(|p| p.iter().any(|n| n == "shared_buffers"))
         })
         .await;
-    assert_ne!(
-        pending.parameters_hash.as_deref(),
-        Some(first_hash.as_str())
-    );
     assert_eq!(
         show(&agent, "shared_buffers").await.0,
         "16MB",
@@ -481,6 +506,7 @@ async fn the_agent_follows_its_parameters_file_and_restarts_on_request() {
         })
         .await;
     assert_eq!(after.parameters_hash, pending.parameters_hash);
+    assert_eq!(after.parameters_hash.as_deref(), Some(expected.as_str()));
     let (shared_buffers, restarted) = show(&agent, "shared_buffers").await;
     assert_eq!(shared_buffers, "24MB");
     assert_ne!(restarted, started, "the postmaster restarted");

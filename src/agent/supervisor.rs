@@ -690,30 +690,37 @@ impl Supervisor {
             None
         };
         // A data directory last run as a primary (crashed or shut down) may hold WAL its new
-        // primary never had. Rewind it before its first start as a replica: starting it, having
-        // the observer find it diverged, stopping and rewinding it then costs a second.
+        // primary never had. Rewind it before it serves as a replica: starting it, having the
+        // observer find it diverged, stopping and rewinding it then costs a second.
         if let Some(upstream) = upstream.clone()
             && self.child.is_none()
-            && self.last_ran_as_primary().await
+            && let Some(crashed) = self.last_ran_as_primary().await
         {
             tracing::info!(
                 host = %upstream.host,
                 port = upstream.port,
-                "the data directory was last a primary's: rewinding it before it starts as a replica"
+                crashed,
+                "the data directory was last a primary's: rewinding it before it serves as a replica"
             );
-            // pg_rewind completes a crashed directory's recovery in single-user mode, which
-            // refuses standby mode; the rejoin renders the standby configuration again.
-            let signal = config.data_dir.join("standby.signal");
-            if signal.exists()
-                && let Err(error) = std::fs::remove_file(&signal)
-            {
-                tracing::warn!(%error, "failed to remove standby.signal before pg_rewind");
+            // A crashed one first completes crash recovery in a standby start (reported as
+            // starting) and a fast stop: measured faster than pg_rewind's own single-user
+            // recovery, whose writes its final sync then has to flush once more.
+            if crashed {
+                write_configuration(&config, &config.data_dir, Some(&upstream))?;
+                self.restart_at = None;
+                self.hold_starting = true;
+                let recovered = self.start_postgres().await;
+                self.hold_starting = false;
+                if let Err(error) = recovered {
+                    self.update(|s| s.phase = Phase::Stopped);
+                    return Err(error);
+                }
             }
             match self.action_rejoin(upstream).await {
                 Ok(outcome) => return Ok(outcome),
                 // Unreachable primary and the like: start as is; the observer rejoins it later.
                 Err(error) => {
-                    tracing::warn!(%error, "rewind before the first start failed; starting as is")
+                    tracing::warn!(%error, "rewind before serving failed; starting as is")
                 }
             }
         }
@@ -729,22 +736,23 @@ impl Supervisor {
         ))
     }
 
-    /// The control file says the data directory last ran as a primary: crashed ("in production")
-    /// or cleanly stopped ("shut down"; a standby's says "... in recovery"). A fresh clone also
-    /// says "in production" but carries a `backup_label`.
-    async fn last_ran_as_primary(&self) -> bool {
+    /// Whether the control file says the data directory last ran as a primary: `Some(true)`
+    /// crashed ("in production"), `Some(false)` cleanly stopped ("shut down"; a standby's says
+    /// "... in recovery"). A fresh clone also says "in production" but carries a `backup_label`.
+    async fn last_ran_as_primary(&self) -> Option<bool> {
         let config = self.config();
         if config.data_dir.join("backup_label").exists() {
-            return false;
+            return None;
         }
         match read_controldata(&config.binaries, &config.identity, &config.data_dir).await {
-            Ok(control) => matches!(
-                control.cluster_state.as_str(),
-                "in production" | "shut down"
-            ),
+            Ok(control) => match control.cluster_state.as_str() {
+                "in production" => Some(true),
+                "shut down" => Some(false),
+                _ => None,
+            },
             Err(error) => {
                 tracing::warn!(%error, "failed to read the control file");
-                false
+                None
             }
         }
     }
@@ -876,8 +884,14 @@ impl Supervisor {
         // a stop, and keeps renewing.
         self.update(|s| s.phase = Phase::Starting);
         self.restart_at = None;
-        self.stop_postgres(StopMode::Fast).await?;
-        write_configuration(&config, &config.data_dir, upstream.as_ref())?;
+        if let Err(error) = self.stop_postgres(StopMode::Fast).await {
+            self.schedule_restart();
+            return Err(error);
+        }
+        if let Err(error) = write_configuration(&config, &config.data_dir, upstream.as_ref()) {
+            self.schedule_restart();
+            return Err(error.into());
+        }
         if let Err(error) = self.start_postgres().await {
             // As after a crash: keep trying with backoff rather than stay down.
             if self.phase() == Phase::Starting {

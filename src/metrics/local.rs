@@ -179,6 +179,10 @@ impl LocalMetrics {
     ) -> String {
         let cluster = || ("cluster", self.cluster.clone());
         let mut out = Exposition::new();
+        // Every family, even without samples (unknown lag): HELP and TYPE say what exists.
+        for metric in names::ALL {
+            family(&mut out, metric);
+        }
         if let Some(status) = status {
             for node in &status.nodes {
                 let labels: Labels = vec![cluster(), ("instance", node.name.clone())];

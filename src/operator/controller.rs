@@ -670,7 +670,10 @@ impl Reconciler<'_> {
                         .find(|g| g.failover_priority > 0 && g.replicas > 0)
                         .and_then(|g| g.instance_names().into_iter().next())
                 });
-            if let Some(first) = first.filter(|f| pods.contains_key(f)) {
+            // A fenced instance is never made the first primary either.
+            if let Some(first) =
+                first.filter(|f| pods.contains_key(f) && !fence_request.is_fenced(f))
+            {
                 tracing::info!(instance = %first, "bootstrapping: taking the lease for the first primary");
                 let note = format!("taking the lease for {first}, the first primary");
                 self.context

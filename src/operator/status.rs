@@ -357,6 +357,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn lagging_lists_standbys_above_the_threshold_only() {
+        let instance = |name: &str, lag: Option<f64>| InstanceStatus {
+            name: name.to_string(),
+            group: None,
+            role: InstanceRole::Replica,
+            ready: true,
+            timeline: None,
+            lsn: None,
+            lag_bytes: None,
+            lag_seconds: lag,
+            sync_state: None,
+            last_seen: None,
+        };
+        let status = PgReplicaSetStatus {
+            current_primary: Some("pg-0".to_string()),
+            instances: vec![
+                instance("pg-0", Some(99.0)),
+                instance("pg-1", Some(12.5)),
+                instance("pg-2", Some(2.0)),
+                instance("pg-3", None),
+            ],
+            ..PgReplicaSetStatus::default()
+        };
+        let lagging = lagging(&status, 10.0);
+        assert_eq!(lagging.keys().collect::<Vec<_>>(), ["pg-1"]);
+        assert_eq!(lagging["pg-1"], 12.5);
+    }
+
+    #[test]
     fn lag_text_says_unknown_as_absent_and_zero_as_zero() {
         assert_eq!(format_lag(None, None), None);
         assert_eq!(format_lag(Some(0), Some(0.0)).as_deref(), Some("0 B, 0.0s"));
