@@ -226,15 +226,17 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     let took_over = killed_at.elapsed();
+    // Leading, and it has seen the healthy cluster (a few rounds) before the next fault.
     eventually(
-        "operator-b reports leadership",
-        Duration::from_secs(10),
+        "operator-b reports leadership and reconciles",
+        Duration::from_secs(30),
         || async {
             let leading = standby.metric("pgrs_operator_leader").await?;
             let ready = standby.get("/readyz").await?;
-            (leading == 1 && ready.contains("leader"))
+            let rounds = standby.metric("pgrs_operator_reconciles_total").await?;
+            (leading == 1 && ready.contains("leader") && rounds >= 3)
                 .then_some(())
-                .ok_or(format!("leader={leading} readyz={ready}"))
+                .ok_or(format!("leader={leading} readyz={ready} rounds={rounds}"))
         },
     )
     .await

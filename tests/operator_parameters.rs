@@ -512,3 +512,118 @@ async fn the_agent_follows_its_parameters_file_and_restarts_on_request() {
     assert_ne!(restarted, started, "the postmaster restarted");
     assert_eq!(show(&agent, "work_mem").await.0, "7MB");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowering_max_connections_restarts_the_primary_first() {
+    let bed = bed().await;
+    crd_installed(bed).await;
+    let ns = bed.namespace("op-params-lower").await.expect("namespace");
+    let ns_name = ns.name().to_string();
+    let client = bed.client().await.expect("admin client");
+    let operator = OperatorProcess::start(bed, &ns_name);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let manifest = dir.path().join("low.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: pgrs.dev/v1alpha1\nkind: PgReplicaSet\nmetadata:\n  name: low\nspec:\n  replicas: 2\n  storage:\n    size: 1Gi\n",
+    )
+    .expect("write the manifest");
+    kubectl(
+        bed,
+        &["apply", "-n", &ns_name, "-f", &manifest.to_string_lossy()],
+    );
+    let healthy = || async {
+        eventually("low Healthy", Duration::from_secs(300), || async {
+            let resource = cluster(&client, &ns_name, "low").await?;
+            let generation = resource.metadata.generation;
+            let status = resource.status.ok_or("no status yet")?;
+            let applied = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "ParametersApplied" && c.status == "True");
+            let all_ready = status.instances.iter().all(|i| i.ready);
+            (status.phase == Some(Phase::Healthy)
+                && status.ready.as_deref() == Some("2/2")
+                && all_ready
+                && status.observed_generation == generation
+                && applied)
+                .then_some(status.clone())
+                .ok_or(format!("{:?} {:?}", status.phase, status.conditions))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let primary = healthy().await.current_primary.expect("a primary");
+    let replica = ["low-0", "low-1"]
+        .into_iter()
+        .find(|p| *p != primary)
+        .expect("a standby")
+        .to_string();
+    let password = superuser_password(&client, &ns_name, "low").await;
+    let read = |pod: String| {
+        let client = client.clone();
+        let ns_name = ns_name.clone();
+        let password = password.clone();
+        async move {
+            let ip = pod_ips(&client, &ns_name, "low")
+                .await
+                .get(&pod)
+                .cloned()
+                .ok_or(format!("{pod} has no IP"))?;
+            let db = connect(&ip, &password).await?;
+            let row = db
+                .query_one(
+                    "SELECT current_setting('max_connections'), pg_postmaster_start_time()::text",
+                    &[],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<(String, String), String>((row.get(0), row.get(1)))
+        }
+    };
+    let (before, primary_started) = read(primary.clone()).await.expect("read the primary");
+    let (_, replica_started) = read(replica.clone()).await.expect("read the standby");
+    assert_eq!(before, "100", "the test lowers the default max_connections");
+    kubectl(
+        bed,
+        &[
+            "patch",
+            "pgrs",
+            "low",
+            "-n",
+            &ns_name,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"parameters":{"max_connections":"50"}}}"#,
+        ],
+    );
+    let mut restarted = BTreeMap::new();
+    for pod in [&primary, &replica] {
+        let at = eventually(
+            &format!("{pod} runs max_connections 50"),
+            Duration::from_secs(300),
+            || async {
+                let (value, at) = read(pod.clone()).await?;
+                (value == "50").then_some(at).ok_or(value)
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        restarted.insert(pod.clone(), at);
+    }
+    let status = healthy().await;
+    assert_ne!(restarted[&primary], primary_started);
+    assert_ne!(restarted[&replica], replica_started);
+    assert!(
+        restarted[&primary] < restarted[&replica],
+        "the primary restarts before the standby when lowering: {restarted:?}"
+    );
+    assert_eq!(
+        status.current_primary.as_deref(),
+        Some(primary.as_str()),
+        "restarted in place, no switchover"
+    );
+    assert!(status.last_failover.is_none(), "{:?}", status.last_failover);
+    drop(operator);
+}

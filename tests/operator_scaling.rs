@@ -1,7 +1,8 @@
 //! Scaling on the test bed: 3 → 4 instances (the new pod clones from the primary and
-//! streams), then, with the primary moved to the highest ordinal, 4 → 2: the operator switches
-//! the primary over to an instance that stays before the StatefulSet removes the pods, drops
-//! the removed instances' replication slots, and the status and `kubectl get pgrs` follow.
+//! streams); 4 → 3 (the standby pg-3 goes and the operator drops its replication slot on the
+//! primary); then, with the primary moved to the highest ordinal, 3 → 2: the operator switches
+//! the primary over to an instance that stays before the StatefulSet removes its pod. The
+//! status, `kubectl get pgrs` READY and the data follow.
 //!
 //! The operator runs as a process with the admin kubeconfig. Needs the test-bed binaries
 //! (`testbed/build.sh`).
@@ -86,6 +87,44 @@ fn ready_column(bed: &pgrs_testbed::TestBed, ns: &str) -> String {
     row.get(column).map(|v| v.to_string()).unwrap_or_default()
 }
 
+/// Waits until the cluster's pods are exactly `names`.
+async fn pods_left(client: &Client, ns: &str, names: &[&str]) {
+    eventually(
+        &format!("only pods {names:?}"),
+        Duration::from_secs(120),
+        || async {
+            let ips = pod_ips(client, ns, CLUSTER).await;
+            let left: Vec<&str> = ips.keys().map(String::as_str).collect();
+            (left == names).then_some(()).ok_or(format!("{left:?}"))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Waits until none of `slots` exists on the primary at `ip`.
+async fn slots_dropped(ip: &str, password: &str, slots: &[&str]) {
+    eventually(
+        &format!("slots {slots:?} dropped"),
+        Duration::from_secs(120),
+        || async {
+            let db = connect(ip, password).await?;
+            let rows = db
+                .query(
+                    "SELECT slot_name::text FROM pg_replication_slots ORDER BY 1",
+                    &[],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let present: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            let stale = present.iter().any(|p| slots.contains(&p.as_str()));
+            (!stale).then_some(()).ok_or(format!("{present:?}"))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
 async fn rows(ip: &str, password: &str) -> Result<Vec<i32>, String> {
     let db = connect(ip, password).await?;
     let rows = db
@@ -135,6 +174,15 @@ async fn scaling_up_clones_and_scaling_down_moves_the_primary_first() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
 
+    // 4 → 3 with the primary staying: the standby pg-3 goes, and its slot on the primary.
+    assert_ne!(primary, "pg-3", "the first primary is pg-0");
+    scale(bed, &ns_name, 3);
+    wait_instances(&client, &ns_name, &["pg-0", "pg-1", "pg-2"]).await;
+    assert_eq!(ready_column(bed, &ns_name), "3/3");
+    pods_left(&client, &ns_name, &["pg-0", "pg-1", "pg-2"]).await;
+    let primary_ip = ips[&primary].clone();
+    slots_dropped(&primary_ip, &password, &["pgrs_pg_3"]).await;
+
     // The highest ordinal becomes the primary, so that the scale-down must move it first.
     kubectl(
         bed,
@@ -144,16 +192,16 @@ async fn scaling_up_clones_and_scaling_down_moves_the_primary_first() {
             CLUSTER,
             "-n",
             &ns_name,
-            "pgrs.dev/switchover-to=pg-3",
+            "pgrs.dev/switchover-to=pg-2",
         ],
     );
-    eventually("pg-3 is the primary", Duration::from_secs(120), || async {
+    eventually("pg-2 is the primary", Duration::from_secs(120), || async {
         let status = cluster(&client, &ns_name, CLUSTER)
             .await?
             .status
             .ok_or("no status")?;
         let all_ready = status.instances.iter().all(|i| i.ready);
-        (status.current_primary.as_deref() == Some("pg-3")
+        (status.current_primary.as_deref() == Some("pg-2")
             && status.phase == Some(Phase::Healthy)
             && all_ready)
             .then_some(())
@@ -161,14 +209,14 @@ async fn scaling_up_clones_and_scaling_down_moves_the_primary_first() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    connect(&new_ip, &password)
+    connect(&ips["pg-2"], &password)
         .await
-        .expect("connect to pg-3")
+        .expect("connect to pg-2")
         .batch_execute("INSERT INTO t VALUES (2)")
         .await
-        .expect("write on pg-3");
+        .expect("write on pg-2");
 
-    // Down to 2: pg-3 hands the primary role to pg-0 or pg-1, then pg-2 and pg-3 go.
+    // Down to 2: pg-2 hands the primary role to pg-0 or pg-1 before its pod goes.
     let down_requested = Instant::now();
     scale(bed, &ns_name, 2);
     let status = wait_instances(&client, &ns_name, &["pg-0", "pg-1"]).await;
@@ -181,7 +229,7 @@ async fn scaling_up_clones_and_scaling_down_moves_the_primary_first() {
     );
     let record = status.last_failover.clone().expect("status.lastFailover");
     assert_eq!(record.reason, "Switchover", "{record:?}");
-    assert_eq!(record.from.as_deref(), Some("pg-3"));
+    assert_eq!(record.from.as_deref(), Some("pg-2"));
     let replica = status
         .instances
         .iter()
@@ -189,19 +237,7 @@ async fn scaling_up_clones_and_scaling_down_moves_the_primary_first() {
         .expect("a replica")
         .name
         .clone();
-    eventually(
-        "pods pg-2 and pg-3 gone",
-        Duration::from_secs(120),
-        || async {
-            let ips = pod_ips(&client, &ns_name, CLUSTER).await;
-            let names: Vec<&String> = ips.keys().collect();
-            (names == ["pg-0", "pg-1"])
-                .then_some(())
-                .ok_or(format!("{names:?}"))
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    pods_left(&client, &ns_name, &["pg-0", "pg-1"]).await;
 
     let ips = pod_ips(&client, &ns_name, CLUSTER).await;
     let replica_ip = ips[&replica].clone();
@@ -216,25 +252,7 @@ async fn scaling_up_clones_and_scaling_down_moves_the_primary_first() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     let primary_ip = ips[&primary].clone();
-    eventually(
-        "the removed instances' slots are dropped",
-        Duration::from_secs(120),
-        || async {
-            let db = connect(&primary_ip, &password).await?;
-            let rows = db
-                .query(
-                    "SELECT slot_name::text FROM pg_replication_slots ORDER BY 1",
-                    &[],
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            let slots: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-            let stale = slots.iter().any(|s| s == "pgrs_pg_2" || s == "pgrs_pg_3");
-            (!stale).then_some(()).ok_or(format!("{slots:?}"))
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    slots_dropped(&primary_ip, &password, &["pgrs_pg_2", "pgrs_pg_3"]).await;
     // Writes go on after the scale-down.
     connect(&primary_ip, &password)
         .await
@@ -254,12 +272,16 @@ async fn scaling_up_clones_and_scaling_down_moves_the_primary_first() {
             "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
         ],
     );
-    assert!(
-        events.lines().any(|l| l == "ScaleDownSwitchover"),
-        "no ScaleDownSwitchover event: {events}"
-    );
+    // pg-3's slot on the primary existed (it streamed through it) until the operator dropped
+    // it after the pod was gone.
+    for reason in ["ScaleDownSwitchover", "ReplicationSlotDropped"] {
+        assert!(
+            events.lines().any(|l| l == reason),
+            "no {reason} event: {events}"
+        );
+    }
     eprintln!(
-        "operator scaling: 3 -> 4 Healthy in {} ms; 4 -> 2 (primary on pg-3) Healthy in {} ms",
+        "operator scaling: 3 -> 4 Healthy in {} ms; 3 -> 2 (primary on pg-2) Healthy in {} ms",
         up_took.as_millis(),
         down_took.as_millis()
     );

@@ -115,6 +115,10 @@ pub struct AgentStatus {
     /// `None` when postgres could not be asked.
     #[serde(default)]
     pub pending_restart: Option<Vec<String>>,
+    /// The value each of `pending_restart` still runs with (`pg_settings.setting`, in the
+    /// parameter's base unit), so that a controller can tell a raise from a lowering.
+    #[serde(default)]
+    pub pending_restart_running: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Where a replica streams from.

@@ -148,6 +148,7 @@ pub async fn build_status(supervisor: &SupervisorHandle) -> AgentStatus {
         observed_at: Utc::now(),
         parameters_hash: state.parameters_hash.clone(),
         pending_restart: None,
+        pending_restart_running: None,
     };
     if state.phase != Phase::Running {
         return status;
@@ -169,10 +170,10 @@ pub async fn build_status(supervisor: &SupervisorHandle) -> AgentStatus {
             status.last_replay_timestamp = probe.last_replay_timestamp;
             status.replication = probe.replication;
             status.wal_receiver = probe.wal_receiver;
-            status.pending_restart = supervisor
-                .pending_restart(Duration::from_secs(2))
-                .await
-                .ok();
+            if let Ok(pending) = supervisor.pending_restart(Duration::from_secs(2)).await {
+                status.pending_restart = Some(pending.iter().map(|(n, _)| n.clone()).collect());
+                status.pending_restart_running = Some(pending.into_iter().collect());
+            }
         }
         Err(error) => status.probe_error = Some(error.to_string()),
     }

@@ -536,13 +536,24 @@ pub async fn bootstrap_replica(
     if state == DataDirState::Initialized {
         // An existing standby must start even when its primary is down (it may be the one to
         // promote); the system identifier is then checked against the cluster marker only.
-        let primary_id = match prepare_upstream(config, upstream).await {
-            Ok(prepared) => Some(prepared.system_identifier),
-            Err(InstanceError::PrimaryUnreachable { cause, .. }) => {
-                tracing::warn!(%cause, "primary unreachable; starting the existing standby anyway");
-                None
+        // A directory last run as a primary is rewound before it serves (the supervisor's
+        // start): pg_rewind checks the system identifier and the rejoin ensures the slot, so
+        // this handshake with the primary would be spent twice.
+        let last_primary = !data_dir.join("backup_label").exists()
+            && read_controldata(&config.binaries, &config.identity, data_dir)
+                .await
+                .is_ok_and(|c| matches!(c.cluster_state.as_str(), "in production" | "shut down"));
+        let primary_id = if last_primary {
+            None
+        } else {
+            match prepare_upstream(config, upstream).await {
+                Ok(prepared) => Some(prepared.system_identifier),
+                Err(InstanceError::PrimaryUnreachable { cause, .. }) => {
+                    tracing::warn!(%cause, "primary unreachable; starting the existing standby anyway");
+                    None
+                }
+                Err(other) => return Err(other),
             }
-            Err(other) => return Err(other),
         };
         let id = check_identity(config, data_dir, primary_id.as_deref()).await?;
         tracing::info!(data_dir = %data_dir.display(), system_identifier = %id, "using existing data directory as a standby");

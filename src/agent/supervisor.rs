@@ -227,10 +227,14 @@ impl SupervisorHandle {
     /// Parameters whose new value waits for a restart (`pg_settings.pending_restart`).
     /// Asked on the kept session (it is part of every status): the backend re-reads the
     /// configuration files on the postmaster's SIGHUP before it runs its next query.
-    pub async fn pending_restart(&self, timeout: Duration) -> Result<Vec<String>, ProbeError> {
+    /// Each with the value the server still runs with.
+    pub async fn pending_restart(
+        &self,
+        timeout: Duration,
+    ) -> Result<Vec<(String, String)>, ProbeError> {
         let (client, _) = self.session(timeout).await?;
         let query = client.query(
-            "SELECT name FROM pg_settings WHERE pending_restart ORDER BY name",
+            "SELECT name, setting FROM pg_settings WHERE pending_restart ORDER BY name",
             &[],
         );
         let rows = match tokio::time::timeout(timeout, query).await {
@@ -247,7 +251,7 @@ impl SupervisorHandle {
                 return Err(ProbeError::QueryTimeout { timeout });
             }
         };
-        Ok(rows.iter().map(|row| row.get(0)).collect())
+        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
     }
 
     async fn probe_client(&self, timeout: Duration) -> Result<tokio_postgres::Client, ProbeError> {
@@ -380,6 +384,7 @@ pub fn spawn(
         restart_at: None,
         backoff: MIN_BACKOFF,
         hold_starting: false,
+        recovery_only: false,
     };
     let task = tokio::spawn(async move { supervisor.run().await });
     (handle, task)
@@ -399,6 +404,8 @@ struct Supervisor {
     backoff: Duration,
     /// A started postgres stays `Starting` (set during a rejoin, until it is verified).
     hold_starting: bool,
+    /// The next start only completes crash recovery (see `await_recovered`).
+    recovery_only: bool,
 }
 
 enum Event {
@@ -582,6 +589,9 @@ impl Supervisor {
         // A new postmaster: what an earlier one received says nothing about this one's WAL.
         *lock(&self.handle.received_timeline) = None;
         let deadline = Instant::now() + config.start_timeout;
+        if self.recovery_only {
+            return self.await_recovered(child, deadline).await;
+        }
         let client = loop {
             if let Ok(Some(status)) = child.try_wait() {
                 self.update(|s| s.pid = None);
@@ -633,6 +643,49 @@ impl Supervisor {
             s.last_error = None;
         });
         tracing::info!(?pid, in_recovery, "postgres is up");
+        Ok(())
+    }
+
+    /// Waits for a postgres started only to complete crash recovery (it is stopped again right
+    /// away): readiness from the postmaster's status line, as pg_ctl reads it, instead of a
+    /// session whose handshake would be wasted.
+    async fn await_recovered(
+        &mut self,
+        mut child: Child,
+        deadline: Instant,
+    ) -> Result<(), ActionError> {
+        let pidfile = self.config().data_dir.join("postmaster.pid");
+        // The crashed postmaster's file is still there until the new one writes its own.
+        let pid = child.id().map(|p| p.to_string());
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.update(|s| s.pid = None);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Err(ActionError::Start(format!(
+                    "postgres exited during crash recovery ({status}): {}",
+                    self.handle.log_tail().join("; ")
+                )));
+            }
+            let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
+            let mut lines = text.lines().map(str::trim);
+            let ours = pid.is_some() && lines.next() == pid.as_deref();
+            if ours && matches!(lines.nth(6), Some("standby" | "ready")) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = kill_child(&mut child, Signal::SIGQUIT).await;
+                self.update(|s| s.pid = None);
+                return Err(ActionError::Start(format!(
+                    "postgres did not complete crash recovery within {:?}: {}",
+                    self.config().start_timeout,
+                    self.handle.log_tail().join("; ")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.child = Some(child);
+        self.started_at = Some(Instant::now());
+        tracing::info!("crash recovery done");
         Ok(())
     }
 
@@ -709,8 +762,10 @@ impl Supervisor {
                 write_configuration(&config, &config.data_dir, Some(&upstream))?;
                 self.restart_at = None;
                 self.hold_starting = true;
+                self.recovery_only = true;
                 let recovered = self.start_postgres().await;
                 self.hold_starting = false;
+                self.recovery_only = false;
                 if let Err(error) = recovered {
                     self.update(|s| s.phase = Phase::Stopped);
                     return Err(error);
@@ -965,7 +1020,13 @@ impl Supervisor {
             }
         }
         self.update(|s| s.parameters_hash = Some(hash.clone()));
-        let pending = self.handle.pending_restart(Duration::from_secs(5)).await?;
+        let pending: Vec<String> = self
+            .handle
+            .pending_restart(Duration::from_secs(5))
+            .await?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
         tracing::info!(%hash, ?pending, "parameters reloaded");
         Ok(ActionOutcome::message(if pending.is_empty() {
             format!("parameters {hash} reloaded")

@@ -158,6 +158,10 @@ struct ClusterRuntime {
     fenced: BTreeSet<String>,
     /// Standbys whose lag was above `monitoring.lagAlertSeconds` in the last round.
     lag_high: BTreeSet<String>,
+    /// `status.currentPrimary` when this runtime was created: the failover's `from` when the
+    /// engine has not seen a primary yet (a new operator leader whose first round finds the
+    /// Lease already released).
+    previous_primary: Option<String>,
     /// Parameter rollout and scale-down bookkeeping (`rollout` module).
     rollout: RolloutMemory,
 }
@@ -184,6 +188,7 @@ impl ClusterRuntime {
             errors_in_a_row: 0,
             fenced: BTreeSet::new(),
             lag_high: BTreeSet::new(),
+            previous_primary: previous.and_then(|s| s.current_primary.clone()),
             rollout: RolloutMemory::new(previous),
         }
     }
@@ -943,7 +948,11 @@ impl Reconciler<'_> {
                     fenced_at: Some(now_time()),
                     promoted_at: None,
                     service_switched_at: None,
-                    from: choice.from.clone(),
+                    from: choice
+                        .from
+                        .clone()
+                        .or_else(|| runtime.previous_primary.clone())
+                        .filter(|from| *from != choice.to),
                     to: choice.to.clone(),
                     lsn_gap_bytes: choice.lsn_gap_bytes,
                 });
@@ -1162,11 +1171,14 @@ fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
 const PARAMETERS_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long an agent may take to restart postgres (fast stop, start, recovery).
 const RESTART_TIMEOUT: Duration = Duration::from_secs(180);
+/// A restarted instance not back after this long gets a Warning (and is no longer waited for).
+const RESTART_STALLED: Duration = Duration::from_secs(600);
 
 /// What the controller remembers between rounds for rollouts and scaling.
 struct RolloutMemory {
-    /// The instance restarted for its parameters, until it is back.
+    /// The instance restarted for its parameters (and when), until it is back.
     restarting: Option<String>,
+    restart_started: Option<Instant>,
     /// The parameters digest last announced as applied everywhere.
     applied_hash: Option<String>,
     /// Replica counts per StatefulSet as last applied.
@@ -1181,6 +1193,7 @@ impl RolloutMemory {
     fn new(previous: Option<&PgReplicaSetStatus>) -> Self {
         RolloutMemory {
             restarting: None,
+            restart_started: None,
             applied_hash: None,
             applied_replicas: None,
             known: previous
@@ -1302,7 +1315,30 @@ impl Reconciler<'_> {
             self.drop_removed_slots(p, pods, secrets).await;
         }
 
+        // A restart that never came back stops blocking the rollout's bookkeeping (nothing else
+        // restarts while that instance does not stream: the plan waits for a healthy cluster).
+        if let (Some(instance), Some(started)) = (
+            self.runtime.rollout.restarting.clone(),
+            self.runtime.rollout.restart_started,
+        ) && started.elapsed() > RESTART_STALLED
+        {
+            self.runtime.rollout.restarting = None;
+            let note = format!(
+                "{instance} is not back {} s after its restart",
+                started.elapsed().as_secs()
+            );
+            tracing::warn!(%instance, "restart stalled");
+            self.context
+                .publish(self.cluster, EventType::Warning, "RestartStalled", note)
+                .await;
+        }
         let restarting = self.runtime.rollout.restarting.clone();
+        let lowered = primary
+            .as_ref()
+            .and_then(|p| self.runtime.reports.get(p))
+            .and_then(|r| r.status.pending_restart_running.as_ref())
+            .map(|running| rollout::lowered_minimums(running, &self.cluster.spec.parameters))
+            .unwrap_or_default();
         let plan = rollout::plan(&rollout::RolloutInput {
             desired_hash: &desired,
             primary: primary.as_deref(),
@@ -1310,6 +1346,7 @@ impl Reconciler<'_> {
             desired_instances: names.len(),
             restarting: restarting.as_deref(),
             role_change_in_progress: input.memory.switchover.is_some() || scaling,
+            primary_first: !lowered.is_empty(),
         });
         self.push_parameters(&plan.push, pods, secrets).await;
         if let Some(done) = &plan.restart_finished {
@@ -1428,7 +1465,7 @@ impl Reconciler<'_> {
             .unwrap_or_default()
             .join(", ");
         let role = if primary {
-            "the primary, in place: no standby to switch to"
+            "the primary, in place"
         } else {
             "a standby"
         };
@@ -1438,6 +1475,7 @@ impl Reconciler<'_> {
             .publish(self.cluster, EventType::Normal, "RestartingInstance", note)
             .await;
         self.runtime.rollout.restarting = Some(instance.to_string());
+        self.runtime.rollout.restart_started = Some(Instant::now());
         let result = match self.agent(instance, pods, secrets, RESTART_TIMEOUT) {
             Some(client) => client.restart().await.map_err(|e| e.to_string()),
             None => Err("its pod has no IP".to_string()),

@@ -7,11 +7,15 @@
 //! primary role moves to a healthy replica (a switchover, whose rejoin restarts the former
 //! primary) — or, with no replica to switch to, the primary restarts in place.
 //!
+//! Lowering a setting a hot standby needs at least as high as its primary's
+//! ([`STANDBY_MINIMUMS`]) goes the other way: the primary restarts first, in place (a short
+//! write outage), then the standbys; otherwise a restarted standby would pause its recovery.
+//!
 //! Scaling down removes the highest ordinals (the StatefulSet does). When the primary is among
 //! them, its StatefulSet keeps it until a switchover has moved the primary role to an instance
 //! that stays.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::agent::api::Role;
 use crate::api::ResolvedGroup;
@@ -70,6 +74,35 @@ pub struct RolloutInput<'a> {
     pub restarting: Option<&'a str>,
     /// A switchover or failover is under way (the engine's memory or phase).
     pub role_change_in_progress: bool,
+    /// Restart the primary first, in place (see [`lowered_minimums`]).
+    pub primary_first: bool,
+}
+
+/// Settings a hot standby needs at least as high as its primary's: PostgreSQL pauses a
+/// standby's recovery when one is lower (`max_wal_senders` is the agent's own).
+pub const STANDBY_MINIMUMS: &[&str] = &[
+    "max_connections",
+    "max_locks_per_transaction",
+    "max_prepared_transactions",
+    "max_worker_processes",
+];
+
+/// Those of [`STANDBY_MINIMUMS`] that `desired` (the spec) sets below the value the primary
+/// runs with (`running`, its pending-restart settings).
+pub fn lowered_minimums(
+    running: &BTreeMap<String, String>,
+    desired: &BTreeMap<String, String>,
+) -> Vec<String> {
+    STANDBY_MINIMUMS
+        .iter()
+        .filter(|name| {
+            let value = |map: &BTreeMap<String, String>| {
+                map.get(**name).and_then(|v| v.trim().parse::<i64>().ok())
+            };
+            matches!((value(running), value(desired)), (Some(now), Some(next)) if next < now)
+        })
+        .map(|name| name.to_string())
+        .collect()
 }
 
 /// The one step of this round (pushes of the parameters come on top, see [`RolloutPlan`]).
@@ -192,6 +225,19 @@ pub fn plan(input: &RolloutInput<'_>) -> RolloutPlan {
                 waiting_for.join(", ")
             ),
         );
+    }
+    if input.primary_first
+        && let Some(primary) = input.primary
+        && pending.iter().any(|i| i.name == primary)
+    {
+        return RolloutPlan {
+            push,
+            restart_finished,
+            step: RolloutStep::Restart {
+                instance: primary.to_string(),
+                primary: true,
+            },
+        };
     }
     if let Some(replica) = pending
         .iter()
@@ -357,6 +403,7 @@ mod tests {
             desired_instances: instances.len(),
             restarting: None,
             role_change_in_progress: false,
+            primary_first: false,
         }
     }
 
@@ -449,6 +496,44 @@ mod tests {
             RolloutStep::Switchover {
                 from: "pg-0".into(),
                 candidates: vec!["pg-1".into(), "pg-2".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn lowering_a_standby_minimum_restarts_the_primary_first() {
+        let running = BTreeMap::from([
+            ("max_connections".to_string(), "100".to_string()),
+            ("shared_buffers".to_string(), "16384".to_string()),
+        ]);
+        let lower = BTreeMap::from([("max_connections".to_string(), "50".to_string())]);
+        let higher = BTreeMap::from([("max_connections".to_string(), "200".to_string())]);
+        assert_eq!(lowered_minimums(&running, &lower), ["max_connections"]);
+        assert!(lowered_minimums(&running, &higher).is_empty());
+        assert!(lowered_minimums(&BTreeMap::new(), &lower).is_empty());
+        let instances = [
+            view("pg-0", Role::Primary, NEW, &["max_connections"]),
+            view("pg-1", Role::Replica, NEW, &["max_connections"]),
+        ];
+        let mut first = input(&instances, "pg-0");
+        first.primary_first = true;
+        assert_eq!(
+            plan(&first).step,
+            RolloutStep::Restart {
+                instance: "pg-0".into(),
+                primary: true
+            }
+        );
+        // Once the primary runs the lower value, the standbys follow as usual.
+        let mut after = instances.clone();
+        after[0].pending_restart = Some(Vec::new());
+        let mut next = input(&after, "pg-0");
+        next.primary_first = false;
+        assert_eq!(
+            plan(&next).step,
+            RolloutStep::Restart {
+                instance: "pg-1".into(),
+                primary: false
             }
         );
     }
