@@ -861,6 +861,17 @@ impl Supervisor {
                 "cannot promote: already a primary".into(),
             ));
         }
+        // Slots carried over from this instance's earlier life as a primary are stale: every
+        // replica re-creates its own when it follows; left alone they would pin WAL. Dropped
+        // while still a standby: nobody follows it yet, whereas after the promotion a replica
+        // rejoining at once may already have found its slot here and be about to use it.
+        let stale_dropped = session
+            .batch_execute(STALE_SLOTS_DROP)
+            .await
+            .inspect_err(|error| {
+                tracing::debug!(%error, "could not drop stale slots as a standby; after promotion then")
+            })
+            .is_ok();
         // Signal without waiting and watch every 10 ms: pg_promote's own wait polls every 100 ms.
         let signalled: bool = session
             .query_one("SELECT pg_promote(false)", &[])
@@ -896,15 +907,7 @@ impl Supervisor {
             .batch_execute("CHECKPOINT")
             .await
             .map_err(|e| ActionError::Promote(format!("CHECKPOINT after promotion: {e}")))?;
-        // Slots carried over from this instance's earlier life as a primary are stale: every
-        // replica re-creates its own when it follows. Left alone they would pin WAL.
-        if let Err(error) = client
-            .batch_execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                 WHERE slot_type = 'physical' AND NOT active AND slot_name LIKE 'pgrs\\_%'",
-            )
-            .await
-        {
+        if !stale_dropped && let Err(error) = client.batch_execute(STALE_SLOTS_DROP).await {
             tracing::warn!(%error, "failed to drop stale replication slots after promotion");
         }
         // The configuration on disk must no longer point at the old primary.
@@ -1339,6 +1342,10 @@ fn write_include(config: &AgentConfig, path: &Path, text: &str) -> Result<(), Ac
         .map_err(io("chown", &temporary))?;
     std::fs::rename(&temporary, path).map_err(io("rename parameters file to", path))
 }
+
+/// Drops this agent family's inactive physical slots (see the promotion).
+const STALE_SLOTS_DROP: &str = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+     WHERE slot_type = 'physical' AND NOT active AND slot_name LIKE 'pgrs\\_%'";
 
 fn unreachable_shutdown() -> Result<ActionOutcome, ActionError> {
     Err(ActionError::SupervisorGone)

@@ -465,16 +465,31 @@ pub async fn run_rounds(
     Ok(results)
 }
 
+/// The machine's load average (`/proc/loadavg`): timing figures mean little without it.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
 pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let layout = Layout::new(&args.dir.dir);
     let config = layout.read_config()?;
     let mut kinds = args.kinds.clone();
     kinds.dedup();
     let started = chrono::Utc::now();
+    let load_before = load_average();
     let results = run_rounds(&args.dir.dir, &kinds, args.rounds).await?;
+    let load_after = load_average();
     let t = &config.timings;
     let header = format!(
-        "## Failover report\n\n{} — {} replicas, {} replication, lease {} ms / renew {} ms / deadline {} ms / shutdown budget {} ms, controller round {} ms, {} CPUs.\n",
+        "## Failover report\n\n{} — {} replicas, {} replication, lease {} ms / renew {} ms / deadline {} ms / shutdown budget {} ms, controller round {} ms, {} CPUs, load average {load_before} before and {load_after} after (1, 5, 15 min).\n",
         started.format("%Y-%m-%d %H:%M UTC"),
         config.nodes.len() - 1,
         if config.sync {

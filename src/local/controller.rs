@@ -94,6 +94,8 @@ struct Shared {
     /// Superuser sessions to the nodes' postgres, kept between uses: a (SCRAM) handshake per
     /// statement would sit on the switchover path.
     sessions: Mutex<HashMap<String, Arc<tokio_postgres::Client>>>,
+    /// Nodes whose session is being opened ahead of need.
+    warming: Mutex<BTreeSet<String>>,
     clients: HashMap<String, AgentClient>,
 }
 
@@ -424,6 +426,9 @@ async fn observe_node(shared: Arc<Shared>, name: String) {
             }
         };
         if !keep_last && let Ok(Ok(status)) = result {
+            if shared.config.sync && status.postgres_up && status.role == Role::Replica {
+                warm_session(&shared, &name);
+            }
             note_report(&shared, &name, asked_at, status);
         }
         // Poll fast while a failover or switchover is under way (the write endpoint switches as
@@ -723,6 +728,33 @@ async fn execute_on_node(shared: &Shared, name: &str, statements: &[String]) -> 
         }
         describe(error)
     })
+}
+
+/// In sync mode a candidate gets its `synchronous_standby_names` right before its promotion:
+/// open the session for that ahead of time, off the failover path.
+fn warm_session(shared: &Arc<Shared>, name: &str) {
+    if lock(&shared.sessions)
+        .get(name)
+        .is_some_and(|c| !c.is_closed())
+        || !lock(&shared.warming).insert(name.to_string())
+    {
+        return;
+    }
+    let shared = shared.clone();
+    let name = name.to_string();
+    tokio::spawn(async move {
+        match connect_node(&shared, &name).await {
+            Ok(client) => {
+                let mut sessions = lock(&shared.sessions);
+                // A session opened meanwhile by an action wins.
+                if sessions.get(&name).is_none_or(|kept| kept.is_closed()) {
+                    sessions.insert(name.clone(), Arc::new(client));
+                }
+            }
+            Err(error) => tracing::debug!(node = %name, %error, "could not open a session ahead"),
+        }
+        lock(&shared.warming).remove(&name);
+    });
 }
 
 /// CHECKPOINT on a primary about to be demoted; bounded, and a failure only costs time.
@@ -1368,6 +1400,7 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
         urgent: std::sync::atomic::AtomicBool::new(false),
         wake: tokio::sync::Notify::new(),
         sessions: Mutex::new(HashMap::new()),
+        warming: Mutex::new(BTreeSet::new()),
         clients,
         layout: layout.clone(),
         config: config.clone(),
