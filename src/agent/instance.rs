@@ -557,7 +557,10 @@ pub async fn bootstrap_replica(
         // A directory last run as a primary is rewound before it serves (the supervisor's
         // start): pg_rewind checks the system identifier and the rejoin ensures the slot, so
         // this handshake with the primary would be spent twice.
-        let last_primary = !data_dir.join("backup_label").exists()
+        // Only for a directory of this cluster: any other is checked against the primary, so
+        // that the refusal names the primary's identifier.
+        let last_primary = read_marker(data_dir).as_deref() == Some(config.cluster.as_str())
+            && !data_dir.join("backup_label").exists()
             && read_controldata(&config.binaries, &config.identity, data_dir)
                 .await
                 .is_ok_and(|c| matches!(c.cluster_state.as_str(), "in production" | "shut down"));
