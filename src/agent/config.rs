@@ -2,8 +2,9 @@
 //! Pure: no IO, so every rule is unit-tested.
 //!
 //! The agent owns the whole configuration: it rewrites `postgresql.conf` and `pg_hba.conf` and
-//! empties `postgresql.auto.conf` at every start, promote, follow and rejoin (pg_rewind and
-//! pg_basebackup copy the source's files, whose node-specific settings would be wrong here).
+//! empties `postgresql.auto.conf` (all but `synchronous_standby_names`, which the controller sets
+//! with ALTER SYSTEM) at every start, promote, follow and rejoin (pg_rewind and pg_basebackup
+//! copy the source's files, whose node-specific settings would be wrong here).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
