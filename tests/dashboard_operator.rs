@@ -7,8 +7,6 @@
 
 mod operator_support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use operator_support::*;
@@ -18,77 +16,11 @@ use pgrs_testbed::wait::eventually;
 
 const CLUSTER: &str = "dash";
 
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local addr").port()
-}
-
-/// `pgrs operator` on a known health port (the shared helper picks its own); killed on drop,
-/// its log printed when the test fails.
-struct Operator {
-    child: Child,
-    log: PathBuf,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Operator {
-    fn start(bed: &pgrs_testbed::TestBed, namespace: &str) -> Operator {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let log = dir.path().join("operator.log");
-        let file = std::fs::File::create(&log).expect("create the operator log");
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_pgrs"))
-            .args([
-                "operator",
-                "--namespace",
-                namespace,
-                "--default-image",
-                IMAGE,
-                "--database-as-root",
-                "--health-listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .env("KUBECONFIG", bed.admin_kubeconfig())
-            .env("PGRS_LOG", "info,kube=warn")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("clone the log handle"))
-            .stderr(file)
-            .spawn()
-            .expect("start pgrs operator");
-        Operator {
-            child,
-            log,
-            port,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            eprintln!("--- operator log (last 60 lines) ---");
-            for line in tail.into_iter().rev() {
-                eprintln!("{line}");
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_dashboard_lists_the_cluster_with_its_primary() {
-    let bed = bed().await;
-    install_crd(bed).await;
-    let ns = bed.namespace("dash-op").await.expect("namespace");
-    let ns_name = ns.name().to_string();
-    let client = bed.client().await.expect("admin client");
-    let operator = Operator::start(bed, &ns_name);
-    let base = format!("http://127.0.0.1:{}", operator.port);
+    let (bed, _ns, ns_name, client) = operator_test_namespace("dash-op").await;
+    let operator = OperatorProcess::start(bed, &ns_name);
+    let base = format!("http://127.0.0.1:{}", operator.health_port());
 
     let manifest = format!(
         "apiVersion: pgrs.dev/v1alpha1\nkind: PgReplicaSet\nmetadata:\n  name: {CLUSTER}\n  namespace: {ns_name}\nspec:\n  replicas: 2\n  storage:\n    size: 1Gi\n"
@@ -101,10 +33,7 @@ async fn operator_dashboard_lists_the_cluster_with_its_primary() {
         "the cluster is Healthy",
         Duration::from_secs(180),
         || async {
-            let status = cluster(&client, &ns_name, CLUSTER)
-                .await?
-                .status
-                .ok_or("no status yet")?;
+            let status = cluster_status(&client, &ns_name, CLUSTER).await?;
             if status.phase != Some(Phase::Healthy) {
                 return Err(format!("phase {:?}", status.phase));
             }

@@ -9,7 +9,6 @@
 
 mod operator_support;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use operator_support::*;
@@ -21,12 +20,7 @@ use pgrs_testbed::wait::eventually;
 const CLUSTER: &str = "pg";
 
 /// The operator with its health/metrics endpoint on a known loopback port.
-struct Operator {
-    child: Child,
-    port: u16,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
+struct Operator(OperatorProcess);
 
 impl Operator {
     fn start(bed: &TestBed, namespace: &str) -> Operator {
@@ -38,37 +32,11 @@ impl Operator {
                 break port;
             }
         };
-        let dir = tempfile::tempdir().expect("temp dir");
-        let log = dir.path().join("operator.log");
-        let file = std::fs::File::create(&log).expect("create the operator log");
-        let child = Command::new(env!("CARGO_BIN_EXE_pgrs"))
-            .args([
-                "operator",
-                "--namespace",
-                namespace,
-                "--default-image",
-                IMAGE,
-                "--database-as-root",
-                "--health-listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .env("KUBECONFIG", bed.admin_kubeconfig())
-            .env("PGRS_LOG", "info,kube=warn")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("clone the log handle"))
-            .stderr(file)
-            .spawn()
-            .expect("start pgrs operator");
-        Operator {
-            child,
-            port,
-            log,
-            _dir: dir,
-        }
+        Operator(OperatorProcess::start_with(bed, namespace, port, &[]))
     }
 
     async fn scrape(&self) -> Result<(String, Parsed), String> {
-        let url = format!("http://127.0.0.1:{}/metrics", self.port);
+        let url = format!("http://127.0.0.1:{}/metrics", self.0.health_port());
         let text = reqwest::get(&url)
             .await
             .map_err(|e| format!("GET {url}: {e}"))?
@@ -77,21 +45,6 @@ impl Operator {
             .map_err(|e| format!("read {url}: {e}"))?;
         let parsed = parse::parse(&text).map_err(|e| format!("invalid exposition: {e}\n{text}"))?;
         Ok((text, parsed))
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            eprintln!("--- operator log (last 60 lines) ---");
-            for line in tail.into_iter().rev() {
-                eprintln!("{line}");
-            }
-        }
     }
 }
 
@@ -162,11 +115,7 @@ fn matches_status(ns: &str, status: &PgReplicaSetStatus, parsed: &Parsed) -> Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_metrics_are_valid_and_equal_the_status_across_a_switchover() {
-    let bed = bed().await;
-    install_crd(bed).await;
-    let ns = bed.namespace("op-metrics").await.expect("namespace");
-    let ns_name = ns.name().to_string();
-    let client = bed.client().await.expect("admin client");
+    let (bed, _ns, ns_name, client) = operator_test_namespace("op-metrics").await;
     let operator = Operator::start(bed, &ns_name);
 
     // Before any cluster: valid, every family announced.
@@ -183,21 +132,14 @@ async fn operator_metrics_are_valid_and_equal_the_status_across_a_switchover() {
         );
     }
 
-    let example = repo_path("examples/basic.yaml");
-    kubectl(
-        bed,
-        &["apply", "-n", &ns_name, "-f", &example.to_string_lossy()],
-    );
+    apply_repo_manifest(bed, &ns_name, "examples/basic.yaml");
     // Healthy with two streaming standbys, and a scrape that agrees with the status.
     let check = |expected_primary: Option<String>| {
         let client = client.clone();
         let ns_name = ns_name.clone();
         let operator = &operator;
         async move {
-            let status = cluster(&client, &ns_name, CLUSTER)
-                .await?
-                .status
-                .ok_or("no status yet")?;
+            let status = cluster_status(&client, &ns_name, CLUSTER).await?;
             let streaming = status
                 .instances
                 .iter()
@@ -268,17 +210,7 @@ async fn operator_metrics_are_valid_and_equal_the_status_across_a_switchover() {
         .find(|i| i.name != primary)
         .map(|i| i.name.clone())
         .expect("a standby");
-    kubectl(
-        bed,
-        &[
-            "annotate",
-            "pgrs",
-            CLUSTER,
-            "-n",
-            &ns_name,
-            &format!("pgrs.dev/switchover-to={target}"),
-        ],
-    );
+    request_switchover(bed, &ns_name, CLUSTER, &target);
     let (status, parsed) = eventually(
         "Healthy on the target, and the metrics agree",
         Duration::from_secs(180),

@@ -13,20 +13,12 @@ mod operator_support;
 
 use std::time::{Duration, Instant};
 
-use kube::Client;
 use operator_support::*;
-use pgrs::api::{InstanceRole, PgReplicaSetStatus, Phase};
+use pgrs::api::{InstanceRole, PgReplicaSetStatus};
 use pgrs_testbed::TestBed;
 use pgrs_testbed::wait::eventually;
 
 const CLUSTER: &str = "pg";
-
-async fn status(client: &Client, ns: &str) -> Result<PgReplicaSetStatus, String> {
-    cluster(client, ns, CLUSTER)
-        .await?
-        .status
-        .ok_or_else(|| "no status yet".to_string())
-}
 
 fn role_of(status: &PgReplicaSetStatus, instance: &str) -> Option<InstanceRole> {
     status
@@ -43,58 +35,6 @@ fn condition<'a>(
     status.conditions.iter().find(|c| c.type_ == type_)
 }
 
-/// Healthy with every instance ready; returns the primary.
-async fn wait_healthy(client: &Client, ns: &str, what: &str) -> String {
-    eventually(what, Duration::from_secs(180), || async {
-        let status = status(client, ns).await?;
-        match (
-            &status.phase,
-            &status.current_primary,
-            status.ready.as_deref(),
-        ) {
-            (Some(Phase::Healthy), Some(primary), Some("3/3")) => Ok(primary.clone()),
-            _ => Err(format!(
-                "{:?} {:?}: {:?}",
-                status.phase, status.ready, status.instances
-            )),
-        }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// The reasons of the Events of the namespace.
-fn event_reasons(bed: &TestBed, ns: &str) -> String {
-    kubectl(
-        bed,
-        &[
-            "get",
-            "events",
-            "-n",
-            ns,
-            "-o",
-            "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}",
-        ],
-    )
-}
-
-async fn wait_event(bed: &TestBed, ns: &str, reason: &str, mentions: &str) {
-    eventually(
-        &format!("an Event {reason} about {mentions}"),
-        Duration::from_secs(30),
-        || async {
-            let events = event_reasons(bed, ns);
-            events
-                .lines()
-                .any(|l| l.starts_with(&format!("{reason}:")) && l.contains(mentions))
-                .then_some(())
-                .ok_or(events)
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-}
-
 fn annotate(bed: &TestBed, ns: &str, value: Option<&str>) {
     let arg = match value {
         Some(instance) => format!("pgrs.dev/fence={instance}"),
@@ -108,19 +48,12 @@ fn annotate(bed: &TestBed, ns: &str, value: Option<&str>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fenced_instances_stop_leave_the_services_and_are_never_promoted() {
-    let bed = bed().await;
-    install_crd(bed).await;
-    let ns = bed.namespace("op-fence").await.expect("namespace");
-    let ns_name = ns.name().to_string();
-    let client = bed.client().await.expect("admin client");
+    let (bed, _ns, ns_name, client) = operator_test_namespace("op-fence").await;
     let operator = OperatorProcess::start(bed, &ns_name);
 
-    let example = repo_path("examples/basic.yaml");
-    kubectl(
-        bed,
-        &["apply", "-n", &ns_name, "-f", &example.to_string_lossy()],
-    );
-    let primary = wait_healthy(&client, &ns_name, "basic cluster Healthy").await;
+    apply_repo_manifest(bed, &ns_name, "examples/basic.yaml");
+    let primary =
+        wait_three_ready_healthy(&client, &ns_name, CLUSTER, "basic cluster Healthy").await;
     let ips = pod_ips(&client, &ns_name, CLUSTER).await;
     let mut replicas: Vec<String> = ips.keys().filter(|n| **n != primary).cloned().collect();
     replicas.sort();
@@ -144,7 +77,7 @@ async fn fenced_instances_stop_leave_the_services_and_are_never_promoted() {
         "the replica is fenced and shown as such",
         Duration::from_secs(60),
         || async {
-            let status = status(&client, &ns_name).await?;
+            let status = cluster_status(&client, &ns_name, CLUSTER).await?;
             let shown = condition(&status, "Fenced")
                 .is_some_and(|c| c.status == "True" && c.message.contains(&fenced));
             (role_of(&status, &fenced) == Some(InstanceRole::Fenced) && shown)
@@ -182,7 +115,7 @@ async fn fenced_instances_stop_leave_the_services_and_are_never_promoted() {
         "a failover to the unfenced replica",
         Duration::from_secs(90),
         || async {
-            let status = status(&client, &ns_name).await?;
+            let status = cluster_status(&client, &ns_name, CLUSTER).await?;
             let current = status.current_primary.clone().ok_or("no primary")?;
             (current != primary)
                 .then_some(current)
@@ -200,12 +133,8 @@ async fn fenced_instances_stop_leave_the_services_and_are_never_promoted() {
         "the old primary rejoins while the fenced one stays fenced",
         Duration::from_secs(120),
         || async {
-            let status = status(&client, &ns_name).await?;
-            let old = status
-                .instances
-                .iter()
-                .find(|i| i.name == primary)
-                .ok_or("not listed")?;
+            let status = cluster_status(&client, &ns_name, CLUSTER).await?;
+            let old = listed_instance(&status, &primary)?;
             (old.role == InstanceRole::Replica
                 && old.ready
                 && role_of(&status, &fenced) == Some(InstanceRole::Fenced))
@@ -218,10 +147,18 @@ async fn fenced_instances_stop_leave_the_services_and_are_never_promoted() {
 
     // 3. Unfenced, it rejoins the new primary.
     annotate(bed, &ns_name, None);
-    let current = wait_healthy(&client, &ns_name, "Healthy again after the unfence").await;
+    let current = wait_three_ready_healthy(
+        &client,
+        &ns_name,
+        CLUSTER,
+        "Healthy again after the unfence",
+    )
+    .await;
     assert_eq!(current, other);
     wait_event(bed, &ns_name, "Unfenced", &fenced).await;
-    let status_now = status(&client, &ns_name).await.expect("status");
+    let status_now = cluster_status(&client, &ns_name, CLUSTER)
+        .await
+        .expect("status");
     assert!(
         condition(&status_now, "Fenced").is_some_and(|c| c.status == "False"),
         "{:?}",
@@ -247,7 +184,7 @@ async fn fenced_instances_stop_leave_the_services_and_are_never_promoted() {
         "the primary is fenced and -rw is empty",
         Duration::from_secs(60),
         || async {
-            let status = status(&client, &ns_name).await?;
+            let status = cluster_status(&client, &ns_name, CLUSTER).await?;
             let rw = endpoint_addresses(&client, &ns_name, "pg-rw").await;
             (role_of(&status, &primary) == Some(InstanceRole::Fenced)
                 && status.current_primary.is_none()
@@ -261,7 +198,9 @@ async fn fenced_instances_stop_leave_the_services_and_are_never_promoted() {
     assert!(connect(&primary_ip, &password).await.is_err());
     // Past the Lease expiry (8 s) and a few rounds: still nobody promoted.
     while fenced_at.elapsed() < Duration::from_secs(20) {
-        let status = status(&client, &ns_name).await.expect("status");
+        let status = cluster_status(&client, &ns_name, CLUSTER)
+            .await
+            .expect("status");
         assert!(
             status.current_primary.is_none()
                 && status
@@ -273,7 +212,9 @@ async fn fenced_instances_stop_leave_the_services_and_are_never_promoted() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let status_now = status(&client, &ns_name).await.expect("status");
+    let status_now = cluster_status(&client, &ns_name, CLUSTER)
+        .await
+        .expect("status");
     eprintln!(
         "fenced primary: phase {:?}, conditions {:?}",
         status_now.phase, status_now.conditions
@@ -281,9 +222,17 @@ async fn fenced_instances_stop_leave_the_services_and_are_never_promoted() {
 
     // 5. Unfenced: the cluster fails over and the old primary rejoins as a replica.
     annotate(bed, &ns_name, None);
-    let after = wait_healthy(&client, &ns_name, "Healthy after unfencing the primary").await;
+    let after = wait_three_ready_healthy(
+        &client,
+        &ns_name,
+        CLUSTER,
+        "Healthy after unfencing the primary",
+    )
+    .await;
     assert_ne!(after, primary, "the unfenced primary rejoins as a replica");
-    let status_now = status(&client, &ns_name).await.expect("status");
+    let status_now = cluster_status(&client, &ns_name, CLUSTER)
+        .await
+        .expect("status");
     assert_eq!(role_of(&status_now, &primary), Some(InstanceRole::Replica));
     drop(operator);
 }

@@ -48,38 +48,12 @@ impl Drop for Frozen {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_primary_is_fenced_before_a_standby_is_promoted() {
-    let bed = bed().await;
-    install_crd(bed).await;
-    let ns = bed.namespace("op-frozen").await.expect("namespace");
-    let ns_name = ns.name().to_string();
-    let client = bed.client().await.expect("admin client");
+    let (bed, _ns, ns_name, client) = operator_test_namespace("op-frozen").await;
     let operator = OperatorProcess::start(bed, &ns_name);
 
-    let example = repo_path("examples/basic.yaml");
-    kubectl(
-        bed,
-        &["apply", "-n", &ns_name, "-f", &example.to_string_lossy()],
-    );
-    let primary = eventually(
-        "basic cluster Healthy",
-        Duration::from_secs(180),
-        || async {
-            let status = cluster(&client, &ns_name, CLUSTER)
-                .await?
-                .status
-                .ok_or("no status yet")?;
-            match (
-                &status.phase,
-                &status.current_primary,
-                status.ready.as_deref(),
-            ) {
-                (Some(Phase::Healthy), Some(primary), Some("3/3")) => Ok(primary.clone()),
-                _ => Err(format!("{:?} {:?}", status.phase, status.ready)),
-            }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    apply_repo_manifest(bed, &ns_name, "examples/basic.yaml");
+    let primary =
+        wait_three_ready_healthy(&client, &ns_name, CLUSTER, "basic cluster Healthy").await;
     let ips = pod_ips(&client, &ns_name, CLUSTER).await;
     let old_ip = ips[&primary].clone();
     let password = superuser_password(&client, &ns_name, CLUSTER).await;
@@ -129,10 +103,7 @@ async fn a_frozen_primary_is_fenced_before_a_standby_is_promoted() {
     // A standby takes over; its first write comes after the old primary's last one.
     let (new_primary, new_ip, first_new_write) =
         eventually("a standby is promoted", Duration::from_secs(60), || async {
-            let status = cluster(&client, &ns_name, CLUSTER)
-                .await?
-                .status
-                .ok_or("no status")?;
+            let status = cluster_status(&client, &ns_name, CLUSTER).await?;
             let current = status.current_primary.clone().ok_or("no primary")?;
             if current == primary {
                 return Err("still the old primary".to_string());
@@ -164,18 +135,16 @@ async fn a_frozen_primary_is_fenced_before_a_standby_is_promoted() {
         last_old_write.as_millis(),
         first_new_write.as_millis()
     );
-    let rw_switched = eventually(
+    let rw_switched = wait_service_selects_only(
+        &client,
+        &ns_name,
+        "pg-rw",
+        &new_ip,
         "-rw moves to the new primary",
         Duration::from_secs(30),
-        || async {
-            let rw = endpoint_addresses(&client, &ns_name, "pg-rw").await;
-            (rw == [new_ip.clone()])
-                .then(|| frozen_at.elapsed())
-                .ok_or(format!("{rw:?}"))
-        },
+        frozen_at,
     )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    .await;
 
     // Resumed, the old instance finds itself fenced and is brought back as a standby.
     drop(frozen);
@@ -183,15 +152,8 @@ async fn a_frozen_primary_is_fenced_before_a_standby_is_promoted() {
         "the old primary rejoins",
         Duration::from_secs(120),
         || async {
-            let status = cluster(&client, &ns_name, CLUSTER)
-                .await?
-                .status
-                .ok_or("no status")?;
-            let old = status
-                .instances
-                .iter()
-                .find(|i| i.name == primary)
-                .ok_or("not listed")?;
+            let status = cluster_status(&client, &ns_name, CLUSTER).await?;
+            let old = listed_instance(&status, &primary)?;
             match (&status.phase, old.role, old.ready) {
                 (Some(Phase::Healthy), InstanceRole::Replica, true) => Ok(()),
                 _ => Err(format!("{:?}: {:?}", status.phase, old)),
@@ -212,21 +174,13 @@ async fn a_frozen_primary_is_fenced_before_a_standby_is_promoted() {
         scenario: "primary agent frozen (SIGSTOP): no renewal, no answer",
         lease_seconds: 8,
         steps: vec![
-            operator_report::Step {
-                name: "detected",
-                after: watched.detected,
-                how: "status.phase leaves Healthy",
-            },
+            operator_report::Step::detected(watched.detected),
             operator_report::Step {
                 name: "fenced",
                 after: Some(last_old_write),
                 how: "the old primary refuses writes (its watchdog stopped postgres)",
             },
-            operator_report::Step {
-                name: "promoted",
-                after: watched.promoted,
-                how: "status.currentPrimary names the new primary",
-            },
+            operator_report::Step::promoted(watched.promoted),
             operator_report::Step {
                 name: "first write on the new primary",
                 after: Some(first_new_write),

@@ -17,18 +17,14 @@ mod operator_report;
 mod operator_support;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use kube::Client;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, getpgid};
 use operator_report::{Report, Step, longest_gap};
 use operator_support::*;
-use pgrs::api::{InstanceRole, PgReplicaSetStatus, Phase};
+use pgrs::api::{InstanceRole, Phase};
 use pgrs_testbed::wait::eventually;
-use tokio::sync::Mutex;
 
 const CLUSTER: &str = "pg";
 
@@ -100,103 +96,14 @@ fn hard_kill(ns: &str, pod: &str) -> usize {
     pids.len()
 }
 
-async fn status(client: &Client, ns: &str) -> Result<PgReplicaSetStatus, String> {
-    cluster(client, ns, CLUSTER)
-        .await?
-        .status
-        .ok_or_else(|| "no status yet".to_string())
-}
-
-/// Writes a row every 20 ms through whatever `-rw` points at; remembers acknowledged ids.
-struct Writer {
-    acked: Arc<Mutex<Vec<(i64, String, Instant)>>>,
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Writer {
-    fn start(client: Client, ns: String, password: String) -> Writer {
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let task = {
-            let acked = acked.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut next_id: i64 = 1;
-                let mut connection: Option<(String, tokio_postgres::Client)> = None;
-                while !stop.load(Ordering::Relaxed) {
-                    if connection.is_none() {
-                        let addresses =
-                            endpoint_addresses(&client, &ns, &format!("{CLUSTER}-rw")).await;
-                        if let [address] = addresses.as_slice()
-                            && let Ok(db) = connect(address, &password).await
-                        {
-                            connection = Some((address.clone(), db));
-                        }
-                    }
-                    if let Some((address, db)) = &connection {
-                        let id = next_id;
-                        next_id += 1;
-                        let result = tokio::time::timeout(
-                            Duration::from_secs(2),
-                            db.execute("INSERT INTO t (id) VALUES ($1)", &[&id]),
-                        )
-                        .await;
-                        match result {
-                            Ok(Ok(_)) => {
-                                acked
-                                    .lock()
-                                    .await
-                                    .push((id, address.clone(), Instant::now()))
-                            }
-                            _ => connection = None,
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            })
-        };
-        Writer { acked, stop, task }
-    }
-
-    async fn finish(self) -> Vec<(i64, String, Instant)> {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.task.await;
-        self.acked.lock().await.clone()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hard_killed_primary_pod_is_failed_over_and_rejoins_after_its_restart() {
-    let bed = bed().await;
-    install_crd(bed).await;
-    let ns = bed.namespace("op-hardkill").await.expect("namespace");
-    let ns_name = ns.name().to_string();
-    let client = bed.client().await.expect("admin client");
+    let (bed, _ns, ns_name, client) = operator_test_namespace("op-hardkill").await;
     let operator = OperatorProcess::start(bed, &ns_name);
 
-    let example = repo_path("examples/basic.yaml");
-    kubectl(
-        bed,
-        &["apply", "-n", &ns_name, "-f", &example.to_string_lossy()],
-    );
-    let primary = eventually(
-        "basic cluster Healthy",
-        Duration::from_secs(180),
-        || async {
-            let status = status(&client, &ns_name).await?;
-            match (
-                &status.phase,
-                &status.current_primary,
-                status.ready.as_deref(),
-            ) {
-                (Some(Phase::Healthy), Some(primary), Some("3/3")) => Ok(primary.clone()),
-                _ => Err(format!("{:?} {:?}", status.phase, status.ready)),
-            }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    apply_repo_manifest(bed, &ns_name, "examples/basic.yaml");
+    let primary =
+        wait_three_ready_healthy(&client, &ns_name, CLUSTER, "basic cluster Healthy").await;
     let ips = pod_ips(&client, &ns_name, CLUSTER).await;
     let old_ip = ips[&primary].clone();
     let password = superuser_password(&client, &ns_name, CLUSTER).await;
@@ -206,15 +113,15 @@ async fn a_hard_killed_primary_pod_is_failed_over_and_rejoins_after_its_restart(
         .batch_execute("CREATE TABLE t (id bigint PRIMARY KEY)")
         .await
         .expect("create a table");
-    let writer = Writer::start(client.clone(), ns_name.clone(), password.clone());
-    eventually("writes flow", Duration::from_secs(30), || async {
-        let count = writer.acked.lock().await.len();
-        (count >= 20)
-            .then_some(())
-            .ok_or(format!("{count} acknowledged"))
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    let writer = WriteLoad::start(
+        client.clone(),
+        ns_name.clone(),
+        CLUSTER,
+        password.clone(),
+        1,
+        "INSERT INTO t (id) VALUES ($1)",
+    );
+    writer.wait_writes_flow().await;
 
     let processes = pod_processes(&ns_name, &primary);
     assert!(
@@ -235,7 +142,9 @@ async fn a_hard_killed_primary_pod_is_failed_over_and_rejoins_after_its_restart(
             fault.elapsed() < Duration::from_secs(90),
             "no failover 90 s after the hard kill"
         );
-        let status = status(&client, &ns_name).await.unwrap_or_default();
+        let status = cluster_status(&client, &ns_name, CLUSTER)
+            .await
+            .unwrap_or_default();
         if detected.is_none() && status.phase != Some(Phase::Healthy) {
             detected = Some(fault.elapsed());
         }
@@ -257,43 +166,25 @@ async fn a_hard_killed_primary_pod_is_failed_over_and_rejoins_after_its_restart(
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let new_ip = pod_ips(&client, &ns_name, CLUSTER).await[&new_primary].clone();
-    let switched = eventually(
+    let switched = wait_service_selects_only(
+        &client,
+        &ns_name,
+        "pg-rw",
+        &new_ip,
         "-rw moves to the new primary",
         Duration::from_secs(30),
-        || async {
-            let rw = endpoint_addresses(&client, &ns_name, "pg-rw").await;
-            (rw == [new_ip.clone()])
-                .then(|| fault.elapsed())
-                .ok_or(format!("{rw:?}"))
-        },
+        fault,
     )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    eventually(
-        "writes resume on the new primary",
-        Duration::from_secs(30),
-        || async {
-            let acked = writer.acked.lock().await;
-            let on_new = acked.iter().filter(|(_, host, _)| *host == new_ip).count();
-            (on_new >= 10)
-                .then_some(())
-                .ok_or(format!("{on_new} on the new primary"))
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    .await;
+    writer.wait_writes_resume_on(&new_ip).await;
 
     // The restarted pod rejoins as a replica.
     let status = eventually(
         "the killed pod restarts and rejoins as a replica",
         Duration::from_secs(180),
         || async {
-            let status = status(&client, &ns_name).await?;
-            let old = status
-                .instances
-                .iter()
-                .find(|i| i.name == primary)
-                .ok_or("not listed")?;
+            let status = cluster_status(&client, &ns_name, CLUSTER).await?;
+            let old = listed_instance(&status, &primary)?;
             match (&status.phase, old.role, old.ready) {
                 (Some(Phase::Healthy), InstanceRole::Replica, true) => Ok(status.clone()),
                 _ => Err(format!("{:?}: {old:?}", status.phase)),
@@ -350,21 +241,13 @@ async fn a_hard_killed_primary_pod_is_failed_over_and_rejoins_after_its_restart(
         scenario: "every process of the primary pod SIGKILLed, no API call",
         lease_seconds: 8,
         steps: vec![
-            Step {
-                name: "detected",
-                after: detected,
-                how: "status.phase leaves Healthy",
-            },
+            Step::detected(detected),
             Step {
                 name: "fenced",
                 after: Some(Duration::ZERO),
                 how: "the killed postgres accepts nothing from the kill on",
             },
-            Step {
-                name: "promoted",
-                after: promoted,
-                how: "status.currentPrimary names the new primary",
-            },
+            Step::promoted(promoted),
             Step {
                 name: "service switched",
                 after: Some(switched),

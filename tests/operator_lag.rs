@@ -13,10 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use kube::Client;
 use operator_support::*;
 use pgrs::api::{InstanceRole, PgReplicaSetStatus, Phase};
-use pgrs_testbed::TestBed;
 use pgrs_testbed::wait::eventually;
 
 const CLUSTER: &str = "pg";
@@ -35,13 +33,6 @@ spec:
     statusIntervalSeconds: 1
 "#;
 
-async fn status(client: &Client, ns: &str) -> Result<PgReplicaSetStatus, String> {
-    cluster(client, ns, CLUSTER)
-        .await?
-        .status
-        .ok_or_else(|| "no status yet".to_string())
-}
-
 fn lag_high(status: &PgReplicaSetStatus) -> Option<(String, String)> {
     status
         .conditions
@@ -50,58 +41,17 @@ fn lag_high(status: &PgReplicaSetStatus) -> Option<(String, String)> {
         .map(|c| (c.status.clone(), c.message.clone()))
 }
 
-fn events(bed: &TestBed, ns: &str) -> String {
-    kubectl(
-        bed,
-        &[
-            "get",
-            "events",
-            "-n",
-            ns,
-            "-o",
-            "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}",
-        ],
-    )
-}
-
-async fn wait_event(bed: &TestBed, ns: &str, reason: &str, mentions: &str) {
-    eventually(
-        &format!("an Event {reason} about {mentions}"),
-        Duration::from_secs(30),
-        || async {
-            let events = events(bed, ns);
-            events
-                .lines()
-                .any(|l| l.starts_with(&format!("{reason}:")) && l.contains(mentions))
-                .then_some(())
-                .ok_or(events)
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_with_paused_replay_raises_lag_high_until_it_catches_up() {
-    let bed = bed().await;
-    install_crd(bed).await;
-    let ns = bed.namespace("op-lag").await.expect("namespace");
-    let ns_name = ns.name().to_string();
-    let client = bed.client().await.expect("admin client");
+    let (bed, _ns, ns_name, client) = operator_test_namespace("op-lag").await;
     let operator = OperatorProcess::start(bed, &ns_name);
 
-    let dir = tempfile::tempdir().expect("temp dir");
-    let manifest = dir.path().join("pg.yaml");
-    std::fs::write(&manifest, MANIFEST).expect("write the manifest");
-    kubectl(
-        bed,
-        &["apply", "-n", &ns_name, "-f", &manifest.to_string_lossy()],
-    );
+    apply_manifest_text(bed, &ns_name, MANIFEST);
     let primary = eventually(
         "cluster Healthy without lag alert",
         Duration::from_secs(180),
         || async {
-            let status = status(&client, &ns_name).await?;
+            let status = cluster_status(&client, &ns_name, CLUSTER).await?;
             match (
                 &status.phase,
                 &status.current_primary,
@@ -161,7 +111,7 @@ async fn a_standby_with_paused_replay_raises_lag_high_until_it_catches_up() {
         "LagHigh names the paused standby",
         Duration::from_secs(90),
         || async {
-            let status = status(&client, &ns_name).await?;
+            let status = cluster_status(&client, &ns_name, CLUSTER).await?;
             match lag_high(&status) {
                 Some((flag, message)) if flag == "True" && message.contains(&lagging) => Ok(status),
                 other => Err(format!(
@@ -200,7 +150,7 @@ async fn a_standby_with_paused_replay_raises_lag_high_until_it_catches_up() {
         "LagHigh clears after the standby caught up",
         Duration::from_secs(90),
         || async {
-            let status = status(&client, &ns_name).await?;
+            let status = cluster_status(&client, &ns_name, CLUSTER).await?;
             match lag_high(&status) {
                 Some((flag, _)) if flag == "False" => Ok(()),
                 other => Err(format!("{other:?}")),
@@ -212,7 +162,9 @@ async fn a_standby_with_paused_replay_raises_lag_high_until_it_catches_up() {
     wait_event(bed, &ns_name, "LagRecovered", &lagging).await;
     stop.store(true, Ordering::Relaxed);
     let _ = writer.await;
-    let status = status(&client, &ns_name).await.expect("status");
+    let status = cluster_status(&client, &ns_name, CLUSTER)
+        .await
+        .expect("status");
     assert_eq!(status.current_primary.as_deref(), Some(primary.as_str()));
     drop(operator);
 }

@@ -8,14 +8,11 @@
 
 mod operator_support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use operator_support::*;
-use pgrs::api::Phase;
 use pgrs_testbed::TestBed;
 use pgrs_testbed::wait::eventually;
 
@@ -29,27 +26,16 @@ const RETRY_PERIOD: u64 = 1;
 /// One operator process with its identity and health port.
 struct Operator {
     identity: String,
-    port: u16,
-    child: Child,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
+    process: OperatorProcess,
 }
 
 impl Operator {
     fn start(bed: &TestBed, namespace: &str, identity: &str, port: u16) -> Operator {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let log = dir.path().join("operator.log");
-        let file = std::fs::File::create(&log).expect("create the operator log");
-        let child = Command::new(env!("CARGO_BIN_EXE_pgrs"))
-            .args([
-                "operator",
-                "--namespace",
-                namespace,
-                "--default-image",
-                IMAGE,
-                "--database-as-root",
-                "--health-listen",
-                &format!("127.0.0.1:{port}"),
+        let process = OperatorProcess::start_with(
+            bed,
+            namespace,
+            port,
+            &[
                 "--leader-election-identity",
                 identity,
                 "--leader-election-lease-duration",
@@ -58,27 +44,16 @@ impl Operator {
                 &RENEW_DEADLINE.to_string(),
                 "--leader-election-retry-period",
                 &RETRY_PERIOD.to_string(),
-            ])
-            .env("KUBECONFIG", bed.admin_kubeconfig())
-            .env("PGRS_LOG", "info,kube=warn")
-            .env_remove("POD_NAME")
-            .env_remove("POD_NAMESPACE")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("clone the log handle"))
-            .stderr(file)
-            .spawn()
-            .expect("start pgrs operator");
+            ],
+        );
         Operator {
             identity: identity.to_string(),
-            port,
-            child,
-            log,
-            _dir: dir,
+            process,
         }
     }
 
     async fn get(&self, path: &str) -> Result<String, String> {
-        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let url = format!("http://127.0.0.1:{}{path}", self.process.health_port());
         let response = reqwest::Client::new()
             .get(&url)
             .timeout(Duration::from_secs(2))
@@ -98,21 +73,15 @@ impl Operator {
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
     }
 }
 
 impl Drop for Operator {
     fn drop(&mut self) {
-        self.kill();
+        // The process prints its log tail right after this header.
         if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            eprintln!("--- operator {} log (last 60 lines) ---", self.identity);
-            for line in tail.into_iter().rev() {
-                eprintln!("{line}");
-            }
+            eprintln!("--- operator {} ---", self.identity);
         }
     }
 }
@@ -129,28 +98,9 @@ async fn holder(client: &Client, ns: &str) -> Result<String, String> {
         .ok_or_else(|| "the Lease has no holder".to_string())
 }
 
-async fn healthy_primary(client: &Client, ns: &str) -> Result<String, String> {
-    let status = cluster(client, ns, CLUSTER)
-        .await?
-        .status
-        .ok_or("no status yet")?;
-    match (
-        &status.phase,
-        &status.current_primary,
-        status.ready.as_deref(),
-    ) {
-        (Some(Phase::Healthy), Some(primary), Some("3/3")) => Ok(primary.clone()),
-        _ => Err(format!("{:?} {:?}", status.phase, status.ready)),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
-    let bed = bed().await;
-    install_crd(bed).await;
-    let ns = bed.namespace("op-leader").await.expect("namespace");
-    let ns_name = ns.name().to_string();
-    let client = bed.client().await.expect("admin client");
+    let (bed, _ns, ns_name, client) = operator_test_namespace("op-leader").await;
     let first = Operator::start(bed, &ns_name, "operator-a", 28471);
     // The first one takes the free Lease; the second starts once it is held.
     let leader_id = eventually("operator-a leads", Duration::from_secs(30), || async {
@@ -162,18 +112,9 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     let second = Operator::start(bed, &ns_name, "operator-b", 28472);
     let (mut leader, standby) = (first, second);
 
-    let example = repo_path("examples/basic.yaml");
-    kubectl(
-        bed,
-        &["apply", "-n", &ns_name, "-f", &example.to_string_lossy()],
-    );
-    let primary = eventually(
-        "basic cluster Healthy",
-        Duration::from_secs(180),
-        || async { healthy_primary(&client, &ns_name).await },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    apply_repo_manifest(bed, &ns_name, "examples/basic.yaml");
+    let primary =
+        wait_three_ready_healthy(&client, &ns_name, CLUSTER, "basic cluster Healthy").await;
 
     // Only the leader reconciled; both are ready and say which they are.
     let reconciles = leader

@@ -24,11 +24,6 @@ use pgrs_testbed::wait::eventually;
 
 const CLUSTER: &str = "pg";
 
-/// The tests of this binary run in parallel on one control plane: one CRD install.
-async fn crd_installed(bed: &'static pgrs_testbed::TestBed) {
-    static INSTALLED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
-    INSTALLED.get_or_init(|| install_crd(bed)).await;
-}
 const PODS: [&str; 3] = ["pg-0", "pg-1", "pg-2"];
 
 /// Healthy, 3/3, every standby streaming, and `ParametersApplied` True for the current
@@ -113,36 +108,20 @@ async fn wait_setting(
 }
 
 fn patch_parameters(bed: &pgrs_testbed::TestBed, ns: &str, parameters: &str) {
-    kubectl(
+    merge_patch_spec(
         bed,
-        &[
-            "patch",
-            "pgrs",
-            CLUSTER,
-            "-n",
-            ns,
-            "--type",
-            "merge",
-            "-p",
-            &format!("{{\"spec\":{{\"parameters\":{parameters}}}}}"),
-        ],
+        ns,
+        CLUSTER,
+        &format!("{{\"parameters\":{parameters}}}"),
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parameters_are_reloaded_or_rolled_out_replicas_first() {
-    let bed = bed().await;
-    crd_installed(bed).await;
-    let ns = bed.namespace("op-params").await.expect("namespace");
-    let ns_name = ns.name().to_string();
-    let client = bed.client().await.expect("admin client");
+    let (bed, _ns, ns_name, client) = operator_test_namespace("op-params").await;
     let operator = OperatorProcess::start(bed, &ns_name);
 
-    let example = repo_path("examples/basic.yaml");
-    kubectl(
-        bed,
-        &["apply", "-n", &ns_name, "-f", &example.to_string_lossy()],
-    );
+    apply_repo_manifest(bed, &ns_name, "examples/basic.yaml");
     let status = wait_applied(&client, &ns_name, "basic cluster Healthy").await;
     let first_primary = status.current_primary.clone().expect("a primary");
     let password = superuser_password(&client, &ns_name, CLUSTER).await;
@@ -258,17 +237,7 @@ async fn parameters_are_reloaded_or_rolled_out_replicas_first() {
         .unwrap_or_else(|e| panic!("{e}"));
     }
 
-    let events = kubectl(
-        bed,
-        &[
-            "get",
-            "events",
-            "-n",
-            &ns_name,
-            "-o",
-            "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
-        ],
-    );
+    let events = event_reasons(bed, &ns_name);
     let story = kubectl(
         bed,
         &[
@@ -304,22 +273,12 @@ async fn parameters_are_reloaded_or_rolled_out_replicas_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_primary_restarts_in_place() {
-    let bed = bed().await;
-    crd_installed(bed).await;
-    let ns = bed.namespace("op-params-solo").await.expect("namespace");
-    let ns_name = ns.name().to_string();
-    let client = bed.client().await.expect("admin client");
+    let (bed, _ns, ns_name, client) = operator_test_namespace("op-params-solo").await;
     let operator = OperatorProcess::start(bed, &ns_name);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let manifest = dir.path().join("solo.yaml");
-    std::fs::write(
-        &manifest,
-        "apiVersion: pgrs.dev/v1alpha1\nkind: PgReplicaSet\nmetadata:\n  name: solo\nspec:\n  replicas: 1\n  storage:\n    size: 1Gi\n",
-    )
-    .expect("write the manifest");
-    kubectl(
+    apply_manifest_text(
         bed,
-        &["apply", "-n", &ns_name, "-f", &manifest.to_string_lossy()],
+        &ns_name,
+        "apiVersion: pgrs.dev/v1alpha1\nkind: PgReplicaSet\nmetadata:\n  name: solo\nspec:\n  replicas: 1\n  storage:\n    size: 1Gi\n",
     );
     let healthy = |want_applied: bool| {
         let client = client.clone();
@@ -515,22 +474,12 @@ async fn the_agent_follows_its_parameters_file_and_restarts_on_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lowering_max_connections_restarts_the_primary_first() {
-    let bed = bed().await;
-    crd_installed(bed).await;
-    let ns = bed.namespace("op-params-lower").await.expect("namespace");
-    let ns_name = ns.name().to_string();
-    let client = bed.client().await.expect("admin client");
+    let (bed, _ns, ns_name, client) = operator_test_namespace("op-params-lower").await;
     let operator = OperatorProcess::start(bed, &ns_name);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let manifest = dir.path().join("low.yaml");
-    std::fs::write(
-        &manifest,
-        "apiVersion: pgrs.dev/v1alpha1\nkind: PgReplicaSet\nmetadata:\n  name: low\nspec:\n  replicas: 2\n  storage:\n    size: 1Gi\n",
-    )
-    .expect("write the manifest");
-    kubectl(
+    apply_manifest_text(
         bed,
-        &["apply", "-n", &ns_name, "-f", &manifest.to_string_lossy()],
+        &ns_name,
+        "apiVersion: pgrs.dev/v1alpha1\nkind: PgReplicaSet\nmetadata:\n  name: low\nspec:\n  replicas: 2\n  storage:\n    size: 1Gi\n",
     );
     let healthy = || async {
         eventually("low Healthy", Duration::from_secs(300), || async {

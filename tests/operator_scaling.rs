@@ -50,20 +50,7 @@ async fn wait_instances(client: &Client, ns: &str, names: &[&str]) -> PgReplicaS
 }
 
 fn scale(bed: &pgrs_testbed::TestBed, ns: &str, replicas: u32) {
-    kubectl(
-        bed,
-        &[
-            "patch",
-            "pgrs",
-            CLUSTER,
-            "-n",
-            ns,
-            "--type",
-            "merge",
-            "-p",
-            &format!("{{\"spec\":{{\"replicas\":{replicas}}}}}"),
-        ],
-    );
+    merge_patch_spec(bed, ns, CLUSTER, &format!("{{\"replicas\":{replicas}}}"));
 }
 
 /// The READY column of `kubectl get pgrs`.
@@ -136,18 +123,10 @@ async fn rows(ip: &str, password: &str) -> Result<Vec<i32>, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_up_clones_and_scaling_down_moves_the_primary_first() {
-    let bed = bed().await;
-    install_crd(bed).await;
-    let ns = bed.namespace("op-scale").await.expect("namespace");
-    let ns_name = ns.name().to_string();
-    let client = bed.client().await.expect("admin client");
+    let (bed, _ns, ns_name, client) = operator_test_namespace("op-scale").await;
     let operator = OperatorProcess::start(bed, &ns_name);
 
-    let example = repo_path("examples/basic.yaml");
-    kubectl(
-        bed,
-        &["apply", "-n", &ns_name, "-f", &example.to_string_lossy()],
-    );
+    apply_repo_manifest(bed, &ns_name, "examples/basic.yaml");
     let status = wait_instances(&client, &ns_name, &["pg-0", "pg-1", "pg-2"]).await;
     let primary = status.current_primary.clone().expect("a primary");
     let password = superuser_password(&client, &ns_name, CLUSTER).await;
@@ -184,22 +163,9 @@ async fn scaling_up_clones_and_scaling_down_moves_the_primary_first() {
     slots_dropped(&primary_ip, &password, &["pgrs_pg_3"]).await;
 
     // The highest ordinal becomes the primary, so that the scale-down must move it first.
-    kubectl(
-        bed,
-        &[
-            "annotate",
-            "pgrs",
-            CLUSTER,
-            "-n",
-            &ns_name,
-            "pgrs.dev/switchover-to=pg-2",
-        ],
-    );
+    request_switchover(bed, &ns_name, CLUSTER, "pg-2");
     eventually("pg-2 is the primary", Duration::from_secs(120), || async {
-        let status = cluster(&client, &ns_name, CLUSTER)
-            .await?
-            .status
-            .ok_or("no status")?;
+        let status = cluster_status(&client, &ns_name, CLUSTER).await?;
         let all_ready = status.instances.iter().all(|i| i.ready);
         (status.current_primary.as_deref() == Some("pg-2")
             && status.phase == Some(Phase::Healthy)
@@ -261,17 +227,7 @@ async fn scaling_up_clones_and_scaling_down_moves_the_primary_first() {
         .await
         .expect("write after scaling down");
 
-    let events = kubectl(
-        bed,
-        &[
-            "get",
-            "events",
-            "-n",
-            &ns_name,
-            "-o",
-            "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
-        ],
-    );
+    let events = event_reasons(bed, &ns_name);
     // pg-3's slot on the primary existed (it streamed through it) until the operator dropped
     // it after the pod was gone.
     for reason in ["ScaleDownSwitchover", "ReplicationSlotDropped"] {

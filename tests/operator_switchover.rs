@@ -17,38 +17,12 @@ const CLUSTER: &str = "pg";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn annotating_a_standby_switches_the_primary_over_to_it() {
-    let bed = bed().await;
-    install_crd(bed).await;
-    let ns = bed.namespace("op-switch").await.expect("namespace");
-    let ns_name = ns.name().to_string();
-    let client = bed.client().await.expect("admin client");
+    let (bed, _ns, ns_name, client) = operator_test_namespace("op-switch").await;
     let operator = OperatorProcess::start(bed, &ns_name);
 
-    let example = repo_path("examples/basic.yaml");
-    kubectl(
-        bed,
-        &["apply", "-n", &ns_name, "-f", &example.to_string_lossy()],
-    );
-    let primary = eventually(
-        "basic cluster Healthy",
-        Duration::from_secs(180),
-        || async {
-            let status = cluster(&client, &ns_name, CLUSTER)
-                .await?
-                .status
-                .ok_or("no status yet")?;
-            match (
-                &status.phase,
-                &status.current_primary,
-                status.ready.as_deref(),
-            ) {
-                (Some(Phase::Healthy), Some(primary), Some("3/3")) => Ok(primary.clone()),
-                _ => Err(format!("{:?} {:?}", status.phase, status.ready)),
-            }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    apply_repo_manifest(bed, &ns_name, "examples/basic.yaml");
+    let primary =
+        wait_three_ready_healthy(&client, &ns_name, CLUSTER, "basic cluster Healthy").await;
     let target = ["pg-0", "pg-1", "pg-2"]
         .into_iter()
         .find(|name| *name != primary)
@@ -56,44 +30,25 @@ async fn annotating_a_standby_switches_the_primary_over_to_it() {
         .to_string();
 
     let requested_at = Instant::now();
-    kubectl(
-        bed,
-        &[
-            "annotate",
-            "pgrs",
-            CLUSTER,
-            "-n",
-            &ns_name,
-            &format!("pgrs.dev/switchover-to={target}"),
-        ],
-    );
+    request_switchover(bed, &ns_name, CLUSTER, &target);
     let target_ip = pod_ips(&client, &ns_name, CLUSTER).await[&target].clone();
-    let switched = eventually(
+    let switched = wait_service_selects_only(
+        &client,
+        &ns_name,
+        "pg-rw",
+        &target_ip,
         "-rw moves to the target",
         Duration::from_secs(60),
-        || async {
-            let rw = endpoint_addresses(&client, &ns_name, "pg-rw").await;
-            (rw == [target_ip.clone()])
-                .then(|| requested_at.elapsed())
-                .ok_or(format!("{rw:?}"))
-        },
+        requested_at,
     )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    .await;
 
     let status = eventually(
         "Healthy on the target",
         Duration::from_secs(120),
         || async {
-            let status = cluster(&client, &ns_name, CLUSTER)
-                .await?
-                .status
-                .ok_or("no status")?;
-            let old = status
-                .instances
-                .iter()
-                .find(|i| i.name == primary)
-                .ok_or("the old primary is not listed")?;
+            let status = cluster_status(&client, &ns_name, CLUSTER).await?;
+            let old = listed_instance(&status, &primary)?;
             match (&status.phase, &status.current_primary, old.role, old.ready) {
                 (Some(Phase::Healthy), Some(current), InstanceRole::Replica, true)
                     if *current == target =>

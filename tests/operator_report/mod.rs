@@ -18,6 +18,26 @@ pub struct Step {
     pub how: &'static str,
 }
 
+impl Step {
+    /// The "detected" step: when `status.phase` left Healthy.
+    pub fn detected(after: Option<Duration>) -> Step {
+        Step {
+            name: "detected",
+            after,
+            how: "status.phase leaves Healthy",
+        }
+    }
+
+    /// The "promoted" step: when `status.currentPrimary` named the new primary.
+    pub fn promoted(after: Option<Duration>) -> Step {
+        Step {
+            name: "promoted",
+            after,
+            how: "status.currentPrimary names the new primary",
+        }
+    }
+}
+
 pub struct Report {
     pub test: &'static str,
     pub scenario: &'static str,
