@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod control;
 pub mod coordination;
 pub mod dashboard;
 pub mod engine;
@@ -15,3 +16,4 @@ pub mod local;
 pub mod metrics;
 pub mod operator;
 pub mod postgres;
+pub mod protocol;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{TestEnv, free_port, pg_command, run_ok};
-use pgrs::agent::api::Role;
+use pgrs::protocol::api::Role;
 
 const BOOT: Duration = Duration::from_secs(90);
 const EXIT: Duration = Duration::from_secs(60);

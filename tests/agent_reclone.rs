@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestEnv;
-use pgrs::agent::api::{PromoteRequest, RejoinPath, RejoinRequest, Role};
+use pgrs::protocol::api::{PromoteRequest, RejoinPath, RejoinRequest, Role};
 
 const BOOT: Duration = Duration::from_secs(90);
 const SHORT: Duration = Duration::from_secs(30);

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{AgentProcess, TestEnv};
-use pgrs::agent::api::{FollowRequest, PromoteRequest, RejoinPath, RejoinRequest, Role};
+use pgrs::protocol::api::{FollowRequest, PromoteRequest, RejoinPath, RejoinRequest, Role};
 
 const BOOT: Duration = Duration::from_secs(90);
 const SHORT: Duration = Duration::from_secs(30);
@@ -57,7 +57,10 @@ async fn primary_and_two_replicas_stream() {
     );
     let status = a
         .wait_for("two streaming peers", SHORT, |s| {
-            s.replication.len() == 2 && s.replication.iter().all(|p| p.state == "streaming")
+            s.replication.len() == 2
+                && s.replication
+                    .iter()
+                    .all(|p| p.state == pgrs::postgres::states::SenderState::Streaming)
         })
         .await;
     assert_eq!(status.role, Role::Primary);
@@ -120,7 +123,7 @@ async fn primary_and_two_replicas_stream() {
     assert!(!json.contains(common::REPLICATION_PASSWORD));
 
     // Actions need the token; the status does not.
-    let anonymous = pgrs::agent::client::AgentClient::new(b.client.base_url(), None).unwrap();
+    let anonymous = pgrs::protocol::client::AgentClient::new(b.client.base_url(), None).unwrap();
     assert!(anonymous.status().await.is_ok());
     let refused = anonymous
         .promote(&PromoteRequest::default())
@@ -141,7 +144,7 @@ async fn primary_and_two_replicas_stream() {
                 && s.postgres_pid != Some(pid)
                 && s.wal_receiver
                     .as_ref()
-                    .is_some_and(|r| r.status == "streaming")
+                    .is_some_and(|r| r.status.is_streaming())
         })
         .await;
     assert_eq!(restarted.role, Role::Replica);
@@ -169,7 +172,7 @@ async fn promote_follow_and_rewind() {
     // The old primary is fenced (as the lease keeper would) and keeps no writer running.
     let fenced = a
         .client
-        .fence(&pgrs::agent::api::FenceRequest {
+        .fence(&pgrs::protocol::api::FenceRequest {
             reason: Some("test: lease lost".into()),
         })
         .await
@@ -197,7 +200,7 @@ async fn promote_follow_and_rewind() {
         .unwrap();
     c.wait_for("streaming from b on timeline 2", SHORT, |s| {
         s.wal_receiver.as_ref().is_some_and(|r| {
-            r.status == "streaming"
+            r.status.is_streaming()
                 && r.sender_port == Some(b_port as i32)
                 && r.received_tli == Some(2)
         })
@@ -244,7 +247,10 @@ async fn promote_follow_and_rewind() {
     // b reports both as streaming peers.
     let b_status = b
         .wait_for("two streaming peers on b", SHORT, |s| {
-            s.replication.len() == 2 && s.replication.iter().all(|p| p.state == "streaming")
+            s.replication.len() == 2
+                && s.replication
+                    .iter()
+                    .all(|p| p.state == pgrs::postgres::states::SenderState::Streaming)
         })
         .await;
     assert_eq!(b_status.timeline, Some(2));

@@ -275,7 +275,7 @@ fn agent_container_runs_with_the_spec_timings_and_probes() {
         .expect("readiness");
     assert_eq!(
         readiness.path.as_deref(),
-        Some(pgrs::agent::api::STATUS_PATH)
+        Some(pgrs::protocol::api::STATUS_PATH)
     );
     assert!(container.liveness_probe.is_some());
     let env = container.env.clone().expect("env");

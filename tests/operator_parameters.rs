@@ -378,7 +378,7 @@ fn swap_file(path: &std::path::Path, text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_follows_its_parameters_file_and_restarts_on_request() {
-    use pgrs::agent::api::{ParametersRequest, Role};
+    use pgrs::protocol::api::{ParametersRequest, Role};
     let env = common::TestEnv::new("params-file");
     let file = env.path("parameters.conf");
     std::fs::write(&file, "work_mem = '5MB'\n").expect("write the parameters file");
@@ -416,7 +416,7 @@ async fn the_agent_follows_its_parameters_file_and_restarts_on_request() {
 
     // A restart parameter: reported as pending until a restart.
     swap_file(&file, "work_mem = '7MB'\nshared_buffers = '24MB'\n");
-    let expected = pgrs::agent::config::parameters_hash(
+    let expected = pgrs::protocol::names::parameters_hash(
         &[
             ("shared_buffers".to_string(), "24MB".to_string()),
             ("work_mem".to_string(), "7MB".to_string()),
@@ -448,7 +448,7 @@ async fn the_agent_follows_its_parameters_file_and_restarts_on_request() {
         .await
         .expect_err("port is agent-owned");
     assert!(refused.to_string().contains("port"), "{refused}");
-    let anonymous = pgrs::agent::client::AgentClient::new(
+    let anonymous = pgrs::protocol::client::AgentClient::new(
         format!("http://127.0.0.1:{}", agent.spec.http_port),
         None,
     )

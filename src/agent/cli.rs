@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
-use crate::agent::api::{Role, Upstream};
 use crate::agent::config::{PostgresSettings, parse_parameters};
 use crate::agent::http::{HttpState, router};
 use crate::agent::instance::{
@@ -19,6 +18,7 @@ use crate::agent::instance::{
 };
 use crate::agent::supervisor;
 use crate::postgres::process::{OsIdentity, PgBinaries};
+use crate::protocol::api::{Role, Upstream};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum InitialRole {
@@ -316,7 +316,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     });
     let fencing = start_fencing(&args, &config, &handle, kube_store.zip(kube))?;
     let app = match &fencing {
-        Some(fencing) => fencing.gate_promote(app, crate::agent::api::PROMOTE_PATH),
+        Some(fencing) => fencing.gate_promote(app, crate::protocol::api::PROMOTE_PATH),
         None => app,
     };
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();

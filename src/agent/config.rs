@@ -10,35 +10,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use crate::agent::api::Upstream;
-
-/// Parameters the agent sets itself; users cannot override them through `--parameter`.
-pub const AGENT_OWNED_PARAMETERS: &[&str] = &[
-    "archive_command",
-    "archive_mode",
-    "cluster_name",
-    "config_file",
-    "data_directory",
-    "hba_file",
-    "hot_standby",
-    "ident_file",
-    "listen_addresses",
-    "logging_collector",
-    "max_replication_slots",
-    "max_slot_wal_keep_size",
-    "max_wal_senders",
-    "port",
-    "primary_conninfo",
-    "primary_slot_name",
-    "promote_trigger_file",
-    "recovery_target_timeline",
-    "restore_command",
-    "synchronous_standby_names",
-    "unix_socket_directories",
-    "wal_keep_size",
-    "wal_level",
-    "wal_log_hints",
-];
+use crate::protocol::api::Upstream;
+pub use crate::protocol::names::{AGENT_OWNED_PARAMETERS, parameters_hash, slot_name_for};
 
 /// Typed settings of one instance.
 #[derive(Debug, Clone, PartialEq)]
@@ -329,24 +302,6 @@ pub fn render_parameters_include(parameters: &BTreeMap<String, String>) -> Strin
     text
 }
 
-/// A stable digest of a parameter set (FNV-1a, 64 bits, hex), so the operator can tell which
-/// parameters an agent has applied without comparing whole maps. Not a security measure.
-pub fn parameters_hash(parameters: &BTreeMap<String, String>) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for (name, value) in parameters {
-        for byte in name
-            .bytes()
-            .chain(std::iter::once(0))
-            .chain(value.bytes())
-            .chain(std::iter::once(0))
-        {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    format!("{hash:016x}")
-}
-
 /// Renders `pg_hba.conf`: SCRAM everywhere, replication only for the replication user.
 pub fn render_pg_hba(replication_user: &str) -> String {
     let mut text = String::from("# Rendered by the pgrs agent: edits are lost.\n");
@@ -368,23 +323,6 @@ pub fn render_pg_hba(replication_user: &str) -> String {
 pub fn passfile_line(user: &str, password: &str) -> String {
     let escape = |text: &str| text.replace('\\', "\\\\").replace(':', "\\:");
     format!("*:*:*:{}:{}\n", escape(user), escape(password))
-}
-
-/// The physical slot a replica named `instance` uses on its primary.
-pub fn slot_name_for(instance: &str) -> String {
-    let cleaned: String = instance
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let mut name = format!("pgrs_{cleaned}");
-    name.truncate(63);
-    name
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! The agent's HTTP server (axum): `GET /v1/status` open to all, every action behind the
-//! bearer token. Paths and bodies are in [`crate::agent::api`].
+//! bearer token. Paths and bodies are in [`crate::protocol::api`].
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,13 +13,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 
-use crate::agent::api::{
+use crate::agent::instance::Secret;
+use crate::agent::supervisor::{ActionError, ActionOutcome, Phase, SupervisorHandle};
+use crate::protocol::api::{
     ActionResponse, AgentStatus, DataDirHealth, ErrorResponse, FENCE_PATH, FOLLOW_PATH,
     FenceRequest, FollowRequest, PROMOTE_PATH, PromoteRequest, REJOIN_PATH, RejoinRequest, Role,
     START_PATH, STATUS_PATH, STOP_PATH, StopRequest, Upstream,
 };
-use crate::agent::instance::Secret;
-use crate::agent::supervisor::{ActionError, ActionOutcome, Phase, SupervisorHandle};
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -35,8 +35,8 @@ pub fn router(state: HttpState) -> Router {
         .route(STOP_PATH, post(stop))
         .route(START_PATH, post(start))
         .route(FENCE_PATH, post(fence))
-        .route(crate::agent::api::RESTART_PATH, post(restart))
-        .route(crate::agent::api::PARAMETERS_PATH, post(parameters))
+        .route(crate::protocol::api::RESTART_PATH, post(restart))
+        .route(crate::protocol::api::PARAMETERS_PATH, post(parameters))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route(STATUS_PATH, get(status))
@@ -262,7 +262,7 @@ async fn restart(State(state): State<HttpState>) -> Result<Json<ActionResponse>,
 
 async fn parameters(
     State(state): State<HttpState>,
-    Json(request): Json<crate::agent::api::ParametersRequest>,
+    Json(request): Json<crate::protocol::api::ParametersRequest>,
 ) -> Result<Json<ActionResponse>, ApiError> {
     let result = state.supervisor.apply_parameters(request.parameters).await;
     respond(&state, result).await

@@ -10,7 +10,6 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::agent::api::Upstream;
 use crate::agent::config::{
     self, ConfigError, PostgresSettings, StandbySettings, passfile_line, render_pg_hba,
     render_postgresql_conf,
@@ -19,6 +18,7 @@ use crate::postgres::probe::{self, ConnectTarget, ProbeError};
 use crate::postgres::process::{
     ControlDataError, OsIdentity, PgBinaries, ToolError, read_controldata, run_tool,
 };
+use crate::protocol::api::Upstream;
 
 /// A secret read from a file; `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]

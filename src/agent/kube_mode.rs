@@ -13,8 +13,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client};
 
-use crate::agent::api::{Role, Upstream};
 use crate::coordination::{KubeLeaseStore, LeaseStore};
+use crate::protocol::api::{Role, Upstream};
 
 /// How often the Lease is read while waiting for a holder.
 const WAIT_POLL: Duration = Duration::from_secs(1);

@@ -1,9 +1,7 @@
 //! The instance agent: bootstraps, configures and supervises one PostgreSQL instance, and serves
-//! its HTTP API ([`api`]); [`client`] is the matching client.
+//! its HTTP API (types and client in [`crate::protocol`]).
 
-pub mod api;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod http;
 pub mod instance;

@@ -23,13 +23,13 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::agent::api::{RejoinPath, RejoinReport, Role, StopMode, Upstream};
 use crate::agent::instance::{
     AgentConfig, InstanceError, check_port_free, clone_from, prepare_upstream,
     prepare_upstream_with, sibling, write_configuration,
 };
 use crate::postgres::probe::{self, InstanceProbe, ProbeError};
 use crate::postgres::process::{read_controldata, run_tool};
+use crate::protocol::api::{RejoinPath, RejoinReport, Role, StopMode, Upstream};
 
 const LOG_TAIL_LINES: usize = 20;
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -1278,7 +1278,7 @@ impl Supervisor {
             match self.probe_local().await {
                 Ok(probe) => {
                     let receiver = probe.wal_receiver.as_ref();
-                    let streaming = receiver.is_some_and(|r| r.status == "streaming");
+                    let streaming = receiver.is_some_and(|r| r.status.is_streaming());
                     let on_timeline = receiver.and_then(|r| r.received_tli) == primary_timeline;
                     if probe.in_recovery && streaming && on_timeline {
                         return Ok(());

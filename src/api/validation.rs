@@ -6,7 +6,7 @@ use schemars::Schema;
 use serde_json::json;
 
 use super::PgReplicaSet;
-use crate::agent::config::AGENT_OWNED_PARAMETERS;
+use crate::protocol::names::AGENT_OWNED_PARAMETERS;
 
 /// Longest `metadata.name`: the StatefulSet `<name>-<group>` (group ≤ 15) must leave room for
 /// the `controller-revision-hash` label (≤ 63 with an 11-character suffix), and Services

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::Lsn;
+pub use crate::postgres::states::SyncState;
 
 /// A point in time on the observer's own monotonic clock, as a value (time since the observer's
 /// clock origin). Never compared with another process's clock.
@@ -40,17 +41,6 @@ pub enum ObservedRole {
     Fenced,
     Stopped,
     Unknown,
-}
-
-/// How a standby is treated by the primary's `synchronous_standby_names`
-/// (`pg_stat_replication.sync_state`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SyncState {
-    Async,
-    Potential,
-    Sync,
-    Quorum,
 }
 
 /// One instance as observed in this round.

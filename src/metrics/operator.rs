@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use super::names::{self, MetricName};
 use super::{Exposition, Histogram, Labels};
-use crate::agent::api::{AgentStatus, Role};
 use crate::api::{FailoverRecord, InstanceRole, PgReplicaSetStatus};
+use crate::protocol::api::{AgentStatus, Role};
 
 /// Reasons `status.lastFailover.reason` takes; each starts at 0 so that `increase()` sees the
 /// first failover.
@@ -87,7 +87,7 @@ pub fn wal_receivers<'a>(
             let streaming = status
                 .wal_receiver
                 .as_ref()
-                .is_some_and(|w| w.status == "streaming");
+                .is_some_and(|w| w.status.is_streaming());
             (name.clone(), streaming)
         })
         .collect()

@@ -17,8 +17,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::agent::api::Role;
 use crate::api::ResolvedGroup;
+use crate::protocol::api::Role;
 
 /// One instance as the rollout sees it (from its agent's last report).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,12 +6,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::agent::api::{AgentStatus, Role};
 use crate::api::{
     InstanceRole, InstanceStatus, PgReplicaSetStatus, Phase, ResolvedGroup, SyncState, condition,
 };
+use crate::control::{Report, standby_lag};
 use crate::engine;
-use crate::operator::observe::Report;
+use crate::protocol::api::Role;
 
 /// When each report arrived, on the wall clock (for `lastSeen`).
 pub type SeenAt = HashMap<String, DateTime<Utc>>;
@@ -27,34 +27,13 @@ fn instance_role(role: Option<Role>) -> InstanceRole {
     }
 }
 
-fn api_sync_state(text: &str) -> Option<SyncState> {
-    match text {
-        "async" => Some(SyncState::Async),
-        "potential" => Some(SyncState::Potential),
-        "sync" => Some(SyncState::Sync),
-        "quorum" => Some(SyncState::Quorum),
-        _ => None,
+fn api_sync_state(state: crate::engine::SyncState) -> SyncState {
+    match state {
+        crate::engine::SyncState::Async => SyncState::Async,
+        crate::engine::SyncState::Potential => SyncState::Potential,
+        crate::engine::SyncState::Sync => SyncState::Sync,
+        crate::engine::SyncState::Quorum => SyncState::Quorum,
     }
-}
-
-/// Lag of one standby: bytes from the primary's current LSN, seconds from the primary's
-/// `pg_stat_replication` (a NULL lag with everything sent replayed means caught up on an idle
-/// primary: 0, not unknown).
-pub fn standby_lag(primary: &AgentStatus, standby: &AgentStatus) -> (Option<u64>, Option<f64>) {
-    let bytes = match (primary.current_lsn, standby.replay_lsn) {
-        (Some(current), Some(replay)) => Some(current.bytes_since(replay)),
-        _ => None,
-    };
-    let peer = primary
-        .replication
-        .iter()
-        .find(|p| p.application_name == standby.name);
-    let seconds = peer.and_then(|p| match p.replay_lag_seconds {
-        Some(seconds) => Some(seconds),
-        None if p.replay_lsn.is_some() && p.replay_lsn == p.sent_lsn => Some(0.0),
-        None => None,
-    });
-    (bytes, seconds)
 }
 
 /// `1.5 MiB, 0.4s` for humans.
@@ -138,7 +117,7 @@ pub fn cluster_status(input: &StatusInput<'_>) -> PgReplicaSetStatus {
             };
             let is_streaming = status
                 .and_then(|s| s.wal_receiver.as_ref())
-                .is_some_and(|w| w.status == "streaming");
+                .is_some_and(|w| w.status.is_streaming());
             if !is_primary {
                 if is_streaming {
                     streaming += 1;
@@ -160,7 +139,7 @@ pub fn cluster_status(input: &StatusInput<'_>) -> PgReplicaSetStatus {
                 p.replication
                     .iter()
                     .find(|r| r.application_name == name)
-                    .and_then(|r| api_sync_state(&r.sync_state))
+                    .and_then(|r| r.sync_state.map(api_sync_state))
             });
             let ready = status.is_some_and(|s| {
                 s.postgres_up

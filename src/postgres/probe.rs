@@ -7,9 +7,10 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::{Client, NoTls};
 
 use crate::postgres::lsn::Lsn;
+pub use crate::postgres::states::{SenderState, SyncState, WalReceiverState};
 
 /// Where and as whom to connect. The password never appears in `Debug` output.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ConnectTarget {
     pub host: String,
     pub port: u16,
@@ -108,8 +109,7 @@ pub struct ReplicationPeer {
     /// `application_name`: the replica agent's instance name.
     pub application_name: String,
     pub client_addr: Option<String>,
-    /// `startup`, `catchup`, `streaming`, `backup` or `stopping`.
-    pub state: String,
+    pub state: SenderState,
     pub sent_lsn: Option<Lsn>,
     pub write_lsn: Option<Lsn>,
     pub flush_lsn: Option<Lsn>,
@@ -121,16 +121,15 @@ pub struct ReplicationPeer {
     pub replay_lag_seconds: Option<f64>,
     /// `pg_current_wal_lsn() - replay_lsn` in bytes, measured in the same query.
     pub replay_lag_bytes: Option<u64>,
-    /// `async`, `potential`, `sync` or `quorum`.
-    pub sync_state: String,
+    /// `None` when PostgreSQL reported a word this version does not know.
+    pub sync_state: Option<SyncState>,
     pub sync_priority: i32,
 }
 
 /// `pg_stat_wal_receiver` on a replica.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WalReceiver {
-    /// `streaming`, `starting`, `waiting`, `restarting`, `stopping`, `stopped`.
-    pub status: String,
+    pub status: WalReceiverState,
     pub sender_host: Option<String>,
     pub sender_port: Option<i32>,
     pub slot_name: Option<String>,
@@ -221,7 +220,7 @@ pub async fn probe_instance(client: &Client) -> Result<InstanceProbe, ProbeError
         if let Some(row) = receiver {
             let received_tli: Option<i32> = row.get(4);
             probe.wal_receiver = Some(WalReceiver {
-                status: row.get(0),
+                status: WalReceiverState::parse(row.get::<_, Option<&str>>(0).unwrap_or_default()),
                 sender_host: row.get(1),
                 sender_port: row.get(2),
                 slot_name: row.get(3),
@@ -267,7 +266,7 @@ pub async fn probe_instance(client: &Client) -> Result<InstanceProbe, ProbeError
             probe.replication.push(ReplicationPeer {
                 application_name: row.get(0),
                 client_addr: row.get(1),
-                state: row.get::<_, Option<String>>(2).unwrap_or_default(),
+                state: SenderState::parse(row.get::<_, Option<&str>>(2).unwrap_or_default()),
                 sent_lsn: parse_lsn(row.get(3))?,
                 write_lsn: parse_lsn(row.get(4))?,
                 flush_lsn: parse_lsn(row.get(5))?,
@@ -276,7 +275,7 @@ pub async fn probe_instance(client: &Client) -> Result<InstanceProbe, ProbeError
                 flush_lag_seconds: row.get(8),
                 replay_lag_seconds: row.get(9),
                 replay_lag_bytes: lag_bytes.map(|b| b.max(0) as u64),
-                sync_state: row.get::<_, Option<String>>(11).unwrap_or_default(),
+                sync_state: row.get::<_, Option<&str>>(11).and_then(SyncState::parse),
                 sync_priority: row.get::<_, Option<i32>>(12).unwrap_or_default(),
             });
         }

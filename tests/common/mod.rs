@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use pgrs::agent::api::{AgentStatus, Role};
-use pgrs::agent::client::AgentClient;
+use pgrs::protocol::api::{AgentStatus, Role};
+use pgrs::protocol::client::AgentClient;
 
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 pub const SUPERUSER_PASSWORD: &str = "test-superuser-pw";
@@ -323,7 +323,7 @@ impl AgentProcess {
             s.role == Role::Replica
                 && s.wal_receiver
                     .as_ref()
-                    .is_some_and(|r| r.status == "streaming")
+                    .is_some_and(|r| r.status.is_streaming())
         })
         .await
     }

@@ -43,6 +43,18 @@ pub fn parameters_config_map(owner: &Owner, spec: &PgReplicaSetSpec) -> ConfigMa
     }
 }
 
+/// The control loop's state as the operator persists it.
+pub fn control_state_config_map(owner: &Owner, state_json: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: owner.meta(names::control_state(&owner.name)),
+        data: Some(BTreeMap::from([(
+            names::CONTROL_STATE_KEY.to_string(),
+            state_json.to_string(),
+        )])),
+        ..ConfigMap::default()
+    }
+}
+
 /// `parameters` in postgresql.conf syntax, one `name = 'value'` per line, sorted by name.
 pub fn render_parameters(parameters: &BTreeMap<String, String>) -> String {
     let mut text = String::from("# Managed by pgrs from spec.parameters of the PgReplicaSet.\n");

@@ -20,7 +20,7 @@ use kube::Resource as _;
 use crate::api::{PgReplicaSet, ResolvedGroup, resolve_groups};
 
 pub use access::{agent_role, agent_role_binding, agent_service_account};
-pub use config::{parameters_config_map, render_parameters, secret};
+pub use config::{control_state_config_map, parameters_config_map, render_parameters, secret};
 pub use disruption::pod_disruption_budget;
 pub use services::{headless_service, r_service, ro_service, rw_service};
 pub use statefulset::{agent_args, statefulset};

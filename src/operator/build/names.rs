@@ -68,6 +68,8 @@ pub const SECRET_REPLICATION_PASSWORD: &str = "replication-password";
 pub const SECRET_AGENT_TOKEN: &str = "agent-token";
 /// Key of the parameters ConfigMap (file name under [`CONFIG_MOUNT`]), `postgresql.conf` syntax.
 pub const CONFIG_PARAMETERS: &str = "parameters.conf";
+/// Key of the control state (JSON) in [`control_state`]'s ConfigMap.
+pub const CONTROL_STATE_KEY: &str = "state.json";
 
 /// Headless Service of every instance group: pod DNS `<pod>.<name>-instances.<ns>.svc`.
 pub fn headless_service(cluster: &str) -> String {
@@ -100,6 +102,12 @@ pub fn secret(cluster: &str) -> String {
 
 pub fn config_map(cluster: &str) -> String {
     format!("{cluster}-config")
+}
+
+/// The ConfigMap where the operator keeps the control loop's state (recorded sync quorum, last
+/// primary position, former primaries), written before the actions that rely on it.
+pub fn control_state(cluster: &str) -> String {
+    format!("{cluster}-control")
 }
 
 pub fn pod_disruption_budget(cluster: &str) -> String {

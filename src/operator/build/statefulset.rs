@@ -25,8 +25,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::Owner;
 use super::names;
-use crate::agent::api::STATUS_PATH;
 use crate::api::{PgReplicaSetSpec, ResolvedGroup};
+use crate::protocol::api::STATUS_PATH;
 
 /// Time for a stopping pod: a fast shutdown of postgres bounded by the agent's stop timeout,
 /// then the Lease release.

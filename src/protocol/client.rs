@@ -1,4 +1,4 @@
-//! HTTP client of the agent API (see [`crate::agent::api`]), used by local mode, the operator
+//! HTTP client of the agent API (see [`crate::protocol::api`]), used by local mode, the operator
 //! and tests.
 
 use std::time::Duration;
@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::agent::api::{
+use crate::protocol::api::{
     ActionResponse, AgentStatus, ErrorResponse, FENCE_PATH, FOLLOW_PATH, FenceRequest,
     FollowRequest, PROMOTE_PATH, PromoteRequest, REJOIN_PATH, RejoinRequest, START_PATH,
     STATUS_PATH, STOP_PATH, StopRequest,
@@ -115,16 +115,17 @@ impl AgentClient {
 
     /// `POST /v1/restart`: fast stop and start in the same role.
     pub async fn restart(&self) -> Result<ActionResponse, ClientError> {
-        self.post(crate::agent::api::RESTART_PATH, &serde_json::json!({}))
+        self.post(crate::protocol::api::RESTART_PATH, &serde_json::json!({}))
             .await
     }
 
     /// `POST /v1/parameters`: replace the user parameters and reload.
     pub async fn parameters(
         &self,
-        request: &crate::agent::api::ParametersRequest,
+        request: &crate::protocol::api::ParametersRequest,
     ) -> Result<ActionResponse, ClientError> {
-        self.post(crate::agent::api::PARAMETERS_PATH, request).await
+        self.post(crate::protocol::api::PARAMETERS_PATH, request)
+            .await
     }
 
     async fn post<B: Serialize + ?Sized>(

@@ -1,0 +1,243 @@
+//! The reconcile pipeline of one cluster: validate (pure) → secrets (read back, generated on
+//! first reconcile) → apply (server-side apply of every child) → the control round
+//! ([`super::round`]) → status.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::EventType;
+use kube::{Api, Client, Resource, ResourceExt as _};
+use serde::Serialize;
+
+use crate::api::{self, PgReplicaSet, PgReplicaSetStatus};
+use crate::coordination::KubeLeaseStore;
+use crate::operator::build::{self, BuildInput, ClusterSecrets, names};
+use crate::operator::pods::PodView;
+use crate::operator::status;
+
+use super::{ClusterRuntime, Context, REAPPLY_EVERY, ReconcileError, URGENT_REQUEUE};
+
+pub(super) struct Reconciler<'a> {
+    pub(super) cluster: &'a PgReplicaSet,
+    pub(super) context: &'a Context,
+    pub(super) runtime: &'a mut ClusterRuntime,
+}
+
+impl Reconciler<'_> {
+    pub(super) fn namespace(&self) -> String {
+        self.cluster.namespace().unwrap_or_default()
+    }
+
+    pub(super) fn name(&self) -> String {
+        self.cluster.name_any()
+    }
+
+    pub(super) async fn run(&mut self) -> Result<Requeue, ReconcileError> {
+        let generation = self.cluster.metadata.generation.unwrap_or_default();
+        if let Err(invalid) = api::validate(self.cluster) {
+            let message = format!("invalid spec: {invalid}");
+            let status =
+                status::invalid_status(self.cluster.status.as_ref(), generation, message.clone());
+            self.write_status(&status).await?;
+            self.context
+                .publish(self.cluster, EventType::Warning, "InvalidSpec", message)
+                .await;
+            return Ok(Requeue::await_change());
+        }
+        let secrets = self.secrets().await?;
+        self.apply(&secrets, generation).await?;
+        let lease = Arc::new(KubeLeaseStore::new(
+            self.context.client.clone(),
+            &self.namespace(),
+            &self.name(),
+            api::seconds_to_duration(self.cluster.spec.failover.lease_duration_seconds),
+        ));
+        lease
+            .create_if_absent()
+            .await
+            .map_err(ReconcileError::Lease)?;
+        let urgent = self.round(&secrets, lease).await?;
+        let interval = Duration::from_secs(u64::from(
+            self.cluster.spec.monitoring.status_interval_seconds,
+        ));
+        Ok(Requeue::requeue(if urgent {
+            URGENT_REQUEUE
+        } else {
+            interval
+        }))
+    }
+
+    /// The cluster's credentials: read back from its Secret, generated on first reconcile.
+    async fn secrets(&self) -> Result<ClusterSecrets, ReconcileError> {
+        let name = names::secret(&self.name());
+        let api: Api<Secret> = Api::namespaced(self.context.client.clone(), &self.namespace());
+        let existing = api
+            .get_opt(&name)
+            .await
+            .map_err(|source| ReconcileError::Read {
+                what: format!("Secret {name}"),
+                source,
+            })?;
+        let Some(secret) = existing else {
+            return Ok(ClusterSecrets {
+                superuser_password: random_secret(),
+                replication_password: random_secret(),
+                agent_token: random_secret(),
+            });
+        };
+        let data = secret.data.unwrap_or_default();
+        let read = |key: &'static str| {
+            data.get(key)
+                .and_then(|v| String::from_utf8(v.0.clone()).ok())
+                .ok_or(ReconcileError::SecretKey {
+                    name: name.clone(),
+                    key,
+                })
+        };
+        Ok(ClusterSecrets {
+            superuser_password: read(names::SECRET_SUPERUSER_PASSWORD)?,
+            replication_password: read(names::SECRET_REPLICATION_PASSWORD)?,
+            agent_token: read(names::SECRET_AGENT_TOKEN)?,
+        })
+    }
+
+    /// Server-side apply of every child, when the spec changed or every [`REAPPLY_EVERY`].
+    async fn apply(
+        &mut self,
+        secrets: &ClusterSecrets,
+        generation: i64,
+    ) -> Result<(), ReconcileError> {
+        let retained = self.retained_replicas();
+        if let Some((applied, at)) = self.runtime.applied
+            && applied == generation
+            && at.elapsed() < REAPPLY_EVERY
+            && self.runtime.rollout.applied_replicas.as_ref() == Some(&retained)
+        {
+            return Ok(());
+        }
+        let mut objects = build::build(&BuildInput {
+            cluster: self.cluster,
+            default_image: &self.context.settings.default_image,
+            secrets,
+        })?;
+        // A scale-down keeps the primary's pod until a switchover moved the role away.
+        for statefulset in &mut objects.statefulsets {
+            let name = statefulset.metadata.name.clone().unwrap_or_default();
+            if let Some(count) = retained.get(&name) {
+                statefulset.spec.replicas = Some(i32::try_from(*count).unwrap_or(i32::MAX));
+            }
+        }
+        self.runtime.rollout.applied_replicas = Some(retained);
+        if self.context.settings.database_as_root {
+            for statefulset in &mut objects.statefulsets {
+                if let Some(pod) = statefulset.spec.template.spec.as_mut() {
+                    pod.security_context = None;
+                }
+            }
+        }
+        let ns = self.namespace();
+        let client = &self.context.client;
+        apply_one(client, &ns, &objects.service_account).await?;
+        apply_one(client, &ns, &objects.role).await?;
+        apply_one(client, &ns, &objects.role_binding).await?;
+        apply_one(client, &ns, &objects.secret).await?;
+        apply_one(client, &ns, &objects.config_map).await?;
+        for service in &objects.services {
+            apply_one(client, &ns, service).await?;
+        }
+        for statefulset in &objects.statefulsets {
+            apply_one(client, &ns, statefulset).await?;
+        }
+        apply_one(client, &ns, &objects.pod_disruption_budget).await?;
+        self.runtime.applied = Some((generation, Instant::now()));
+        Ok(())
+    }
+
+    pub(super) async fn pods(&self) -> Result<HashMap<String, PodView>, ReconcileError> {
+        let api: Api<Pod> = Api::namespaced(self.context.client.clone(), &self.namespace());
+        let selector = format!("{}={}", names::LABEL_CLUSTER, self.name());
+        let list = api
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|source| ReconcileError::Read {
+                what: format!("pods with {selector}"),
+                source,
+            })?;
+        Ok(list
+            .items
+            .iter()
+            .filter_map(PodView::of)
+            .map(|p| (p.name.clone(), p))
+            .collect())
+    }
+
+    pub(super) async fn write_status(
+        &self,
+        status: &PgReplicaSetStatus,
+    ) -> Result<(), ReconcileError> {
+        if self.cluster.status.as_ref() == Some(status) {
+            return Ok(());
+        }
+        let api: Api<PgReplicaSet> =
+            Api::namespaced(self.context.client.clone(), &self.namespace());
+        let body = serde_json::json!({
+            "apiVersion": api::API_VERSION,
+            "kind": api::KIND,
+            "status": status,
+        });
+        api.patch_status(
+            &self.name(),
+            &PatchParams::apply(names::MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(|source| ReconcileError::Status { source })?;
+        Ok(())
+    }
+}
+
+fn random_secret() -> String {
+    use rand::Rng as _;
+    rand::rng()
+        .sample_iter(&rand::distr::Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect()
+}
+
+/// Server-side apply of one child with the operator's field manager.
+async fn apply_one<K>(client: &Client, namespace: &str, object: &K) -> Result<(), ReconcileError>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    api.patch(
+        &name,
+        &PatchParams::apply(names::MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map_err(|source| ReconcileError::Apply {
+        kind: kind_of::<K>(),
+        name,
+        source,
+    })?;
+    Ok(())
+}
+
+fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
+    // `Resource::kind` returns a Cow of a static string for typed resources.
+    match K::kind(&()) {
+        std::borrow::Cow::Borrowed(kind) => kind,
+        std::borrow::Cow::Owned(_) => "object",
+    }
+}
