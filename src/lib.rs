@@ -17,3 +17,4 @@ pub mod metrics;
 pub mod operator;
 pub mod postgres;
 pub mod protocol;
+pub mod view;

@@ -4,6 +4,7 @@
 
 mod engine_spec;
 mod groups;
+pub mod names;
 mod spec;
 mod status;
 pub mod validation;

@@ -113,10 +113,6 @@ impl FakeAgent {
             })
         })
     }
-
-    fn set(&self, change: impl FnOnce(&mut AgentStatus)) {
-        change(&mut self.status.lock().expect("status"));
-    }
 }
 
 impl AgentApi for FakeAgent {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use crate::dashboard::ClusterMemory;
 use crate::dashboard::api::{ClusterView, LeaseView, NodeView};
 use crate::dashboard::history::{NodeLag, TimedEvent};
-use crate::local::status::{LocalStatus, NodeStatus};
+use crate::view::local::{LocalStatus, NodeStatus};
 
 /// Records one controller observation in `memory` (lag samples, last seen, failovers). The same
 /// status seen twice is one observation.
@@ -99,7 +99,7 @@ mod tests {
     use super::*;
     use crate::api::Phase;
     use crate::engine::{FailoverChoice, Lsn, Phase as EnginePhase};
-    use crate::local::status::{EventRecord, LeaseStatus};
+    use crate::view::local::{EventRecord, LeaseStatus};
     use chrono::{DateTime, Utc};
 
     fn t(ms: i64) -> DateTime<Utc> {

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 use crate::dashboard::api::{API_VERSION, ClustersResponse, LagHistoryView, Source};
 use crate::dashboard::history::{FailoverTracker, LagHistory, LastSeen};
-use crate::local::status::LocalStatus;
+use crate::view::local::LocalStatus;
 
 /// The page, embedded at build time.
 pub const PAGE: &str = include_str!("page.html");

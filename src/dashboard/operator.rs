@@ -50,7 +50,7 @@ pub async fn list_clusters(
     let mut observed = Vec::with_capacity(list.items.len());
     for cluster in list.items {
         let namespace = cluster.namespace().unwrap_or_default();
-        let name = crate::operator::build::names::lease(&cluster.name_any());
+        let name = crate::api::names::lease(&cluster.name_any());
         let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
         let lease = leases
             .get_opt(&name)
@@ -236,7 +236,7 @@ pub fn cluster_view(
         write_endpoint: cluster.namespace().map(|ns| {
             format!(
                 "{}.{ns}.svc:5432",
-                crate::operator::build::names::rw_service(&cluster.name_any())
+                crate::api::names::rw_service(&cluster.name_any())
             )
         }),
         lease: lease_view(observed.lease.as_ref(), now),

@@ -12,7 +12,7 @@ use super::names::{self, MetricName};
 use super::{Exposition, Histogram, Labels};
 use crate::coordination::{LeaseError, LeaseRecord, LeaseStore};
 use crate::engine::Phase;
-use crate::local::status::LocalStatus;
+use crate::view::local::LocalStatus;
 
 /// Failover reasons, as in the operator's `status.lastFailover.reason`.
 pub const REASON_SWITCHOVER: &str = "Switchover";
@@ -311,8 +311,8 @@ impl LeaseStore for CountingLeaseStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::local::status::{LeaseStatus, NodeStatus};
     use crate::metrics::parse;
+    use crate::view::local::{LeaseStatus, NodeStatus};
 
     fn node(name: &str, role: &str) -> NodeStatus {
         NodeStatus {

@@ -6,7 +6,7 @@
 mod access;
 mod config;
 mod disruption;
-pub mod names;
+pub use crate::api::names;
 mod services;
 mod statefulset;
 
