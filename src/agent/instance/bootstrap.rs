@@ -8,6 +8,7 @@ use crate::agent::api::Upstream;
 use crate::agent::config;
 use crate::postgres::probe::{self, ProbeError};
 use crate::postgres::process::{ToolError, read_controldata, run_tool};
+use crate::postgres::slots;
 
 use super::{
     AgentConfig, DataDirState, InstanceError, check_identity, create_private_dir, inspect_data_dir,
@@ -114,20 +115,13 @@ pub async fn prepare_upstream_with(
     let mut slot_created = false;
     if let Some(slot) = &upstream.slot {
         // Reserve WAL now, so nothing the new replica needs is recycled before it connects.
-        let created = client
-            .execute(
-                "SELECT pg_create_physical_replication_slot($1, true) \
-                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-                &[slot],
-            )
+        slot_created = slots::create_physical_slot(client, slot)
             .await
-            .map_err(|source| {
-                probe_error(ProbeError::Query {
-                    what: "create replication slot",
-                    source,
-                })
+            .map_err(|source| InstanceError::Slot {
+                host: upstream.host.clone(),
+                port: upstream.port,
+                source,
             })?;
-        slot_created = created > 0;
     }
     Ok(PreparedUpstream {
         system_identifier,
@@ -143,12 +137,7 @@ async fn drop_created_slot(config: &AgentConfig, upstream: &Upstream) {
     };
     let target = config.remote_target(&upstream.host, upstream.port);
     let result = match probe::connect(&target, config.primary_timeout).await {
-        Ok(client) => client
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                 WHERE slot_name = $1 AND NOT active",
-                &[slot],
-            )
+        Ok(client) => slots::drop_inactive_slot(&client, slot)
             .await
             .map(|_| ())
             .map_err(|e| e.to_string()),

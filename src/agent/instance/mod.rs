@@ -174,6 +174,13 @@ pub enum InstanceError {
         #[source]
         source: ProbeError,
     },
+    #[error("failed to prepare the slot on {host}:{port}: {source}")]
+    Slot {
+        host: String,
+        port: u16,
+        #[source]
+        source: crate::postgres::slots::SlotError,
+    },
 }
 
 fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> InstanceError {

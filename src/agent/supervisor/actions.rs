@@ -2,15 +2,15 @@
 //! first), stop, fence, promote, follow, restart, and applying parameters.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::agent::api::{Role, StopMode, Upstream};
 use crate::agent::instance::{AgentConfig, InstanceError, prepare_upstream, write_configuration};
-use crate::postgres::probe::{self, ProbeError};
+use crate::postgres::probe;
 use crate::postgres::process::read_controldata;
+use crate::postgres::{promote, roles, slots};
 
 use super::{ActionError, ActionOutcome, Phase, Supervisor, lock};
 
@@ -141,17 +141,7 @@ impl Supervisor {
         let config = self.handle.config.clone();
         // On the kept session: a new (SCRAM) session would delay the promotion itself.
         let (session, _) = self.handle.session(Duration::from_secs(5)).await?;
-        let in_recovery = |session: Arc<tokio_postgres::Client>| async move {
-            session
-                .query_one("SELECT pg_is_in_recovery()", &[])
-                .await
-                .map(|row| row.get::<_, bool>(0))
-                .map_err(|source| ProbeError::Query {
-                    what: "recovery state",
-                    source,
-                })
-        };
-        if !in_recovery(session.clone()).await? {
+        if !promote::in_recovery(&session).await? {
             return Err(ActionError::Refused(
                 "cannot promote: already a primary".into(),
             ));
@@ -160,26 +150,23 @@ impl Supervisor {
         // replica re-creates its own when it follows; left alone they would pin WAL. Dropped
         // while still a standby: nobody follows it yet, whereas after the promotion a replica
         // rejoining at once may already have found its slot here and be about to use it.
-        let stale_dropped = session
-            .batch_execute(STALE_SLOTS_DROP)
+        let stale_dropped = slots::drop_stale_slots(&session)
             .await
             .inspect_err(|error| {
                 tracing::debug!(%error, "could not drop stale slots as a standby; after promotion then")
             })
             .is_ok();
         // Signal without waiting and watch every 10 ms: pg_promote's own wait polls every 100 ms.
-        let signalled: bool = session
-            .query_one("SELECT pg_promote(false)", &[])
+        let signalled = promote::promote_no_wait(&session)
             .await
-            .map_err(|e| ActionError::Promote(e.to_string()))?
-            .get(0);
+            .map_err(|e| ActionError::Promote(e.to_string()))?;
         if !signalled {
             return Err(ActionError::Promote(
                 "pg_promote could not signal the startup process".into(),
             ));
         }
         let deadline = Instant::now() + wait.max(Duration::from_secs(1));
-        while in_recovery(session.clone()).await? {
+        while promote::in_recovery(&session).await? {
             if Instant::now() >= deadline {
                 return Err(ActionError::Promote(format!(
                     "still in recovery {} s after pg_promote",
@@ -198,17 +185,21 @@ impl Supervisor {
         let client = probe::connect(&config.local_target(), Duration::from_secs(5)).await?;
         // The control file shows the new timeline only after a checkpoint; pg_rewind and
         // followers read it from there.
-        client
-            .batch_execute("CHECKPOINT")
+        promote::checkpoint(&client)
             .await
-            .map_err(|e| ActionError::Promote(format!("CHECKPOINT after promotion: {e}")))?;
-        if !stale_dropped && let Err(error) = client.batch_execute(STALE_SLOTS_DROP).await {
+            .map_err(|e| ActionError::Promote(format!("after promotion: {e}")))?;
+        if !stale_dropped && let Err(error) = slots::drop_stale_slots(&client).await {
             tracing::warn!(%error, "failed to drop stale replication slots after promotion");
         }
         // The configuration on disk must no longer point at the old primary.
         write_configuration(&config, &config.data_dir, None)?;
         self.reload()?;
-        ensure_replication_user(&client, &config).await?;
+        roles::ensure_replication_role(
+            &client,
+            &config.replication_user,
+            config.replication_password.expose(),
+        )
+        .await?;
         self.update(|s| {
             s.intended_role = Role::Primary;
             s.upstream = None;
@@ -290,24 +281,20 @@ impl Supervisor {
                 }
             )));
         }
-        let load_time = |client: tokio_postgres::Client| async move {
-            client
-                .query_one("SELECT pg_conf_load_time()::text", &[])
-                .await
-                .map(|row| row.get::<_, String>(0))
-                .map_err(|source| ProbeError::Query {
-                    what: "configuration load time",
-                    source,
-                })
+        let before = {
+            let client = self.handle.probe_client(Duration::from_secs(5)).await?;
+            promote::conf_load_time(&client).await?
         };
-        let before = load_time(self.handle.probe_client(Duration::from_secs(5)).await?).await?;
         self.reload()?;
         // A new session inherits the postmaster's configuration: once its load time moved,
         // the postmaster has re-read the files and `pending_restart` is meaningful.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let now = load_time(self.handle.probe_client(Duration::from_secs(5)).await?).await?;
+            let now = {
+                let client = self.handle.probe_client(Duration::from_secs(5)).await?;
+                promote::conf_load_time(&client).await?
+            };
             if now != before {
                 break;
             }
@@ -407,44 +394,4 @@ fn write_include(config: &AgentConfig, path: &Path, text: &str) -> Result<(), Ac
         .chown(&temporary)
         .map_err(io("chown", &temporary))?;
     std::fs::rename(&temporary, path).map_err(io("rename parameters file to", path))
-}
-
-/// Drops this agent family's inactive physical slots (see the promotion).
-const STALE_SLOTS_DROP: &str = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-     WHERE slot_type = 'physical' AND NOT active AND slot_name LIKE 'pgrs\\_%'";
-
-/// Creates or updates the replication user with a SCRAM verifier computed here, so the
-/// password itself never travels in SQL text (logs, pg_stat_activity).
-pub(super) async fn ensure_replication_user(
-    client: &tokio_postgres::Client,
-    config: &AgentConfig,
-) -> Result<(), ActionError> {
-    let verifier =
-        postgres_protocol::password::scram_sha_256(config.replication_password.expose().as_bytes());
-    let user = postgres_protocol::escape::escape_identifier(&config.replication_user);
-    let literal = postgres_protocol::escape::escape_literal(&verifier);
-    let exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_roles WHERE rolname = $1",
-            &[&config.replication_user],
-        )
-        .await
-        .map_err(|source| ProbeError::Query {
-            what: "replication user",
-            source,
-        })?
-        .is_some();
-    let statement = if exists {
-        format!("ALTER ROLE {user} WITH REPLICATION LOGIN PASSWORD {literal}")
-    } else {
-        format!("CREATE ROLE {user} WITH REPLICATION LOGIN PASSWORD {literal}")
-    };
-    client
-        .batch_execute(&statement)
-        .await
-        .map_err(|source| ProbeError::Query {
-            what: "create replication user",
-            source,
-        })?;
-    Ok(())
 }

@@ -33,6 +33,9 @@ use tokio::time::Instant;
 use crate::agent::api::{RejoinReport, Role, StopMode, Upstream};
 use crate::agent::instance::{AgentConfig, InstanceError};
 use crate::postgres::probe::ProbeError;
+use crate::postgres::promote::PromoteError;
+use crate::postgres::roles::RoleError;
+use crate::postgres::slots::SlotError;
 
 const LOG_TAIL_LINES: usize = 20;
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -85,6 +88,12 @@ pub enum ActionError {
     Instance(#[from] InstanceError),
     #[error("failed to query postgres: {0}")]
     Probe(#[from] ProbeError),
+    #[error(transparent)]
+    Server(#[from] PromoteError),
+    #[error(transparent)]
+    Role(#[from] RoleError),
+    #[error(transparent)]
+    Slot(#[from] SlotError),
     #[error("failed to rejoin: pg_rewind path: {rewind}; re-clone path: {reclone}")]
     Rejoin { rewind: String, reclone: String },
     #[error("the supervisor has stopped")]

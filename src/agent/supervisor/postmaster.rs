@@ -16,8 +16,8 @@ use tokio::time::Instant;
 use crate::agent::api::StopMode;
 use crate::agent::instance::check_port_free;
 use crate::postgres::probe::{self, InstanceProbe, ProbeError};
+use crate::postgres::{promote, roles};
 
-use super::actions::ensure_replication_user;
 use super::{ActionError, LOG_TAIL_LINES, Phase, Supervisor, lock};
 
 impl Supervisor {
@@ -101,16 +101,14 @@ impl Supervisor {
                 Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
             }
         };
-        let in_recovery: bool = client
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .map_err(|source| ProbeError::Query {
-                what: "recovery state",
-                source,
-            })?
-            .get(0);
+        let in_recovery = promote::in_recovery(&client).await?;
         if !in_recovery {
-            ensure_replication_user(&client, &config).await?;
+            roles::ensure_replication_role(
+                &client,
+                &config.replication_user,
+                config.replication_password.expose(),
+            )
+            .await?;
         }
         // The first status probe needs no handshake of its own.
         *self.handle.status_session.lock().await = Some(Arc::new(client));

@@ -11,8 +11,9 @@ use crate::agent::api::{RejoinPath, RejoinReport, Role, StopMode, Upstream};
 use crate::agent::instance::{
     InstanceError, clone_from, prepare_upstream_with, sibling, write_configuration,
 };
-use crate::postgres::probe::{self, ProbeError};
+use crate::postgres::probe;
 use crate::postgres::process::run_tool;
+use crate::postgres::promote;
 
 use super::{ActionError, ActionOutcome, Phase, Supervisor};
 
@@ -57,13 +58,7 @@ impl Supervisor {
                 config.primary_timeout,
             )
             .await?;
-            primary
-                .batch_execute("CHECKPOINT")
-                .await
-                .map_err(|source| ProbeError::Query {
-                    what: "CHECKPOINT on the new primary",
-                    source,
-                })?;
+            promote::checkpoint(&primary).await?;
             prepare_upstream_with(&primary, &upstream).await?;
             Ok::<_, ActionError>(probe::probe_instance(&primary).await?.timeline)
         };
