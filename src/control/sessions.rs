@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use tokio_postgres::Client;
 
 use crate::postgres::probe::{ConnectTarget, connect};
-use crate::postgres::sql::{self, SqlError};
+use crate::postgres::{promote, sql};
 
 use super::platform::{CallError, InstanceSql};
 
@@ -92,14 +92,15 @@ impl SessionPool {
     }
 
     /// Runs `work` on the kept session, or on a new one when the kept one failed.
-    async fn run<F>(&self, instance: &str, work: F) -> Result<(), CallError>
+    async fn run<F, E>(&self, instance: &str, work: F) -> Result<(), CallError>
     where
-        F: for<'c> Fn(&'c Client) -> BoxFuture<'c, Result<(), SqlError>> + Send + Sync,
+        F: for<'c> Fn(&'c Client) -> BoxFuture<'c, Result<(), E>> + Send + Sync,
+        E: std::error::Error + 'static,
     {
         if let Some(client) = self.kept(instance) {
             match work(&client).await {
                 Ok(()) => return Ok(()),
-                Err(error) if error.statement_error => {
+                Err(error) if sql::statement_failed(&error) => {
                     return Err(CallError::Failed(error.to_string()));
                 }
                 Err(error) => {
@@ -110,7 +111,7 @@ impl SessionPool {
         }
         let client = self.open(instance).await?;
         work(&client).await.map_err(|error| {
-            if !error.statement_error {
+            if !sql::statement_failed(&error) {
                 self.forget(instance);
             }
             CallError::Failed(error.to_string())
@@ -120,7 +121,7 @@ impl SessionPool {
 
 impl InstanceSql for SessionPool {
     fn checkpoint<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, Result<(), CallError>> {
-        Box::pin(self.run(instance, |client| Box::pin(sql::checkpoint(client))))
+        Box::pin(self.run(instance, |client| Box::pin(promote::checkpoint(client))))
     }
 
     fn set_synchronous_standby_names<'a>(

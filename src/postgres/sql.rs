@@ -1,6 +1,6 @@
-//! Statements that more than one layer runs on an instance, in one place with their tests
-//! (`tests/postgres_sql.rs`): the synchronous standby setting, the checkpoint before a
-//! demotion, dropping the replication slots of removed instances.
+//! The synchronous standby setting, which the control loop sets on a primary, and how a
+//! failed statement is told from a failed session (a kept session is reopened only for the
+//! latter).
 
 use tokio_postgres::Client;
 
@@ -10,8 +10,6 @@ use tokio_postgres::Client;
 pub struct SqlError {
     pub what: &'static str,
     pub message: String,
-    /// The statement itself failed (severity ERROR): retrying on a new session would not help.
-    pub statement_error: bool,
     #[source]
     pub source: tokio_postgres::Error,
 }
@@ -23,12 +21,26 @@ impl SqlError {
             message: source
                 .as_db_error()
                 .map_or_else(|| source.to_string(), |db| db.message().to_string()),
-            statement_error: source
-                .as_db_error()
-                .is_some_and(|db| db.severity() == "ERROR"),
             source,
         }
     }
+}
+
+/// The statement itself failed (severity ERROR), somewhere in `error`'s source chain: running
+/// it again on a new session would fail the same way. Anything else (FATAL, a closed session,
+/// I/O) is the session's failure.
+pub fn statement_failed(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(db) = error
+            .downcast_ref::<tokio_postgres::Error>()
+            .and_then(tokio_postgres::Error::as_db_error)
+        {
+            return db.severity() == "ERROR";
+        }
+        current = error.source();
+    }
+    false
 }
 
 /// `synchronous_standby_names` as a quoted SQL literal.
@@ -53,40 +65,16 @@ pub async fn set_synchronous_standby_names(client: &Client, names: &str) -> Resu
     Ok(())
 }
 
-/// `CHECKPOINT`: before a planned demotion, so that the shutdown checkpoint has little to write.
-pub async fn checkpoint(client: &Client) -> Result<(), SqlError> {
-    client
-        .batch_execute("CHECKPOINT")
-        .await
-        .map_err(SqlError::new("checkpoint"))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Drops the inactive physical slots among `slots`; returns those dropped. While any of them is
-/// active (its standby still streams) nothing is dropped and the count is returned as an error
-/// message, to be retried.
-pub async fn drop_inactive_slots(
-    client: &Client,
-    slots: &[String],
-) -> Result<Result<Vec<String>, i64>, SqlError> {
-    let active: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = ANY($1) AND active",
-            &[&slots],
-        )
-        .await
-        .map_err(SqlError::new("count active replication slots"))?
-        .get(0);
-    if active > 0 {
-        return Ok(Err(active));
+    #[test]
+    fn standby_names_are_quoted_for_sql() {
+        assert_eq!(
+            standby_names_literal("ANY 1 (\"a'b\", \"c\")"),
+            "'ANY 1 (\"a''b\", \"c\")'"
+        );
+        assert_eq!(standby_names_literal(""), "''");
     }
-    let rows = client
-        .query(
-            "SELECT slot_name::text FROM pg_replication_slots \
-             WHERE slot_name = ANY($1) AND slot_type = 'physical' AND NOT active \
-             AND pg_drop_replication_slot(slot_name) IS NOT NULL",
-            &[&slots],
-        )
-        .await
-        .map_err(SqlError::new("drop replication slots"))?;
-    Ok(Ok(rows.iter().map(|row| row.get(0)).collect()))
 }

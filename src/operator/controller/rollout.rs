@@ -482,11 +482,9 @@ async fn drop_slots(host: &str, password: &str, slots: &[String]) -> Result<Vec<
         let client = crate::postgres::probe::connect(&target, Duration::from_secs(2))
             .await
             .map_err(|e| e.to_string())?;
-        match crate::postgres::sql::drop_inactive_slots(&client, slots).await {
-            Ok(Ok(dropped)) => Ok(dropped),
-            Ok(Err(active)) => Err(format!("{active} of the slots are still active")),
-            Err(error) => Err(error.to_string()),
-        }
+        crate::postgres::slots::drop_removed_slots(&client, slots)
+            .await
+            .map_err(|e| e.to_string())
     };
     tokio::time::timeout(DROP_SLOTS_TIMEOUT, work)
         .await
