@@ -226,3 +226,61 @@ async fn standby_is_promoted_checkpointed_and_reloads() {
         assert!(Instant::now() < deadline, "the load time did not move");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_standby_names_is_set_and_reloaded_and_a_bad_value_is_a_statement_error() {
+    let env = TestEnv::new("sqlsync");
+    let mut a = env.agent("a").spawn();
+    a.wait_role(Role::Primary, BOOT).await;
+    let sql = a.sql().await;
+    pgrs::postgres::sql::set_synchronous_standby_names(&sql, "ANY 1 (\"b\", \"c'd\")")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + SHORT;
+    loop {
+        let shown: String = sql
+            .query_one("SHOW synchronous_standby_names", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if shown == "ANY 1 (\"b\", \"c'd\")" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not reloaded: {shown}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let error = pgrs::postgres::sql::set_synchronous_standby_names(&sql, "ANY x (")
+        .await
+        .expect_err("a malformed value is refused");
+    assert!(error.to_string().starts_with("failed to set"), "{error}");
+    assert!(
+        pgrs::postgres::sql::statement_failed(&error),
+        "the statement failed, not the session: {error}"
+    );
+    // Back to asynchronous: the session is still usable.
+    pgrs::postgres::sql::set_synchronous_standby_names(&sql, "")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_instances_slots_are_dropped_only_when_none_is_active() {
+    let env = TestEnv::new("sqlremoved");
+    let (a, _b) = primary_and_replica(&env).await;
+    let sql = a.sql().await;
+    assert!(create_physical_slot(&sql, "pgrs_gone").await.unwrap());
+    let both = ["pgrs_gone".to_string(), "pgrs_b".to_string()];
+    let error = pgrs::postgres::slots::drop_removed_slots(&sql, &both)
+        .await
+        .expect_err("b still streams on its slot");
+    assert!(
+        error.to_string().contains("1 of them are still active"),
+        "{error}"
+    );
+    assert!(slot_names(&sql).await.contains(&"pgrs_gone".to_string()));
+    let dropped = pgrs::postgres::slots::drop_removed_slots(&sql, &["pgrs_gone".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(dropped, ["pgrs_gone"]);
+    assert_eq!(slot_names(&sql).await, ["pgrs_b"]);
+}

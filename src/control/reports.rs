@@ -114,8 +114,8 @@ impl Reports {
     /// Every latest answer of an agent that is not gone.
     pub fn snapshot(&self) -> HashMap<String, Report> {
         self.entries
-            .iter()
-            .filter_map(|(name, _)| Some((name.clone(), self.latest(name)?.clone())))
+            .keys()
+            .filter_map(|name| Some((name.clone(), self.latest(name)?.clone())))
             .collect()
     }
 

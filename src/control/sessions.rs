@@ -91,15 +91,16 @@ impl SessionPool {
         lock(&self.inner).sessions.remove(instance);
     }
 
-    /// Runs `work` on the kept session, or on a new one when the kept one failed.
-    async fn run<F, E>(&self, instance: &str, work: F) -> Result<(), CallError>
+    /// Runs `work` on the kept session to `instance`, or on a new one when the kept one failed
+    /// (a statement's own error is not retried).
+    pub async fn run<F, T, E>(&self, instance: &str, work: F) -> Result<T, CallError>
     where
-        F: for<'c> Fn(&'c Client) -> BoxFuture<'c, Result<(), E>> + Send + Sync,
+        F: for<'c> Fn(&'c Client) -> BoxFuture<'c, Result<T, E>> + Send + Sync,
         E: std::error::Error + 'static,
     {
         if let Some(client) = self.kept(instance) {
             match work(&client).await {
-                Ok(()) => return Ok(()),
+                Ok(value) => return Ok(value),
                 Err(error) if sql::statement_failed(&error) => {
                     return Err(CallError::Failed(error.to_string()));
                 }

@@ -11,7 +11,7 @@ use kube::runtime::events::EventType;
 use crate::api::{self, PgReplicaSetStatus, resolve_groups};
 use crate::control::Report;
 use crate::engine;
-use crate::operator::build::{ClusterSecrets, names};
+use crate::operator::build::ClusterSecrets;
 use crate::operator::pods::PodView;
 use crate::operator::rollout;
 
@@ -166,7 +166,7 @@ impl Reconciler<'_> {
             }
         }
         if let Some(p) = &primary {
-            self.drop_removed_slots(p, pods, secrets).await;
+            self.drop_removed_slots(p, pods).await;
         }
 
         // A restart that never came back stops blocking the rollout's bookkeeping (nothing else
@@ -410,12 +410,7 @@ impl Reconciler<'_> {
 
     /// Drops the replication slots of removed instances on the primary once their pods are
     /// gone (an active slot is left for the next round).
-    async fn drop_removed_slots(
-        &mut self,
-        primary: &str,
-        pods: &HashMap<String, PodView>,
-        secrets: &ClusterSecrets,
-    ) {
+    async fn drop_removed_slots(&mut self, primary: &str, pods: &HashMap<String, PodView>) {
         let gone: Vec<String> = self
             .runtime
             .rollout
@@ -424,9 +419,6 @@ impl Reconciler<'_> {
             .filter(|n| !pods.contains_key(*n))
             .cloned()
             .collect();
-        let Some(host) = pods.get(primary).and_then(|p| p.ip.clone()) else {
-            return;
-        };
         if gone.is_empty() {
             return;
         }
@@ -434,7 +426,7 @@ impl Reconciler<'_> {
             .iter()
             .map(|n| crate::protocol::names::slot_name_for(n))
             .collect();
-        match drop_slots(&host, &secrets.superuser_password, &slots).await {
+        match drop_slots(&self.runtime.sessions, primary, &slots).await {
             Ok(dropped) => {
                 for instance in &gone {
                     self.runtime.rollout.slots_to_drop.remove(instance);
@@ -468,25 +460,20 @@ impl Reconciler<'_> {
 /// How long dropping the slots of removed instances may take.
 const DROP_SLOTS_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Drops the inactive physical slots among `slots` on the primary at `host`; returns those
-/// dropped. An active slot (its standby still streams) fails the call, to be retried.
-async fn drop_slots(host: &str, password: &str, slots: &[String]) -> Result<Vec<String>, String> {
-    let target = crate::postgres::probe::ConnectTarget {
-        host: host.to_string(),
-        port: names::POSTGRES_PORT,
-        user: "postgres".to_string(),
-        password: password.to_string(),
-        dbname: "postgres".to_string(),
-    };
-    let work = async {
-        let client = crate::postgres::probe::connect(&target, Duration::from_secs(2))
-            .await
-            .map_err(|e| e.to_string())?;
-        crate::postgres::slots::drop_removed_slots(&client, slots)
-            .await
-            .map_err(|e| e.to_string())
-    };
-    tokio::time::timeout(DROP_SLOTS_TIMEOUT, work)
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {DROP_SLOTS_TIMEOUT:?}")))
+/// Drops the slots of removed instances on `primary`, on the kept superuser session; returns
+/// those dropped. An active slot (its standby still streams) fails the call, to be retried.
+async fn drop_slots(
+    sessions: &crate::control::SessionPool,
+    primary: &str,
+    slots: &[String],
+) -> Result<Vec<String>, String> {
+    let slots = slots.to_vec();
+    let work = sessions.run(primary, move |client| {
+        let slots = slots.clone();
+        Box::pin(async move { crate::postgres::slots::drop_removed_slots(client, &slots).await })
+    });
+    match tokio::time::timeout(DROP_SLOTS_TIMEOUT, work).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {DROP_SLOTS_TIMEOUT:?}")),
+    }
 }
