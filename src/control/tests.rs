@@ -332,6 +332,16 @@ impl Cluster {
         (decision, outcome)
     }
 
+    async fn observe(&mut self) -> Observation {
+        let lease = ControlLoop::read_lease(&self.platform.lease)
+            .await
+            .expect("lease");
+        self.control
+            .observe(&self.platform, lease, &self.names, self.spec.clone(), true)
+            .await
+            .expect("observe")
+    }
+
     fn log(&self) -> Vec<String> {
         self.platform.log.lock().expect("log").clone()
     }
@@ -405,20 +415,7 @@ async fn a_switchover_checkpoints_stops_and_hands_over_and_uses_the_stop_answer_
     cluster.control.state_mut().memory.switchover = Some(plan);
 
     // The demotion: the stop's answer is stored as a's report at once.
-    let lease = ControlLoop::read_lease(&cluster.platform.lease)
-        .await
-        .expect("lease");
-    let observation = cluster
-        .control
-        .observe(
-            &cluster.platform,
-            lease,
-            &cluster.names,
-            cluster.spec.clone(),
-            true,
-        )
-        .await
-        .expect("observe");
+    let observation = cluster.observe().await;
     let decision = engine::decide(&observation.input);
     assert!(
         matches!(decision.actions.first(), Some(Action::Demote { instance }) if instance == "a"),
@@ -466,20 +463,7 @@ async fn a_switchover_checkpoints_stops_and_hands_over_and_uses_the_stop_answer_
 async fn a_frozen_agent_cannot_hold_the_round_beyond_its_bounds() {
     let mut cluster = Cluster::new(ReplicationMode::Async).await;
     cluster.round().await;
-    let lease = ControlLoop::read_lease(&cluster.platform.lease)
-        .await
-        .expect("lease");
-    let observation = cluster
-        .control
-        .observe(
-            &cluster.platform,
-            lease,
-            &cluster.names,
-            cluster.spec.clone(),
-            true,
-        )
-        .await
-        .expect("observe");
+    let observation = cluster.observe().await;
     let plan = engine::plan_switchover(&observation.input, Some("b")).expect("plan");
     cluster.control.state_mut().memory.switchover = Some(plan);
     cluster.platform.agents["a"]
