@@ -10,7 +10,7 @@
 use std::cmp::Reverse;
 
 use super::Lsn;
-use super::model::{EngineInput, InstanceObservation, ObservedRole};
+use super::model::{EngineInput, InstanceObservation, ObservedRole, ReplicationMode};
 
 /// Why no candidate may be promoted (without `allowDataLoss`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,6 +49,12 @@ pub enum Refusal {
          checked against the limit of {limit} bytes"
     )]
     PrimaryPositionUnknown { candidate: String, limit: u64 },
+    #[error(
+        "the recorded synchronous quorum was lost with the controller's state, so no replica is \
+         known to hold every acknowledged commit; restore the state, bring the old primary back, \
+         or set allowDataLoss"
+    )]
+    SyncRecordLost,
 }
 
 /// A chosen candidate.
@@ -152,6 +158,13 @@ pub fn choose_failover_candidate(
         overridden,
     };
 
+    if input.spec.mode == ReplicationMode::Sync && input.memory.sync_record_lost {
+        return if allow {
+            Ok(candidate(fallback, Some(Refusal::SyncRecordLost)))
+        } else {
+            Err(Refusal::SyncRecordLost)
+        };
+    }
     match quorum_position(input, failed) {
         Ok(Some(required)) => {
             let safe: Vec<&InstanceObservation> = promotable

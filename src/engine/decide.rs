@@ -174,6 +174,17 @@ impl<'a> Round<'a> {
                 &desired,
                 holder.flush_lsn,
             );
+            if self.memory.sync_record_lost {
+                self.events.push(Event::info(
+                    EventReason::SyncQuorumChanged,
+                    format!(
+                        "the synchronous quorum is known again: {} confirmed '{}'",
+                        holder.name,
+                        desired.to_standby_names()
+                    ),
+                ));
+                self.memory.sync_record_lost = false;
+            }
         } else {
             self.memory.recorded_sync = widen(&self.memory.recorded_sync, &desired);
             if input.spec.mode == ReplicationMode::Sync
@@ -450,7 +461,10 @@ fn lease_free(round: &mut Round<'_>) -> ClusterStatus {
             .map(|p| p.flush_lsn);
         let waited = input.now.saturating_since(plan.requested_at);
         match target {
-            Some(t) if caught_up(t.received_lsn, reference) => {
+            Some(t)
+                if caught_up(t.received_lsn, reference)
+                    && super::switchover::target_holds_every_commit(input, &plan.from, &t.name) =>
+            {
                 let candidate = Candidate {
                     name: t.name.clone(),
                     received_lsn: t.received_lsn.unwrap_or_default(),

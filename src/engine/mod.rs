@@ -14,6 +14,8 @@ mod switchover;
 mod sync;
 
 #[cfg(test)]
+mod safety_tests;
+#[cfg(test)]
 mod tests;
 
 pub use crate::postgres::lsn::Lsn;

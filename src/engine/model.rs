@@ -228,6 +228,11 @@ pub struct Memory {
     /// of the members (and at most the `k`) of what the primary applies. Used at failover time.
     pub recorded_sync: SyncSet,
     pub switchover: Option<SwitchoverPlan>,
+    /// The recorded quorum is not known to be right: the controller's persisted state was
+    /// missing for a cluster that has run before. In sync mode no failover may rely on it until
+    /// a serving primary confirms a synchronous setting again.
+    #[serde(default)]
+    pub sync_record_lost: bool,
 }
 
 /// Everything the engine decides from.

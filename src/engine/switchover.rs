@@ -33,6 +33,13 @@ pub enum SwitchoverError {
     NoCandidate,
     #[error("a switchover to {0} is already in progress")]
     InProgress(String),
+    #[error(
+        "once {primary} is down no replica could be proven to hold every acknowledged commit: {refusal}"
+    )]
+    QuorumUnprovable {
+        primary: String,
+        refusal: super::candidate::Refusal,
+    },
 }
 
 /// Check that `target` can take over from the serving holder `primary` right now.
@@ -81,6 +88,21 @@ pub fn check_target(
             limit,
         });
     }
+    // In sync mode the takeover needs the quorum rule once the primary is down: refuse now
+    // rather than demote a primary that no one could then replace.
+    if input.spec.mode == super::model::ReplicationMode::Sync {
+        let refusal = if input.memory.sync_record_lost {
+            Some(super::candidate::Refusal::SyncRecordLost)
+        } else {
+            super::candidate::quorum_position(input, Some(primary)).err()
+        };
+        if let Some(refusal) = refusal {
+            return Err(SwitchoverError::QuorumUnprovable {
+                primary: primary.to_string(),
+                refusal,
+            });
+        }
+    }
     Ok(())
 }
 
@@ -117,4 +139,23 @@ pub fn plan_switchover(
         to: target,
         requested_at: input.now,
     })
+}
+
+/// Once the old primary is down, may `target` take the released lease under the same rules as
+/// a failover? It must be promotable (fresh, running, on the newest timeline, not a former
+/// primary) and, in sync mode, hold every acknowledged commit by the recorded quorum — which
+/// must not have been lost.
+pub fn target_holds_every_commit(input: &EngineInput, from: &str, target: &str) -> bool {
+    let promotable = promotable_replicas(input, Some(from));
+    let Some(t) = promotable.iter().find(|i| i.name == target) else {
+        return false;
+    };
+    if input.spec.mode == super::model::ReplicationMode::Sync && input.memory.sync_record_lost {
+        return false;
+    }
+    match super::candidate::quorum_position(input, Some(from)) {
+        Ok(None) => true,
+        Ok(Some(required)) => t.received_lsn.is_some_and(|lsn| lsn >= required),
+        Err(_) => false,
+    }
 }

@@ -638,6 +638,7 @@ fn arb_scenario() -> impl Strategy<Value = Scenario> {
                         to: names[to].clone(),
                         requested_at: MonoTime::from_millis(95 * SECOND),
                     }),
+                    sync_record_lost: false,
                 };
                 Scenario {
                     input: EngineInput {

@@ -118,12 +118,21 @@ impl Shared {
     }
 }
 
-fn load_state(layout: &Layout) -> anyhow::Result<ControlState> {
+/// The control state from `memory.json`; when it is missing for a cluster whose lease was ever
+/// held, its synchronous quorum record counts as lost (not as empty).
+fn load_state(
+    layout: &Layout,
+    lease: &crate::coordination::LeaseRecord,
+) -> anyhow::Result<ControlState> {
     let path = layout.memory();
     match std::fs::read_to_string(&path) {
         Ok(text) => ControlState::from_json(&text)
             .map_err(|e| anyhow::anyhow!("failed to parse {}: {e}", path.display())),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(ControlState::default()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let mut state = ControlState::default();
+            state.memory.sync_record_lost = lease.holder.is_some() || lease.transitions > 0;
+            Ok(state)
+        }
         Err(error) => Err(anyhow::anyhow!(
             "failed to read {}: {error}",
             path.display()
@@ -313,7 +322,7 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
         &layout.lease(),
         config.timings.lease_duration,
     )?);
-    let state = load_state(&layout)?;
+    let state = load_state(&layout, &store.get().await?)?;
     let token =
         std::fs::read_to_string(layout.token()).map_err(io_error("read", &layout.token()))?;
     let password = std::fs::read_to_string(layout.superuser_password())

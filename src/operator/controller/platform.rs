@@ -205,7 +205,17 @@ pub(super) async fn load_state(
         .map_err(|_| failed(format!("no answer within {STATE_TIMEOUT:?}")))?
         .map_err(|e| failed(e.to_string()))?;
     let Some(config_map) = found else {
-        return Ok(ControlState::default());
+        let mut state = ControlState::default();
+        // A cluster that has served before had a record: it is lost, not empty.
+        if cluster
+            .status
+            .as_ref()
+            .is_some_and(|s| s.current_primary.is_some())
+        {
+            tracing::warn!(configmap = %name, "the control state is missing for a cluster that has run: the synchronous quorum is unknown until the primary confirms it");
+            state.memory.sync_record_lost = true;
+        }
+        return Ok(state);
     };
     let text = config_map
         .data
