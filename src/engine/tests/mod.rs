@@ -549,3 +549,51 @@ fn after_a_release_the_best_replica_gets_a_moment_to_receive_the_last_wal() {
     input.lease.unchanged_since = MonoTime::from_millis(90 * SECOND);
     assert_eq!(acquired(&decide(&input)), Some("b"));
 }
+
+/// The two cases proptest once shrank to (kept from the old `proptest-regressions` file, which no
+/// longer applies to these tests): a released lease, replicas on two timelines.
+#[test]
+fn former_regressions_pick_the_newest_timeline() {
+    let on = |name: &str, timeline: u32, received: u64| InstanceObservation {
+        timeline: Some(timeline),
+        upstream: None,
+        ..replica(name, "", received, received)
+    };
+    let mut gone = on("n1", 1, 0);
+    gone.reachable = false;
+    gone.postgres_up = false;
+    gone.received_lsn = None;
+    gone.replayed_lsn = None;
+    let mut input = cluster(vec![on("n0", 2, 0), gone, on("n2", 1, 0)], None, 0);
+    input.memory.last_primary = Some(PrimaryRecord {
+        name: "n0".to_string(),
+        timeline: Some(1),
+        flush_lsn: Lsn(0),
+    });
+    input.memory.recorded_sync = SyncSet {
+        k: 1,
+        members: vec!["n2".to_string()],
+    };
+    input.spec.priorities.insert("n1".to_string(), 0);
+    let decision = decide(&input);
+    assert_eq!(
+        acquired(&decision),
+        oracle::expected_acquire(&input).as_deref()
+    );
+
+    let mut gone = on("n2", 1, 0);
+    gone.reachable = false;
+    gone.postgres_up = false;
+    let mut input = cluster(vec![on("n0", 1, 1418), on("n1", 2, 0), gone], None, 0);
+    input.memory.last_primary = Some(PrimaryRecord {
+        name: "n1".to_string(),
+        timeline: Some(1),
+        flush_lsn: Lsn(0),
+    });
+    let decision = decide(&input);
+    assert_eq!(acquired(&decision), Some("n0"), "{:?}", decision.status);
+    assert_eq!(
+        acquired(&decision),
+        oracle::expected_acquire(&input).as_deref()
+    );
+}
