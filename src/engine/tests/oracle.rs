@@ -22,7 +22,7 @@ pub fn ms(t: MonoTime) -> u64 {
 /// `now - earlier` in milliseconds, 0 when `earlier` is not before `now`.
 pub fn age_ms(now: MonoTime, earlier: MonoTime) -> u64 {
     let (now, earlier) = (ms(now), ms(earlier));
-    if now > earlier { now - earlier } else { 0 }
+    now.saturating_sub(earlier)
 }
 
 /// A report may be decided from when the agent answered and the report is at most
