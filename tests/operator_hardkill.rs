@@ -1,7 +1,9 @@
 //! A hard kill of the primary pod on the test bed: every process of the pod (the agent, its
 //! fencing watchdog, postgres and its backends) is SIGKILLed without any API call, under a write
 //! load. Nothing releases the Lease; the operator waits for it to expire, promotes a standby and
-//! moves `-rw`; writes resume on the new primary without losing an acknowledged one; the pod's
+//! moves `-rw`; writes resume on the new primary. Acknowledged writes missing on the new primary
+//! are counted in the report, not asserted absent: with asynchronous replication the kill may
+//! lose the last acknowledged commits (and has: 1 of 433 in one run). The pod's
 //! container is restarted by the (fake) kubelet and the old primary rejoins as a replica;
 //! `status.lastFailover` is filled.
 //!
