@@ -11,9 +11,10 @@
 #[path = "protocol_model/mod.rs"]
 mod model;
 
+use std::collections::BTreeSet;
 use std::time::Instant;
 
-use stateright::{Checker, Model};
+use stateright::{Checker, HasDiscoveries, Model};
 
 use model::adversary::Fault;
 use model::invariants::{COMMITS_SURVIVE, ONE_WRITER, PRIMARY_AGAIN};
@@ -113,9 +114,11 @@ fn trace(path: stateright::Path<State, Step>) -> String {
 struct Outcome {
     states: usize,
     seconds: f64,
+    /// Property, printed trace, steps.
     discoveries: Vec<(&'static str, String, usize)>,
 }
 
+/// Runs the breadth-first checker (one thread: breadth-first order is exact) to the end.
 fn check(config: Config) -> Outcome {
     let started = Instant::now();
     let checker = ProtocolModel::new(config)
@@ -124,11 +127,13 @@ fn check(config: Config) -> Outcome {
         .spawn_bfs()
         .join();
     let states = checker.unique_state_count();
+    let model = checker.model();
     let mut discoveries = Vec::new();
-    for name in [ONE_WRITER, COMMITS_SURVIVE, PRIMARY_AGAIN] {
-        if let Some(path) = checker.discovery(name) {
+    for property in [ONE_WRITER, COMMITS_SURVIVE, PRIMARY_AGAIN] {
+        if let Some(path) = checker.discovery(property) {
+            let path = first_violation(model, property, path);
             let len = path.clone().into_actions().len();
-            discoveries.push((name, trace(path), len));
+            discoveries.push((property, trace(path), len));
         }
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -140,21 +145,71 @@ fn check(config: Config) -> Outcome {
     }
 }
 
+fn holds(model: &ProtocolModel, property: &str, state: &State) -> bool {
+    let condition = model
+        .properties()
+        .into_iter()
+        .find(|p| p.name == property)
+        .expect("a property of the model")
+        .condition;
+    condition(model, state)
+}
+
+/// A path cut after its first state that breaks `property`. (stateright 0.31 keeps the *last*
+/// violating state it checked as the discovery of an `always` property, not the first.)
+fn first_violation(
+    model: &ProtocolModel,
+    property: &str,
+    path: stateright::Path<State, Step>,
+) -> stateright::Path<State, Step> {
+    let steps = path.into_vec();
+    let init = steps[0].0.clone();
+    let mut actions = Vec::new();
+    for (state, step) in &steps {
+        if !holds(model, property, state) {
+            break;
+        }
+        actions.extend(step.iter().copied());
+    }
+    stateright::Path::from_actions(model, init, actions.iter()).expect("a replayable path")
+}
+
+/// The shortest counterexample to `property`: breadth-first search stopping at the first
+/// discovery, then again below that depth until none is shorter.
+fn shortest(config: Config, property: &'static str) -> Option<(String, usize, usize, f64)> {
+    let started = Instant::now();
+    let mut best: Option<(stateright::Path<State, Step>, usize)> = None;
+    let mut states = 0;
+    loop {
+        let mut builder = ProtocolModel::new(config.clone())
+            .checker()
+            .threads(1)
+            .finish_when(HasDiscoveries::AnyOf(BTreeSet::from([property])));
+        if let Some((_, len)) = &best {
+            // A state at depth d (d - 1 steps) is checked only below the target depth.
+            builder = builder.target_max_depth(*len + 1);
+        }
+        let checker = builder.spawn_bfs().join();
+        states = states.max(checker.unique_state_count());
+        let Some(path) = checker.discovery(property) else {
+            break;
+        };
+        let path = first_violation(checker.model(), property, path);
+        let len = path.clone().into_actions().len();
+        if best.as_ref().is_some_and(|(_, b)| len >= *b) {
+            break;
+        }
+        best = Some((path, len));
+    }
+    best.map(|(path, len)| (trace(path), len, states, started.elapsed().as_secs_f64()))
+}
+
 fn expect_counterexample(label: &str, config: Config, property: &'static str) {
-    let outcome = check(config);
-    let found = outcome
-        .discoveries
-        .iter()
-        .find(|(name, _, _)| *name == property);
-    let Some((_, trace, len)) = found else {
-        panic!(
-            "{label}: no counterexample to {property} in {} states",
-            outcome.states
-        );
+    let Some((trace, len, states, seconds)) = shortest(config, property) else {
+        panic!("{label}: no counterexample to {property}");
     };
     println!(
-        "{label}: counterexample to {property} in {len} steps ({} states, {:.1} s):\n{trace}\n",
-        outcome.states, outcome.seconds
+        "{label}: shortest counterexample to {property}: {len} steps ({states} states, {seconds:.1} s)\n{trace}\n"
     );
 }
 
