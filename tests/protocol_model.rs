@@ -19,7 +19,7 @@ use stateright::{Checker, HasDiscoveries, Model};
 use model::adversary::Fault;
 use model::invariants::{COMMITS_SURVIVE, ONE_WRITER, PRIMARY_AGAIN};
 use model::state::*;
-use model::{Config, Moves, ProtocolModel, Rules, Step};
+use model::{Config, Moves, ProtocolModel, Rules, Step, Timing, liveness_ticks};
 
 /// One line per instance: agent, postgres, phase, keeper, WAL.
 fn summary(s: &State) -> String {
@@ -245,7 +245,7 @@ fn hole_1(rules: Rules) -> Config {
         }),
     );
     c.faults = 3;
-    c.horizon = 10;
+    c.horizon = 11;
     c.max_writes = 0;
     c
 }
@@ -296,25 +296,97 @@ fn hole_5(rules: Rules) -> Config {
 
 #[test]
 fn hole_1_unfenced_promotion_is_found() {
-    expect_counterexample("hole 1", hole_1(Rules::as_before()), ONE_WRITER);
+    expect_counterexample("hole 1", hole_1(Rules::fixed_except(1)), ONE_WRITER);
 }
 
 #[test]
 fn hole_2_forgotten_quorum_is_found() {
-    expect_counterexample("hole 2", hole_2(Rules::as_before()), COMMITS_SURVIVE);
+    expect_counterexample("hole 2", hole_2(Rules::fixed_except(2)), COMMITS_SURVIVE);
 }
 
 #[test]
 fn hole_3_early_release_switchover_is_found() {
-    expect_counterexample("hole 3", hole_3(Rules::as_before()), COMMITS_SURVIVE);
+    expect_counterexample("hole 3", hole_3(Rules::fixed_except(3)), COMMITS_SURVIVE);
 }
 
 #[test]
 fn hole_4_stale_proof_is_found() {
-    expect_counterexample("hole 4", hole_4(Rules::as_before()), ONE_WRITER);
+    expect_counterexample("hole 4", hole_4(Rules::fixed_except(4)), ONE_WRITER);
 }
 
 #[test]
 fn hole_5_crash_loop_is_found() {
-    expect_counterexample("hole 5", hole_5(Rules::as_before()), PRIMARY_AGAIN);
+    expect_counterexample("hole 5", hole_5(Rules::fixed_except(5)), PRIMARY_AGAIN);
+}
+
+/// Found by the model: after the watchdog killed a frozen primary's postgres, the resumed
+/// supervisor restarts it as a writable primary before the keeper sees its deadline passed.
+#[test]
+fn hole_6_restart_after_watchdog_kill_is_found() {
+    expect_counterexample("hole 6", hole_4(Rules::fixed_except(6)), ONE_WRITER);
+}
+
+/// Today's rules break every invariant somewhere.
+#[test]
+fn as_before_breaks_one_writer() {
+    expect_counterexample("as before", hole_1(Rules::as_before()), ONE_WRITER);
+}
+
+/// The CI-sized configuration for the fixed rules: sync mode, one commit, one switchover, the
+/// faults that the holes need (freeze, node and postgres crashes, a broken postgres, cut
+/// controller links, a failed post-promotion step, a controller restart), two of them.
+fn ci(rules: Rules) -> Config {
+    let mut c = Config::new(
+        rules,
+        moves(|m| {
+            m.freeze = true;
+            m.crash_node = true;
+            m.break_pg = true;
+            m.cut_ctl = true;
+            m.promote_fail = true;
+            m.restart_ctl = true;
+        }),
+    );
+    c.sync_mode = true;
+    c.faults = 1;
+    c.switchovers = 1;
+    c.horizon = 6;
+    c
+}
+
+/// The larger configuration (`PGRS_MODEL_LARGE=1`, release build): real timings, every move,
+/// three faults.
+fn large(rules: Rules) -> Config {
+    let mut c = Config::new(rules, Moves::all());
+    c.timing = Timing::real();
+    c.liveness_after = liveness_ticks(c.timing);
+    c.sync_mode = true;
+    c.faults = 3;
+    c.switchovers = 1;
+    c.horizon = c.liveness_after + 2;
+    c
+}
+
+#[test]
+#[ignore = "passes once the fixes of issue 12 land"]
+fn fixed_rules_hold() {
+    expect_none("fixed rules, real engine", ci(Rules::fixed()));
+}
+
+#[test]
+fn fixed_rules_hold_with_the_engine_fix_applied_by_the_model() {
+    expect_none(
+        "fixed rules, engine shim",
+        ci(Rules::fixed_with_engine_shim()),
+    );
+}
+
+#[test]
+#[ignore = "large: PGRS_MODEL_LARGE=1, release build"]
+fn large_fixed_rules_hold() {
+    if std::env::var("PGRS_MODEL_LARGE").as_deref() != Ok("1") {
+        println!("skipped: set PGRS_MODEL_LARGE=1");
+        return;
+    }
+    expect_none("large, fixed rules", large(Rules::fixed_with_engine_shim()));
 }

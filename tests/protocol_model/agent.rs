@@ -72,6 +72,17 @@ pub fn apply(m: &ProtocolModel, s: &mut State, step: Step) -> bool {
         }
         Step::CrashRestart(i) => {
             // `Supervisor::run`, `Event::RestartDue` → `start_postgres` in the intended role.
+            let t = m.config.timing;
+            let inst = &s.inst[i as usize];
+            if m.config.rules.restart_only_with_proof
+                && inst.intended == Intended::Primary
+                && s.now >= inst.proven_at + t.renew_deadline
+            {
+                // Fix of the sixth hole: no writable restart without a current lease proof.
+                s.inst[i as usize].keeper = Keeper::Fenced;
+                fence(s, i as usize);
+                return true;
+            }
             let inst = &mut s.inst[i as usize];
             inst.pg = match inst.intended {
                 Intended::Primary => Pg::Primary,

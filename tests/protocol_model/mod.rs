@@ -30,6 +30,11 @@ pub struct Rules {
     /// Hole 5: a primary whose postgres does not come up within the start budget stops
     /// renewing (fences itself).
     pub start_budget: bool,
+    /// Found by this model (not in issue 12): a primary whose postgres the watchdog killed
+    /// restarts it as a writable primary (crash restart) before its keeper notices the passed
+    /// deadline. Fix: restart as primary only while the lease is proven (`now < proven_at +
+    /// renew_deadline`), else stay down fenced.
+    pub restart_only_with_proof: bool,
     /// The engine half of hole 3 is a change to `engine::decide` itself: while the real engine
     /// lacks it, this applies it to the real decision (see `controller::switchover_quorum_shim`).
     /// Once the engine carries the fix the shim never changes a decision.
@@ -45,6 +50,7 @@ impl Rules {
             switchover_quorum_and_release_after_clean_stop: false,
             deadline_from_confirmation: false,
             start_budget: false,
+            restart_only_with_proof: false,
             engine_shim: false,
         }
     }
@@ -57,6 +63,7 @@ impl Rules {
             switchover_quorum_and_release_after_clean_stop: true,
             deadline_from_confirmation: true,
             start_budget: true,
+            restart_only_with_proof: true,
             engine_shim: false,
         }
     }
@@ -69,7 +76,7 @@ impl Rules {
         }
     }
 
-    /// All fixes but the one for `hole` (1..=5): isolates that hole.
+    /// All fixes but the one for `hole` (1..=6; 6 is `restart_only_with_proof`): isolates it.
     pub fn fixed_except(hole: u8) -> Self {
         let mut rules = Rules::fixed_with_engine_shim();
         match hole {
@@ -80,7 +87,8 @@ impl Rules {
                 rules.engine_shim = false;
             }
             4 => rules.deadline_from_confirmation = false,
-            _ => rules.start_budget = false,
+            5 => rules.start_budget = false,
+            _ => rules.restart_only_with_proof = false,
         }
         rules
     }
