@@ -32,7 +32,9 @@ pub fn actions(m: &ProtocolModel, s: &State, out: &mut Vec<Step>) {
         if i.pg == Pg::Stopping {
             out.push(Step::StopEnd(x));
         }
-        if s.streaming(n).is_some_and(|p| s.inst[p].wal.len() > i.wal.len()) {
+        if s.streaming(n)
+            .is_some_and(|p| s.inst[p].wal.len() > i.wal.len())
+        {
             out.push(Step::Stream(x));
         }
         if i.pg == Pg::Primary && s.writes < m.config.max_writes {
@@ -96,9 +98,8 @@ pub fn apply(m: &ProtocolModel, s: &mut State, step: Step) -> bool {
             // connected standby had received all WAL (walsenders wait for that), otherwise
             // it escalated to an immediate stop.
             let n = i as usize;
-            let clean = (0..N).all(|j| {
-                s.streaming(j) != Some(n) || s.inst[j].wal.len() == s.inst[n].wal.len()
-            });
+            let clean = (0..N)
+                .all(|j| s.streaming(j) != Some(n) || s.inst[j].wal.len() == s.inst[n].wal.len());
             let inst = &mut s.inst[n];
             inst.pg = Pg::Down;
             inst.stop_clean = Some(clean);
@@ -287,9 +288,7 @@ fn promote_signal(m: &ProtocolModel, s: &mut State, i: usize) -> bool {
         inst.promo = Promo::Idle;
         return true;
     }
-    if rules.deadline_from_confirmation
-        && s.now >= confirmed_at + m.config.timing.renew_deadline
-    {
+    if rules.deadline_from_confirmation && s.now >= confirmed_at + m.config.timing.renew_deadline {
         // Hole-4 fix: the confirmation is too old to promote on.
         s.inst[i].promo = Promo::Idle;
         return true;

@@ -55,11 +55,8 @@ pub fn apply(m: &ProtocolModel, s: &mut State, step: Step) -> bool {
             let input = observe(m, s);
             match engine::plan_switchover(&input, Some(NAMES[to as usize])) {
                 Ok(plan) => {
-                    s.ctl.state.switchover = Some((
-                        index(&plan.from),
-                        index(&plan.to),
-                        secs(plan.requested_at),
-                    ));
+                    s.ctl.state.switchover =
+                        Some((index(&plan.from), index(&plan.to), secs(plan.requested_at)));
                     s.switchovers_left -= 1;
                     true
                 }
@@ -141,9 +138,15 @@ fn observation(s: &State, i: usize) -> InstanceObservation {
         postgres_up,
         role,
         timeline: postgres_up.then(|| u32::from(s.timeline(i))),
-        received_lsn: (role == ObservedRole::Replica).then_some(position).flatten(),
-        replayed_lsn: (role == ObservedRole::Replica).then_some(position).flatten(),
-        flush_lsn: (role == ObservedRole::Primary).then_some(position).flatten(),
+        received_lsn: (role == ObservedRole::Replica)
+            .then_some(position)
+            .flatten(),
+        replayed_lsn: (role == ObservedRole::Replica)
+            .then_some(position)
+            .flatten(),
+        flush_lsn: (role == ObservedRole::Primary)
+            .then_some(position)
+            .flatten(),
         sync_state: None,
         upstream: if postgres_up {
             s.streaming(i).map(|p| NAMES[p].to_string())
@@ -271,9 +274,15 @@ fn round(m: &ProtocolModel, s: &mut State) -> bool {
         .filter(|i| s.ctl.state.former & mask(*i) != 0)
         .map(|i| NAMES[i].to_string())
         .collect();
-    let mut last_holder = s.ctl.state.last_holder.map(|h| NAMES[h as usize].to_string());
+    let mut last_holder = s
+        .ctl
+        .state
+        .last_holder
+        .map(|h| NAMES[h as usize].to_string());
     engine::track_former_primaries(&mut former, &mut last_holder, &input);
-    s.ctl.state.former = former.iter().fold(0, |acc, n| acc | mask(index(n) as usize));
+    s.ctl.state.former = former
+        .iter()
+        .fold(0, |acc, n| acc | mask(index(n) as usize));
     s.ctl.state.last_holder = last_holder.as_deref().map(index);
     store_memory(&mut s.ctl.state, &decision.memory);
     s.ctl.pending = decision
@@ -363,7 +372,10 @@ fn act(m: &ProtocolModel, s: &mut State) -> bool {
         Pending::AwaitStop(i) => {
             // The stop answered: `actuate::demote` releases the lease (a `NotHolder` is fine).
             let n = i as usize;
-            let release = !m.config.rules.switchover_quorum_and_release_after_clean_stop
+            let release = !m
+                .config
+                .rules
+                .switchover_quorum_and_release_after_clean_stop
                 || s.inst[n].stop_clean == Some(true);
             if release && s.holder == Some(i) {
                 s.holder = None;

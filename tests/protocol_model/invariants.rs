@@ -14,8 +14,8 @@ pub const PRIMARY_AGAIN: &str = "(c) a primary again after a quiet period";
 pub fn properties() -> Vec<Property<ProtocolModel>> {
     vec![
         Property::always(ONE_WRITER, |_, s| one_writer(s)),
-        Property::always(COMMITS_SURVIVE, |m, s| commits_survive(m, s)),
-        Property::always(PRIMARY_AGAIN, |m, s| primary_again(m, s)),
+        Property::always(COMMITS_SURVIVE, commits_survive),
+        Property::always(PRIMARY_AGAIN, primary_again),
     ]
 }
 
@@ -29,9 +29,12 @@ pub fn commits_survive(m: &ProtocolModel, s: &State) -> bool {
         return true;
     }
     s.writable().all(|p| {
-        (1..=s.writes)
-            .filter(|n| s.acked & (1 << n) != 0)
-            .all(|n| s.inst[p].wal.iter().any(|r| *r < PROMOTED && write_no(*r) == n))
+        (1..=s.writes).filter(|n| s.acked & (1 << n) != 0).all(|n| {
+            s.inst[p]
+                .wal
+                .iter()
+                .any(|r| *r < PROMOTED && write_no(*r) == n)
+        })
     })
 }
 

@@ -62,7 +62,9 @@ pub enum Promo {
     Idle,
     /// Passed the promote gate (which confirmed the lease at `confirmed_at`), queued for the
     /// supervisor.
-    Queued { confirmed_at: u8 },
+    Queued {
+        confirmed_at: u8,
+    },
     /// `pg_promote` signalled and out of recovery; the post-promotion work (checkpoint, config,
     /// reload, role) has not finished, so `intended_role` is still `Replica`.
     Finishing,
@@ -132,7 +134,10 @@ pub struct Persisted {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Pending {
     /// `expected_version` still current.
-    Acquire { holder: u8, current: bool },
+    Acquire {
+        holder: u8,
+        current: bool,
+    },
     Promote(u8),
     Demote(u8),
     /// The second half of `actuate::demote`: waiting for the agent's stop answer, then release.
