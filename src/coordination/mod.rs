@@ -12,6 +12,8 @@ mod memory;
 mod watchdog;
 
 #[cfg(test)]
+mod fencing_tests;
+#[cfg(test)]
 mod tests;
 
 pub use self::kube::KubeLeaseStore;
