@@ -359,7 +359,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     tracing::info!(signal = received, "shutting down: fast stop of postgres");
     let result = handle.shutdown().await;
     if let (Some(fencing), Ok(_)) = (&fencing, &result) {
-        fencing.release_after_stop().await;
+        if handle.state().clean_stop {
+            fencing.release_after_stop().await;
+        } else {
+            tracing::warn!("postgres did not stop cleanly: keeping the lease until it expires");
+        }
     }
     if let Some(watch) = &parameters_watch {
         watch.abort();

@@ -12,11 +12,14 @@ use crate::coordination::{
 use crate::protocol::api::Role;
 
 /// What the supervisor's state means for fencing.
+/// A stop marks the phase `Stopped` when it begins: until the postmaster has exited it is
+/// `Stopping` (the lease is kept), and only a clean exit releases the lease.
 pub fn fencing_state(state: &SupervisorState) -> LocalPrimaryState {
     match (state.phase, state.intended_role) {
         (Phase::Running, Role::Primary) => LocalPrimaryState::Serving,
         (Phase::Starting, Role::Primary) => LocalPrimaryState::Restarting,
-        (Phase::Stopped, _) => LocalPrimaryState::StoppedOnRequest,
+        (Phase::Stopped, _) if state.pid.is_some() => LocalPrimaryState::Stopping,
+        (Phase::Stopped, _) if state.clean_stop => LocalPrimaryState::StoppedOnRequest,
         _ => LocalPrimaryState::NotPrimary,
     }
 }
@@ -40,19 +43,31 @@ pub fn start_fencing(
     });
     let state_handle: supervisor::SupervisorHandle = handle.clone();
     let state = Arc::new(move || fencing_state(&state_handle.state()));
-    match kube {
-        Some((store, kube)) => AgentFencing::start_with_store(
-            args,
-            store,
-            &kube.describe(),
-            config.name(),
-            &config.data_dir,
-            fence,
-            state,
-        )
-        .map(Some),
-        None => AgentFencing::start(args, config.name(), &config.data_dir, fence, state),
+    let fencing = match kube {
+        Some((store, kube)) => {
+            let fencing = AgentFencing::start_with_store(
+                args,
+                store,
+                &kube.describe(),
+                config.name(),
+                &config.data_dir,
+                fence,
+                state,
+            )?;
+            // The start's read of "holder == self": a primary slow to start must not serve on it.
+            if let Some(at) = kube.confirmed_at() {
+                fencing.keeper().confirm(at);
+            }
+            Some(fencing)
+        }
+        None => AgentFencing::start(args, config.name(), &config.data_dir, fence, state)?,
+    };
+    if let Some(fencing) = &fencing {
+        // Armed before the promotion is signalled, not when the monitor next looks.
+        let keeper = fencing.keeper().clone();
+        handle.on_promotion(Arc::new(move || keeper.activate()));
     }
+    Ok(fencing)
 }
 
 #[cfg(test)]
@@ -71,6 +86,8 @@ mod tests {
             fence_reason: None,
             last_error: None,
             parameters_hash: None,
+            clean_stop: false,
+            promotion_pending: false,
         }
     }
 
@@ -85,5 +102,20 @@ mod tests {
             LocalPrimaryState::StoppedOnRequest,
             "the postmaster still runs: the lease must be kept (and renewed)"
         );
+    }
+
+    #[test]
+    fn only_a_clean_stop_releases_the_lease() {
+        let mut stopped = state(Phase::Stopped, Role::Primary, None);
+        assert_eq!(fencing_state(&stopped), LocalPrimaryState::NotPrimary);
+        stopped.clean_stop = true;
+        assert_eq!(fencing_state(&stopped), LocalPrimaryState::StoppedOnRequest);
+    }
+
+    #[test]
+    fn a_signalled_promotion_is_a_serving_primary() {
+        let mut promoting = state(Phase::Running, Role::Primary, Some(4242));
+        promoting.promotion_pending = true;
+        assert_eq!(fencing_state(&promoting), LocalPrimaryState::Serving);
     }
 }
