@@ -33,8 +33,7 @@ async fn a_crash_looping_primary_is_failed_over_within_lease_duration_and_start_
         .expect("postmaster pid");
     kill(Pid::from_raw(postmaster), Signal::SIGKILL).expect("SIGKILL postmaster");
     let killed = Instant::now();
-    let new = match pgrs::local::chaos::wait_new_primary(&cluster.dir, &old, FAILOVER_WITHIN)
-        .await
+    let new = match pgrs::local::chaos::wait_new_primary(&cluster.dir, &old, FAILOVER_WITHIN).await
     {
         Ok(primary) => primary,
         Err(error) => panic!(

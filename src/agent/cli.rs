@@ -314,12 +314,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         supervisor: handle.clone(),
         token: Arc::new(token),
     });
-    let fencing = crate::agent::fencing::start_fencing(
-        &args.lease,
-        &config,
-        &handle,
-        kube_store.zip(kube),
-    )?;
+    let fencing =
+        crate::agent::fencing::start_fencing(&args.lease, &config, &handle, kube_store.zip(kube))?;
     let app = match &fencing {
         Some(fencing) => fencing.gate_promote(app, crate::protocol::api::PROMOTE_PATH),
         None => app,

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use crate::agent::instance::AgentConfig;
 use crate::agent::kube_mode::KubeMode;
 use crate::agent::supervisor::{self, Phase, SupervisorHandle, SupervisorState};
-use crate::coordination::{
-    AgentFencing, FenceFn, KubeLeaseStore, LeaseArgs, LocalPrimaryState,
-};
+use crate::coordination::{AgentFencing, FenceFn, KubeLeaseStore, LeaseArgs, LocalPrimaryState};
 use crate::protocol::api::Role;
 
 /// What the supervisor's state means for fencing.

@@ -15,8 +15,8 @@ use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::http::HttpLeaseStore;
 use super::clock::FenceInstant;
+use super::http::HttpLeaseStore;
 use super::keeper::{DEFAULT_START_BUDGET, FenceFn, KeeperMode, LeaseKeeper};
 use super::lease::{LeaseStore, LeaseTimings, TimingsError};
 use super::watchdog::{WatchdogCommand, spawn_watchdog};

@@ -119,7 +119,10 @@ async fn a_promotion_is_fenced_from_the_gate_confirmation_not_from_activation() 
         .expect("fence called");
     let deadline = quick_timings().renew_deadline;
     let after = fenced_at - asked;
-    eprintln!("fenced {} ms after the gate's read: {reason}", after.as_millis());
+    eprintln!(
+        "fenced {} ms after the gate's read: {reason}",
+        after.as_millis()
+    );
     assert!(
         after < deadline + Duration::from_millis(150),
         "fenced {} ms after the last confirmation; the deadline is {} ms",
