@@ -111,6 +111,18 @@ async fn feed(
             changed = deadlines.changed() => if changed.is_err() {
                 return Fed::KeeperGone;
             },
+            // A missed SIGCHLD (several runtimes in one process) must not hide an exit: look
+            // every second; the deadline is sent again, unchanged.
+            () = tokio::time::sleep(Duration::from_secs(1)) => {
+                match child.try_wait() {
+                    Ok(None) => {}
+                    // Err: not our child any more (reaped elsewhere): gone all the same.
+                    status => {
+                        tracing::error!(?status, "the fencing watchdog exited");
+                        return Fed::WatchdogGone;
+                    }
+                }
+            }
         }
     }
 }
@@ -127,6 +139,8 @@ pub fn spawn_watchdog(
     let mut deadlines = keeper.subscribe_deadline();
     let (command, data_dir) = (command.clone(), data_dir.to_path_buf());
     Ok(tokio::spawn(async move {
+        // Held for as long as the watchdog is fed: its deadline channel lives in the keeper.
+        let _keeper = keeper;
         loop {
             let (mut child, mut stdin) = match current.take() {
                 Some(started) => started,
@@ -155,7 +169,8 @@ pub fn spawn_watchdog(
                 Fed::WatchdogGone => {
                     // A broken pipe with the process still alive: never run two watchdogs.
                     let _ = child.start_kill();
-                    let _ = child.wait().await;
+                    // Bounded: a missed SIGCHLD must not stop the respawn.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
                     tokio::time::sleep(RESPAWN_DELAY).await;
                 }
             }
