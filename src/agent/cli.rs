@@ -314,7 +314,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         supervisor: handle.clone(),
         token: Arc::new(token),
     });
-    let fencing = start_fencing(&args, &config, &handle, kube_store.zip(kube))?;
+    let fencing =
+        crate::agent::fencing::start_fencing(&args.lease, &config, &handle, kube_store.zip(kube))?;
     let app = match &fencing {
         Some(fencing) => fencing.gate_promote(app, crate::protocol::api::PROMOTE_PATH),
         None => app,
@@ -354,7 +355,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     tracing::info!(signal = received, "shutting down: fast stop of postgres");
     let result = handle.shutdown().await;
     if let (Some(fencing), Ok(_)) = (&fencing, &result) {
-        fencing.release_after_stop().await;
+        if handle.state().clean_stop {
+            fencing.release_after_stop().await;
+        } else {
+            tracing::warn!("postgres did not stop cleanly: keeping the lease until it expires");
+        }
     }
     if let Some(watch) = &parameters_watch {
         watch.abort();
@@ -364,50 +369,4 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let _ = supervisor_task.await;
     result.context("failed to stop postgres")?;
     Ok(())
-}
-
-/// Lease fencing (when `--lease-url` is given): the keeper fences through the supervisor's
-/// immediate shutdown, and is armed while postgres runs as primary.
-fn start_fencing(
-    args: &AgentArgs,
-    config: &AgentConfig,
-    handle: &supervisor::SupervisorHandle,
-    kube: Option<(
-        Arc<crate::coordination::KubeLeaseStore>,
-        crate::agent::kube_mode::KubeMode,
-    )>,
-) -> anyhow::Result<Option<crate::coordination::AgentFencing>> {
-    use crate::coordination::{AgentFencing, FenceFn, LocalPrimaryState};
-    let fence_handle = handle.clone();
-    let fence: FenceFn = Arc::new(move |reason: String| {
-        let handle = fence_handle.clone();
-        Box::pin(async move {
-            if let Err(error) = handle.fence(&reason).await {
-                tracing::error!(%error, "fencing through the supervisor failed");
-            }
-        })
-    });
-    let state_handle = handle.clone();
-    let state = Arc::new(move || {
-        let state = state_handle.state();
-        match (state.phase, state.intended_role) {
-            (supervisor::Phase::Running, Role::Primary) => LocalPrimaryState::Serving,
-            (supervisor::Phase::Starting, Role::Primary) => LocalPrimaryState::Restarting,
-            (supervisor::Phase::Stopped, _) => LocalPrimaryState::StoppedOnRequest,
-            _ => LocalPrimaryState::NotPrimary,
-        }
-    });
-    match kube {
-        Some((store, kube)) => AgentFencing::start_with_store(
-            &args.lease,
-            store,
-            &kube.describe(),
-            config.name(),
-            &config.data_dir,
-            fence,
-            state,
-        )
-        .map(Some),
-        None => AgentFencing::start(&args.lease, config.name(), &config.data_dir, fence, state),
-    }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client};
 
-use crate::coordination::{KubeLeaseStore, LeaseStore};
+use crate::coordination::{FenceInstant, KubeLeaseStore, LeaseStore};
 use crate::protocol::api::{Role, Upstream};
 
 /// How often the Lease is read while waiting for a holder.
@@ -40,6 +40,8 @@ pub struct KubeMode {
     client: Client,
     namespace: String,
     lease: String,
+    /// Start of the read that found this instance the holder (see `wait_for_role`).
+    confirmed_at: Arc<std::sync::Mutex<Option<FenceInstant>>>,
 }
 
 impl KubeMode {
@@ -56,6 +58,7 @@ impl KubeMode {
             client,
             namespace,
             lease,
+            confirmed_at: Arc::default(),
         })
     }
 
@@ -65,6 +68,15 @@ impl KubeMode {
             KubeLeaseStore::for_lease(self.client.clone(), &self.namespace, &self.lease, duration)
                 .with_request_timeout(request_timeout),
         )
+    }
+
+    /// When `wait_for_role` last read the Lease naming this instance the holder: the proof
+    /// its fencing deadline counts from (the start may take long; it renews meanwhile).
+    pub fn confirmed_at(&self) -> Option<FenceInstant> {
+        *self
+            .confirmed_at
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn describe(&self) -> String {
@@ -87,9 +99,16 @@ impl KubeMode {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
         let mut logged = String::new();
         loop {
+            let asked_at = FenceInstant::now();
             let state = match store.get().await {
                 Ok(lease) => match lease.holder {
-                    Some(holder) if holder == name => return (Role::Primary, None),
+                    Some(holder) if holder == name => {
+                        *self
+                            .confirmed_at
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(asked_at);
+                        return (Role::Primary, None);
+                    }
                     Some(holder) => match pods.get(&holder).await {
                         Ok(pod) => match pod.status.and_then(|s| s.pod_ip) {
                             Some(host)

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod fencing;
 pub mod http;
 pub mod instance;
 pub mod kube_mode;

@@ -15,8 +15,9 @@ use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use super::clock::FenceInstant;
 use super::http::HttpLeaseStore;
-use super::keeper::{FenceFn, KeeperMode, LeaseKeeper};
+use super::keeper::{DEFAULT_START_BUDGET, FenceFn, KeeperMode, LeaseKeeper};
 use super::lease::{LeaseStore, LeaseTimings, TimingsError};
 use super::watchdog::{WatchdogCommand, spawn_watchdog};
 
@@ -39,6 +40,10 @@ pub struct LeaseArgs {
     pub lease_renew_deadline_ms: Option<u64>,
     #[arg(long)]
     pub lease_shutdown_budget_ms: Option<u64>,
+    /// How long a primary may be down (restarting, crash-looping) before it stops renewing and
+    /// fences, so that the lease expires and a replica takes over [default: 10000].
+    #[arg(long, env = "PGRS_LEASE_START_BUDGET_MS")]
+    pub lease_start_budget_ms: Option<u64>,
     /// Do not start the out-of-process fencing watchdog (tests only: a frozen agent then
     /// cannot fence).
     #[arg(long, hide = true)]
@@ -63,6 +68,11 @@ impl LeaseArgs {
         }
         timings.validate()?;
         Ok(timings)
+    }
+
+    pub fn start_budget(&self) -> Duration {
+        self.lease_start_budget_ms
+            .map_or(DEFAULT_START_BUDGET, Duration::from_millis)
     }
 
     /// The same options as command-line arguments (for a controller spawning agents).
@@ -91,11 +101,13 @@ impl LeaseArgs {
 pub enum LocalPrimaryState {
     /// Running as primary: the lease must be held and renewed.
     Serving,
-    /// Meant to be primary but (re)starting: keep whatever the keeper does.
+    /// Meant to be primary but (re)starting: keep renewing, within the start budget.
     Restarting,
+    /// A stop was requested and the postmaster has not exited yet: keep renewing.
+    Stopping,
     /// A replica, or fenced: nothing to renew.
     NotPrimary,
-    /// Stopped on request (planned): release the lease.
+    /// Stopped on request, and the postmaster exited from a clean shutdown: release the lease.
     StoppedOnRequest,
 }
 
@@ -115,6 +127,7 @@ impl Drop for AgentFencing {
 
 #[derive(Clone)]
 struct Gate {
+    keeper: Arc<LeaseKeeper>,
     store: Arc<dyn LeaseStore>,
     identity: String,
     path: &'static str,
@@ -124,8 +137,11 @@ async fn promote_gate(State(gate): State<Gate>, request: Request, next: Next) ->
     if request.method() != Method::POST || request.uri().path() != gate.path {
         return next.run(request).await;
     }
+    // The read's start is the proof the promoted primary's fencing deadline counts from.
+    let asked_at = FenceInstant::now();
     let refusal = match gate.store.get().await {
         Ok(lease) if lease.holder.as_deref() == Some(gate.identity.as_str()) => {
+            gate.keeper.confirm(asked_at);
             return next.run(request).await;
         }
         Ok(lease) => format!(
@@ -177,36 +193,15 @@ impl AgentFencing {
         let url = description;
         let timings = args.timings()?;
         let keeper = LeaseKeeper::new(store.clone(), identity, timings)?;
+        let start_budget = args.start_budget();
+        keeper.set_start_budget(start_budget);
         let mut tasks = vec![tokio::spawn(keeper.clone().run(fence))];
         if !args.no_fence_watchdog {
             let command = WatchdogCommand::current_exe()?;
             tasks.push(spawn_watchdog(&command, data_dir, keeper.clone())?);
         }
-        let monitored = keeper.clone();
-        tasks.push(tokio::spawn(async move {
-            // After a fence, re-arm only once postgres was seen not serving: until the fence
-            // callback has marked the instance fenced, it may still look like a primary.
-            let mut may_rearm = false;
-            loop {
-                match (state(), monitored.mode()) {
-                    (LocalPrimaryState::Serving, KeeperMode::Idle) => monitored.activate(),
-                    (LocalPrimaryState::Serving, KeeperMode::Fenced) if may_rearm => {
-                        // Serving again after a fence: a promotion; prove the lease anew.
-                        may_rearm = false;
-                        monitored.activate();
-                    }
-                    (LocalPrimaryState::Serving, _) => {}
-                    (_, KeeperMode::Fenced) => may_rearm = true,
-                    (LocalPrimaryState::StoppedOnRequest, KeeperMode::Active) => {
-                        let _ = monitored.release().await;
-                    }
-                    (LocalPrimaryState::NotPrimary, KeeperMode::Active) => monitored.deactivate(),
-                    _ => {}
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }));
-        tracing::info!(identity, lease_url = %url, ?timings, "lease fencing enabled");
+        tasks.push(tokio::spawn(monitor(keeper.clone(), state)));
+        tracing::info!(identity, lease_url = %url, ?timings, start_budget_ms = start_budget.as_millis() as u64, "lease fencing enabled");
         Ok(AgentFencing {
             keeper,
             store,
@@ -222,6 +217,7 @@ impl AgentFencing {
     pub fn gate_promote(&self, router: Router, promote_path: &'static str) -> Router {
         router.layer(axum::middleware::from_fn_with_state(
             Gate {
+                keeper: self.keeper.clone(),
                 store: self.store.clone(),
                 identity: self.keeper.identity().to_string(),
                 path: promote_path,
@@ -235,5 +231,42 @@ impl AgentFencing {
         if self.keeper.mode() == KeeperMode::Active {
             let _ = self.keeper.release().await;
         }
+    }
+}
+
+/// Arms the keeper while the local postgres is primary: polls `state` every 20 ms.
+async fn monitor(
+    keeper: Arc<LeaseKeeper>,
+    state: Arc<dyn Fn() -> LocalPrimaryState + Send + Sync>,
+) {
+    // After a fence, re-arm only once postgres was seen not serving: until the fence callback
+    // has marked the instance fenced, it may still look like a primary.
+    let mut may_rearm = false;
+    loop {
+        match (state(), keeper.mode()) {
+            (LocalPrimaryState::Serving, KeeperMode::Idle) => keeper.activate(),
+            (LocalPrimaryState::Serving, KeeperMode::Fenced) if may_rearm => {
+                // Serving again after a fence: a promotion; prove the lease anew.
+                may_rearm = false;
+                keeper.activate();
+            }
+            (LocalPrimaryState::Serving | LocalPrimaryState::Stopping, KeeperMode::Active) => {
+                keeper.note_serving(true)
+            }
+            (_, KeeperMode::Fenced) => may_rearm = true,
+            (LocalPrimaryState::Restarting, KeeperMode::Active) => keeper.note_serving(false),
+            // A primary (re)starting on a lease it has read as its own (a pod's start): renew
+            // during the start, so that it does not serve on stale proof; the budget runs.
+            (LocalPrimaryState::Restarting, KeeperMode::Idle) if keeper.confirmed() => {
+                keeper.activate();
+                keeper.note_serving(false);
+            }
+            (LocalPrimaryState::StoppedOnRequest, KeeperMode::Active) => {
+                let _ = keeper.release().await;
+            }
+            (LocalPrimaryState::NotPrimary, KeeperMode::Active) => keeper.deactivate(),
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

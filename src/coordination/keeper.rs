@@ -1,23 +1,35 @@
 //! The agent side of fencing: keep the lease while the local postgres is primary, and shut
 //! postgres down at once when the lease can no longer be proven.
 //!
-//! Rules (design, "Fencing"): renew every `renew_interval`; when no renewal has succeeded for
-//! `renew_deadline` on this process's monotonic clock — counted from the *start* of the last
-//! successful request, since the store may have written it any time after that — call the fence
-//! callback (immediate shutdown). A renewal refused because another instance holds the lease
-//! fences at once. After a graceful stop, release the lease so a successor needs no expiry wait.
+//! Rules (design, "Fencing"; issue 12):
+//! - Renew every `renew_interval`; when no confirmation of the lease has succeeded for
+//!   `renew_deadline` — counted from the *start* of the last successful request (a renewal, or
+//!   the read that allowed a promotion), since the store may have written it any time after
+//!   that — call the fence callback (immediate shutdown). Activation does not restart the
+//!   count: a keeper activated on a confirmation older than the deadline fences at once.
+//! - A renewal refused because another instance holds the lease fences at once; so does one
+//!   that finds the lease free once this keeper has held it (a free lease is grantable at once).
+//! - A primary that has not served for the start budget (postgres down, restarting) fences, so
+//!   that the lease expires and a replica can take over.
+//! - Time is [`FenceInstant`]: boot clock and monotonic clock, whichever is further.
+//! - After a clean stop, release the lease so a successor needs no expiry wait.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{sleep, timeout};
 
+use super::clock::FenceInstant;
 use super::lease::{LeaseError, LeaseRecord, LeaseStore, LeaseTimings, TimingsError};
 
 /// Stops postgres immediately; called with the reason. Must not wait for sessions to finish.
 pub type FenceFn = Arc<dyn Fn(String) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// How long a primary may be down (restarting) before it stops renewing by default.
+pub const DEFAULT_START_BUDGET: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -35,7 +47,7 @@ pub enum KeeperMode {
 pub struct KeeperStatus {
     pub identity: String,
     pub mode: KeeperMode,
-    /// Milliseconds since the start of the last successful renewal (or activation).
+    /// Milliseconds since the start of the last successful confirmation (or activation).
     pub since_last_renewal_ms: Option<u64>,
     pub last_error: Option<String>,
     pub fence_reason: Option<String>,
@@ -43,8 +55,16 @@ pub struct KeeperStatus {
 
 struct Inner {
     mode: KeeperMode,
-    /// Start of the last successful renewal request, or the activation time.
-    proven_at: Instant,
+    /// The fencing deadline's base: start of the last successful confirmation, or the activation
+    /// time when the keeper was activated without any (a primary waiting for its first grant).
+    proven_at: FenceInstant,
+    /// Start of the last request that found this instance the holder (any mode).
+    confirmed_at: Option<FenceInstant>,
+    /// The lease has been proven held for the current activation: from then on a free lease
+    /// means it was released or deleted, and fences at once.
+    held: bool,
+    /// Since when the primary has not been serving (postgres down or restarting).
+    not_serving_since: Option<FenceInstant>,
     last_error: Option<String>,
     fence_reason: Option<String>,
 }
@@ -53,12 +73,13 @@ pub struct LeaseKeeper {
     store: Arc<dyn LeaseStore>,
     identity: String,
     timings: LeaseTimings,
+    start_budget: Mutex<Duration>,
     inner: Mutex<Inner>,
     wake: Notify,
     /// The instant after which postgres must be down unless a renewal succeeds first (`None`
     /// while not primary): feeds the out-of-process watchdog, which enforces the deadline even
     /// when this process is frozen.
-    armed_until: watch::Sender<Option<Instant>>,
+    armed_until: watch::Sender<Option<FenceInstant>>,
 }
 
 impl LeaseKeeper {
@@ -72,9 +93,13 @@ impl LeaseKeeper {
             store,
             identity: identity.to_string(),
             timings,
+            start_budget: Mutex::new(DEFAULT_START_BUDGET),
             inner: Mutex::new(Inner {
                 mode: KeeperMode::Idle,
-                proven_at: Instant::now(),
+                proven_at: FenceInstant::now(),
+                confirmed_at: None,
+                held: false,
+                not_serving_since: None,
                 last_error: None,
                 fence_reason: None,
             }),
@@ -90,7 +115,7 @@ impl LeaseKeeper {
     }
 
     /// Follows the fencing deadline; see [`LeaseKeeper::run`] and `coordination::watchdog`.
-    pub fn subscribe_deadline(&self) -> watch::Receiver<Option<Instant>> {
+    pub fn subscribe_deadline(&self) -> watch::Receiver<Option<FenceInstant>> {
         self.armed_until.subscribe()
     }
 
@@ -102,25 +127,87 @@ impl LeaseKeeper {
         self.timings
     }
 
-    /// The local postgres now runs as primary (started as one, or promoted while holding the
-    /// lease): renew from now on, and fence unless a renewal succeeds within `renew_deadline`.
+    pub fn start_budget(&self) -> Duration {
+        *self
+            .start_budget
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// How long a primary may stay down before it fences (default [`DEFAULT_START_BUDGET`]).
+    pub fn set_start_budget(&self, budget: Duration) {
+        *self
+            .start_budget
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = budget;
+    }
+
+    /// A request that started at `at` found this instance the holder (the promotion gate's
+    /// read, the Kubernetes start's read): the proof a later activation counts from.
+    pub fn confirm(&self, at: FenceInstant) {
+        let mut inner = self.lock();
+        if inner.confirmed_at.is_none_or(|c| at.is_after(c)) {
+            inner.confirmed_at = Some(at);
+        }
+        if inner.mode == KeeperMode::Active && at.is_after(inner.proven_at) {
+            inner.proven_at = at;
+            inner.held = true;
+            self.armed_until
+                .send_replace(Some(at + self.timings.renew_deadline));
+        }
+    }
+
+    /// Whether the lease was ever confirmed held by this instance.
+    pub fn confirmed(&self) -> bool {
+        self.lock().confirmed_at.is_some()
+    }
+
+    /// The local postgres now runs as primary (started as one, or its promotion signalled):
+    /// renew from now on, and fence unless a renewal succeeds within `renew_deadline` of the
+    /// last confirmation (of the activation when there was none: a first grant is awaited).
     pub fn activate(&self) {
         let mut inner = self.lock();
         if inner.mode != KeeperMode::Active {
             inner.mode = KeeperMode::Active;
-            inner.proven_at = Instant::now();
+            (inner.proven_at, inner.held) = match inner.confirmed_at {
+                Some(confirmed) => (confirmed, true),
+                None => (FenceInstant::now(), false),
+            };
             inner.fence_reason = None;
-            self.armed_until
-                .send_replace(Some(inner.proven_at + self.timings.renew_deadline));
+            inner.not_serving_since = None;
+            let deadline = inner.proven_at + self.timings.renew_deadline;
+            tracing::info!(
+                identity = %self.identity,
+                remaining_ms = deadline.remaining().as_millis() as u64,
+                "lease keeper active"
+            );
+            self.armed_until.send_replace(Some(deadline));
         }
         drop(inner);
         self.wake.notify_one();
+    }
+
+    /// Whether the primary is serving; while it is not (restarting), the start budget runs.
+    pub fn note_serving(&self, serving: bool) {
+        let mut inner = self.lock();
+        match (serving, inner.not_serving_since) {
+            (true, Some(_)) => inner.not_serving_since = None,
+            (false, None) => {
+                inner.not_serving_since = Some(FenceInstant::now());
+                drop(inner);
+                self.wake.notify_one();
+            }
+            _ => {}
+        }
     }
 
     /// Stop renewing without releasing (postgres is no longer primary).
     pub fn deactivate(&self) {
         let mut inner = self.lock();
         inner.mode = KeeperMode::Idle;
+        inner.not_serving_since = None;
+        // No longer primary: an earlier proof must not carry over to a later activation.
+        inner.confirmed_at = None;
         self.armed_until.send_replace(None);
         drop(inner);
         self.wake.notify_one();
@@ -130,7 +217,7 @@ impl LeaseKeeper {
         self.lock().mode
     }
 
-    /// After a graceful stop of postgres: stop renewing and give the lease up.
+    /// After a clean stop of postgres: stop renewing and give the lease up.
     pub async fn release(&self) -> Result<LeaseRecord, LeaseError> {
         self.deactivate();
         let result = self.store.release(&self.identity).await;
@@ -163,9 +250,14 @@ impl LeaseKeeper {
             }
             inner.mode = KeeperMode::Fenced;
             inner.fence_reason = Some(reason.clone());
+            inner.confirmed_at = None;
         }
         tracing::error!(identity = %self.identity, %reason, "fencing: stopping postgres immediately");
         fence(reason).await;
+        // postgres is down: the watchdog must not kill the next one (a quick rejoin's replica).
+        if self.lock().mode == KeeperMode::Fenced {
+            self.armed_until.send_replace(None);
+        }
     }
 
     /// Renew while active, fence on deadline; runs until the task is dropped.
@@ -176,45 +268,79 @@ impl LeaseKeeper {
             ..
         } = self.timings;
         loop {
-            let (mode, proven_at) = {
+            let (mode, proven_at, not_serving_since) = {
                 let inner = self.lock();
-                (inner.mode, inner.proven_at)
+                (inner.mode, inner.proven_at, inner.not_serving_since)
             };
             if mode != KeeperMode::Active {
                 // Sleep until activated; the timeout only guards against a missed wake-up.
                 let _ = timeout(renew_interval, self.wake.notified()).await;
                 continue;
             }
-            let started = Instant::now();
             let deadline = proven_at + renew_deadline;
-            if started >= deadline {
+            if deadline.has_passed() {
                 self.fence(
                     &fence,
                     format!(
-                        "no successful lease renewal for {} ms",
+                        "no successful lease renewal (or other confirmation) for {} ms",
                         renew_deadline.as_millis()
                     ),
                 )
                 .await;
                 continue;
             }
+            let start_budget = self.start_budget();
+            if let Some(since) = not_serving_since
+                && (since + start_budget).has_passed()
+            {
+                self.fence(
+                    &fence,
+                    format!(
+                        "postgres has not served as primary for the start budget of {} ms: giving the lease up to expiry so that a replica can take over",
+                        start_budget.as_millis()
+                    ),
+                )
+                .await;
+                continue;
+            }
+            let started = FenceInstant::now();
             // Never let a hung request carry us past the deadline.
-            let budget = (deadline - started).min(renew_interval);
+            let budget = deadline.remaining().min(renew_interval);
             match timeout(budget, self.store.renew(&self.identity)).await {
                 Ok(Ok(_)) => {
                     let mut inner = self.lock();
-                    if inner.mode == KeeperMode::Active && started > inner.proven_at {
+                    if inner.confirmed_at.is_none_or(|c| started.is_after(c)) {
+                        inner.confirmed_at = Some(started);
+                    }
+                    if inner.mode == KeeperMode::Active && started.is_after(inner.proven_at) {
                         inner.proven_at = started;
+                        inner.held = true;
                         self.armed_until
                             .send_replace(Some(started + renew_deadline));
                     }
                     inner.last_error = None;
                 }
-                Ok(Err(LeaseError::NotHolder { current, .. })) if current.holder.is_some() => {
-                    let holder = current.holder.unwrap_or_default();
-                    self.fence(&fence, format!("the lease is held by {holder}"))
-                        .await;
-                    continue;
+                Ok(Err(LeaseError::NotHolder { current, .. })) => {
+                    let held = self.lock().held;
+                    match current.holder {
+                        Some(holder) => {
+                            self.fence(&fence, format!("the lease is held by {holder}"))
+                                .await;
+                            continue;
+                        }
+                        None if held => {
+                            self.fence(
+                                &fence,
+                                "the lease has no holder (released or deleted): it may be granted to another instance at once".to_string(),
+                            )
+                            .await;
+                            continue;
+                        }
+                        None => {
+                            tracing::info!(identity = %self.identity, "the lease is not granted yet");
+                            self.lock().last_error = Some("the lease is not granted yet".into());
+                        }
+                    }
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(identity = %self.identity, %error, "lease renewal failed");
@@ -226,10 +352,18 @@ impl LeaseKeeper {
                         Some(format!("renewal timed out after {} ms", budget.as_millis()));
                 }
             }
-            let proven_at = self.lock().proven_at;
-            let next = (started + renew_interval).min(proven_at + renew_deadline);
+            let (proven_at, not_serving_since) = {
+                let inner = self.lock();
+                (inner.proven_at, inner.not_serving_since)
+            };
+            let mut pause = renew_interval
+                .saturating_sub(started.elapsed())
+                .min((proven_at + renew_deadline).remaining());
+            if let Some(since) = not_serving_since {
+                pause = pause.min((since + start_budget).remaining());
+            }
             tokio::select! {
-                _ = sleep_until(next) => {}
+                _ = sleep(pause) => {}
                 _ = self.wake.notified() => {}
             }
         }

@@ -4,6 +4,7 @@
 //! Kubernetes Lease implementation comes with the operator.
 
 mod agent_side;
+mod clock;
 mod http;
 mod keeper;
 mod kube;
@@ -12,12 +13,15 @@ mod memory;
 mod watchdog;
 
 #[cfg(test)]
+mod fencing_tests;
+#[cfg(test)]
 mod tests;
 
 pub use self::kube::KubeLeaseStore;
 pub use agent_side::{AgentFencing, LeaseArgs, LocalPrimaryState};
+pub use clock::FenceInstant;
 pub use http::{HttpLeaseStore, lease_router};
-pub use keeper::{FenceFn, KeeperMode, KeeperStatus, LeaseKeeper};
+pub use keeper::{DEFAULT_START_BUDGET, FenceFn, KeeperMode, KeeperStatus, LeaseKeeper};
 pub use lease::{LeaseError, LeaseRecord, LeaseStore, LeaseTimings, TimingsError};
 pub use memory::MemoryLeaseStore;
 pub use watchdog::{WatchdogCommand, kill_postmaster, run_watchdog, spawn_watchdog};

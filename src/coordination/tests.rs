@@ -155,9 +155,9 @@ fn timings_are_validated() {
 }
 
 /// A store that can be cut off, like a network partition between the agent and the store.
-struct Partitionable {
-    inner: MemoryLeaseStore,
-    cut: AtomicBool,
+pub(super) struct Partitionable {
+    pub(super) inner: MemoryLeaseStore,
+    pub(super) cut: AtomicBool,
 }
 
 impl Partitionable {
@@ -198,7 +198,7 @@ impl LeaseStore for Partitionable {
     }
 }
 
-fn quick_timings() -> LeaseTimings {
+pub(super) fn quick_timings() -> LeaseTimings {
     LeaseTimings {
         lease_duration: Duration::from_millis(800),
         renew_interval: Duration::from_millis(50),
@@ -207,7 +207,7 @@ fn quick_timings() -> LeaseTimings {
     }
 }
 
-fn recording_fence() -> (FenceFn, mpsc::UnboundedReceiver<(Instant, String)>) {
+pub(super) fn recording_fence() -> (FenceFn, mpsc::UnboundedReceiver<(Instant, String)>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let fence: FenceFn = Arc::new(move |reason: String| {
         let _ = tx.send((Instant::now(), reason));
@@ -216,7 +216,7 @@ fn recording_fence() -> (FenceFn, mpsc::UnboundedReceiver<(Instant, String)>) {
     (fence, rx)
 }
 
-async fn held_by(store: &dyn LeaseStore, holder: &str) -> LeaseRecord {
+pub(super) async fn held_by(store: &dyn LeaseStore, holder: &str) -> LeaseRecord {
     let current = store.get().await.expect("get");
     store
         .acquire(holder, &current.version)

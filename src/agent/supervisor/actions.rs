@@ -138,45 +138,75 @@ impl Supervisor {
                 self.phase()
             )));
         }
-        let config = self.handle.config.clone();
         // On the kept session: a new (SCRAM) session would delay the promotion itself.
         let (session, _) = self.handle.session(Duration::from_secs(5)).await?;
-        if !promote::in_recovery(&session).await? {
+        let pending = lock(&self.handle.state).promotion_pending;
+        let in_recovery = promote::in_recovery(&session).await?;
+        if !in_recovery && !pending {
             return Err(ActionError::Refused(
                 "cannot promote: already a primary".into(),
             ));
         }
-        // Slots carried over from this instance's earlier life as a primary are stale: every
-        // replica re-creates its own when it follows; left alone they would pin WAL. Dropped
-        // while still a standby: nobody follows it yet, whereas after the promotion a replica
-        // rejoining at once may already have found its slot here and be about to use it.
-        let stale_dropped = slots::drop_stale_slots(&session)
-            .await
-            .inspect_err(|error| {
-                tracing::debug!(%error, "could not drop stale slots as a standby; after promotion then")
-            })
-            .is_ok();
-        // Signal without waiting and watch every 10 ms: pg_promote's own wait polls every 100 ms.
-        let signalled = promote::promote_no_wait(&session)
-            .await
-            .map_err(|e| ActionError::Promote(e.to_string()))?;
-        if !signalled {
-            return Err(ActionError::Promote(
-                "pg_promote could not signal the startup process".into(),
-            ));
-        }
-        let deadline = Instant::now() + wait.max(Duration::from_secs(1));
-        while promote::in_recovery(&session).await? {
-            if Instant::now() >= deadline {
-                return Err(ActionError::Promote(format!(
-                    "still in recovery {} s after pg_promote",
-                    wait.as_secs()
-                )));
+        let mut stale_dropped = false;
+        if in_recovery {
+            // Slots carried over from this instance's earlier life as a primary are stale: every
+            // replica re-creates its own when it follows; left alone they would pin WAL. Dropped
+            // while still a standby: nobody follows it yet, whereas after the promotion a replica
+            // rejoining at once may already have found its slot here and be about to use it.
+            stale_dropped = slots::drop_stale_slots(&session)
+                .await
+                .inspect_err(|error| {
+                    tracing::debug!(%error, "could not drop stale slots as a standby; after promotion then")
+                })
+                .is_ok();
+            // From the signal on, this instance is a primary for fencing (keeper renewing,
+            // watchdog armed), whatever happens to the post-promotion work.
+            self.update(|s| {
+                s.intended_role = Role::Primary;
+                s.promotion_pending = true;
+            });
+            self.handle.promotion_signalling();
+            // Signal without waiting and watch every 10 ms: pg_promote's own wait polls every
+            // 100 ms. An error leaves it unknown whether the signal went out: stay fenced.
+            let signalled = promote::promote_no_wait(&session)
+                .await
+                .map_err(|e| ActionError::Promote(e.to_string()))?;
+            if !signalled {
+                self.update(|s| {
+                    s.intended_role = Role::Replica;
+                    s.promotion_pending = false;
+                });
+                return Err(ActionError::Promote(
+                    "pg_promote could not signal the startup process".into(),
+                ));
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            let deadline = Instant::now() + wait.max(Duration::from_secs(1));
+            while promote::in_recovery(&session).await? {
+                if Instant::now() >= deadline {
+                    return Err(ActionError::Promote(format!(
+                        "still in recovery {} s after pg_promote (a retried promote waits again)",
+                        wait.as_secs()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tracing::info!("promoted: out of recovery");
+        } else {
+            tracing::info!("promotion signalled earlier: finishing its post-promotion work");
         }
         drop(session);
-        tracing::info!("promoted: out of recovery");
+        self.finish_promotion(stale_dropped).await?;
+        self.update(|s| {
+            s.upstream = None;
+            s.promotion_pending = false;
+        });
+        Ok(ActionOutcome::message("promoted to primary"))
+    }
+
+    /// The work after a promotion; may fail and be retried (a retried promote runs it again),
+    /// fencing never waits for it.
+    async fn finish_promotion(&mut self, stale_dropped: bool) -> Result<(), ActionError> {
+        let config = self.handle.config.clone();
         // A rejoin report describes this instance as a replica; as a primary it has none (an
         // observer may take a current report as proof that a former primary was rewound).
         self.update(|s| s.last_rejoin = None);
@@ -200,11 +230,7 @@ impl Supervisor {
             config.replication_password.expose(),
         )
         .await?;
-        self.update(|s| {
-            s.intended_role = Role::Primary;
-            s.upstream = None;
-        });
-        Ok(ActionOutcome::message("promoted to primary"))
+        Ok(())
     }
 
     pub(super) async fn action_restart(&mut self) -> Result<ActionOutcome, ActionError> {

@@ -69,6 +69,12 @@ pub struct SupervisorState {
     /// Digest of the user parameters written to the include file (`config::parameters_hash`);
     /// `None` until the first apply (or without `--parameters-file`).
     pub parameters_hash: Option<String>,
+    /// The last stop ended with the postmaster exiting from a clean (fast) shutdown: only then
+    /// may a primary's lease be released.
+    pub clean_stop: bool,
+    /// A promotion was signalled and its post-promotion work is not done yet: a retried
+    /// promote finishes it.
+    pub promotion_pending: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +154,12 @@ pub struct SupervisorHandle {
     status_session: Arc<tokio::sync::Mutex<Option<Arc<tokio_postgres::Client>>>>,
     /// The newest timeline this standby's WAL receiver reported since postgres started.
     received_timeline: Arc<Mutex<Option<u32>>>,
+    /// Called right before a promotion is signalled (lease fencing arms its keeper there).
+    promotion_hook: Arc<Mutex<Option<PromotionHook>>>,
 }
+
+/// See [`SupervisorHandle::on_promotion`].
+pub type PromotionHook = Arc<dyn Fn() + Send + Sync>;
 
 impl SupervisorHandle {
     pub fn config(&self) -> &AgentConfig {
@@ -201,6 +212,19 @@ impl SupervisorHandle {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGQUIT);
         }
         self.request(Command::Fence).await
+    }
+
+    /// `hook` runs synchronously right before a promotion is signalled, after the instance was
+    /// marked primary: from then on it is a primary for fencing.
+    pub fn on_promotion(&self, hook: PromotionHook) {
+        *lock(&self.promotion_hook) = Some(hook);
+    }
+
+    pub(super) fn promotion_signalling(&self) {
+        let hook = lock(&self.promotion_hook).clone();
+        if let Some(hook) = hook {
+            hook();
+        }
     }
 
     pub async fn promote(&self, wait: Duration) -> Result<ActionOutcome, ActionError> {
@@ -262,6 +286,8 @@ pub fn spawn(
         fence_reason: None,
         last_error: None,
         parameters_hash: None,
+        clean_stop: false,
+        promotion_pending: false,
     }));
     let handle = SupervisorHandle {
         commands,
@@ -270,6 +296,7 @@ pub fn spawn(
         log_tail: Arc::new(Mutex::new(VecDeque::new())),
         status_session: Arc::new(tokio::sync::Mutex::new(None)),
         received_timeline: Arc::new(Mutex::new(None)),
+        promotion_hook: Arc::new(Mutex::new(None)),
     };
     let mut supervisor = Supervisor {
         handle: handle.clone(),

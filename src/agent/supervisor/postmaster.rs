@@ -177,14 +177,20 @@ impl Supervisor {
             return Ok(());
         };
         self.started_at = None;
+        self.update(|s| s.clean_stop = false);
         let stop_timeout = self.config().stop_timeout;
         let first = match mode {
             StopMode::Fast => Signal::SIGINT,
             StopMode::Immediate => Signal::SIGQUIT,
         };
         tracing::info!(?mode, "stopping postgres");
+        let mut clean = false;
         let result = match signal_and_wait(&mut child, first, stop_timeout).await {
-            Ok(_) => Ok(()),
+            Ok(status) => {
+                // A fast shutdown that completed: every WAL sender has sent all WAL.
+                clean = mode == StopMode::Fast && status.success();
+                Ok(())
+            }
             Err(()) if mode == StopMode::Fast => {
                 tracing::warn!(
                     timeout_ms = stop_timeout.as_millis() as u64,
@@ -197,7 +203,11 @@ impl Supervisor {
             }
             Err(()) => kill_child(&mut child, Signal::SIGKILL).await,
         };
-        self.update(|s| s.pid = None);
+        tracing::info!(?mode, clean, "postgres stopped");
+        self.update(|s| {
+            s.pid = None;
+            s.clean_stop = clean;
+        });
         result
     }
 
