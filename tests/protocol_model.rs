@@ -368,17 +368,8 @@ fn large(rules: Rules) -> Config {
 }
 
 #[test]
-#[ignore = "passes once the fixes of issue 12 land"]
 fn fixed_rules_hold() {
     expect_none("fixed rules, real engine", ci(Rules::fixed()));
-}
-
-#[test]
-fn fixed_rules_hold_with_the_engine_fix_applied_by_the_model() {
-    expect_none(
-        "fixed rules, engine shim",
-        ci(Rules::fixed_with_engine_shim()),
-    );
 }
 
 #[test]
@@ -388,5 +379,5 @@ fn large_fixed_rules_hold() {
         println!("skipped: set PGRS_MODEL_LARGE=1");
         return;
     }
-    expect_none("large, fixed rules", large(Rules::fixed_with_engine_shim()));
+    expect_none("large, fixed rules", large(Rules::fixed()));
 }

@@ -176,6 +176,7 @@ fn memory(p: &Persisted) -> Memory {
             to: NAMES[to as usize].to_string(),
             requested_at: at(at_tick),
         }),
+        sync_record_lost: p.sync_record_lost,
     }
 }
 
@@ -192,6 +193,7 @@ fn store_memory(p: &mut Persisted, mem: &Memory) {
         .switchover
         .as_ref()
         .map(|plan| (index(&plan.from), index(&plan.to), secs(plan.requested_at)));
+    p.sync_record_lost = mem.sync_record_lost;
 }
 
 /// `ControlLoop::observe` + `observe::engine_input`: the lease as timed by this observer (a
@@ -226,40 +228,29 @@ pub fn observe(m: &ProtocolModel, s: &State) -> EngineInput {
     }
 }
 
-/// The hole-3 fix's engine half, applied to the real decision while the engine lacks it: the
-/// free-lease switchover takes over only for a target that holds every acknowledged commit by
-/// the quorum rule (`engine::quorum_position`); otherwise it waits, and after the switchover
-/// patience (one lease duration) fails over by the usual rules.
-fn switchover_quorum_shim(input: &EngineInput, decision: Decision) -> Decision {
+/// Hole 3 as it was: before issue 12, `engine::decide`'s free-lease switchover handed the lease
+/// to the target once it had received the last *observed* primary position, without the quorum
+/// rule (`lease_free` in `src/engine/decide.rs` at `00ec8e7`). The engine carries the fix now;
+/// the "before" rules replay the old rule by deciding that round with the quorum blinded.
+fn old_switchover_takeover(input: &EngineInput, decision: Decision) -> Decision {
     let Some(plan) = input.memory.switchover.as_ref() else {
         return decision;
     };
-    let takes_over = decision
+    if input.lease.holder.is_some() {
+        return decision;
+    }
+    let mut blind = input.clone();
+    blind.memory.recorded_sync = engine::SyncSet::asynchronous();
+    let mut old = engine::decide(&blind);
+    let takes_over = old
         .actions
         .iter()
         .any(|a| matches!(a, Action::AcquireLease { holder, .. } if *holder == plan.to));
-    if input.lease.holder.is_some() || !takes_over {
+    if !takes_over {
         return decision;
     }
-    let received = input.instance(&plan.to).and_then(|t| t.received_lsn);
-    let safe = match engine::quorum_position(input, Some(&plan.from)) {
-        Ok(None) => true,
-        Ok(Some(required)) => received.is_some_and(|r| r >= required),
-        Err(_) => false,
-    };
-    if safe {
-        return decision;
-    }
-    if input.now.saturating_since(plan.requested_at) < input.lease_duration() {
-        let mut waiting = decision;
-        waiting
-            .actions
-            .retain(|a| !matches!(a, Action::AcquireLease { .. }));
-        return waiting;
-    }
-    let mut without = input.clone();
-    without.memory.switchover = None;
-    engine::decide(&without)
+    old.memory.recorded_sync = input.memory.recorded_sync.clone();
+    old
 }
 
 /// `ControlLoop::round` up to the actions: observe, decide (the real engine), track former
@@ -267,8 +258,12 @@ fn switchover_quorum_shim(input: &EngineInput, decision: Decision) -> Decision {
 fn round(m: &ProtocolModel, s: &mut State) -> bool {
     let input = observe_and_time(m, s);
     let mut decision = engine::decide(&input);
-    if m.config.rules.engine_shim {
-        decision = switchover_quorum_shim(&input, decision);
+    if !m
+        .config
+        .rules
+        .switchover_quorum_and_release_after_clean_stop
+    {
+        decision = old_switchover_takeover(&input, decision);
     }
     let mut former: BTreeSet<String> = (0..N)
         .filter(|i| s.ctl.state.former & mask(*i) != 0)

@@ -35,10 +35,6 @@ pub struct Rules {
     /// deadline. Fix: restart as primary only while the lease is proven (`now < proven_at +
     /// renew_deadline`), else stay down fenced.
     pub restart_only_with_proof: bool,
-    /// The engine half of hole 3 is a change to `engine::decide` itself: while the real engine
-    /// lacks it, this applies it to the real decision (see `controller::switchover_quorum_shim`).
-    /// Once the engine carries the fix the shim never changes a decision.
-    pub engine_shim: bool,
 }
 
 impl Rules {
@@ -51,7 +47,6 @@ impl Rules {
             deadline_from_confirmation: false,
             start_budget: false,
             restart_only_with_proof: false,
-            engine_shim: false,
         }
     }
 
@@ -64,28 +59,16 @@ impl Rules {
             deadline_from_confirmation: true,
             start_budget: true,
             restart_only_with_proof: true,
-            engine_shim: false,
-        }
-    }
-
-    /// The intended fixes, with the engine's part of the hole-3 fix applied by the model.
-    pub fn fixed_with_engine_shim() -> Self {
-        Rules {
-            engine_shim: true,
-            ..Rules::fixed()
         }
     }
 
     /// All fixes but the one for `hole` (1..=6; 6 is `restart_only_with_proof`): isolates it.
     pub fn fixed_except(hole: u8) -> Self {
-        let mut rules = Rules::fixed_with_engine_shim();
+        let mut rules = Rules::fixed();
         match hole {
             1 => rules.fence_from_promote_signal = false,
             2 => rules.persisted_memory = false,
-            3 => {
-                rules.switchover_quorum_and_release_after_clean_stop = false;
-                rules.engine_shim = false;
-            }
+            3 => rules.switchover_quorum_and_release_after_clean_stop = false,
             4 => rules.deadline_from_confirmation = false,
             5 => rules.start_budget = false,
             _ => rules.restart_only_with_proof = false,
@@ -284,6 +267,7 @@ impl ProtocolModel {
                     former: 0,
                     applied_sync,
                     last_holder: Some(0),
+                    sync_record_lost: false,
                 },
                 seen: Some((Some(0), true, 0)),
                 pending: Vec::new(),

@@ -128,6 +128,9 @@ pub struct Persisted {
     pub applied_sync: [Option<Sync>; N],
     /// `ControlState::last_holder`.
     pub last_holder: Option<u8>,
+    /// `Memory::sync_record_lost`: set by the platforms' loaders when the state is missing
+    /// for a cluster that has run (`control` loaders in `local` and `operator`).
+    pub sync_record_lost: bool,
 }
 
 /// A decided action waiting to be carried out (`control::actuate::execute`).
