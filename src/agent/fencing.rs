@@ -75,17 +75,8 @@ mod tests {
     fn state(phase: Phase, intended_role: Role, pid: Option<u32>) -> SupervisorState {
         SupervisorState {
             phase,
-            intended_role,
-            upstream: None,
             pid,
-            system_identifier: None,
-            crash_restarts: 0,
-            last_rejoin: None,
-            fence_reason: None,
-            last_error: None,
-            parameters_hash: None,
-            clean_stop: false,
-            promotion_pending: false,
+            ..SupervisorState::starting(intended_role, None)
         }
     }
 

@@ -77,6 +77,26 @@ pub struct SupervisorState {
     pub promotion_pending: bool,
 }
 
+impl SupervisorState {
+    /// A supervisor about to start postgres in `intended_role`.
+    pub fn starting(intended_role: Role, upstream: Option<Upstream>) -> Self {
+        SupervisorState {
+            phase: Phase::Starting,
+            intended_role,
+            upstream,
+            pid: None,
+            system_identifier: None,
+            crash_restarts: 0,
+            last_rejoin: None,
+            fence_reason: None,
+            last_error: None,
+            parameters_hash: None,
+            clean_stop: false,
+            promotion_pending: false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
     /// Not allowed in the current state (HTTP 409).
@@ -275,20 +295,10 @@ pub fn spawn(
     upstream: Option<Upstream>,
 ) -> (SupervisorHandle, tokio::task::JoinHandle<()>) {
     let (commands, receiver) = mpsc::channel(16);
-    let state = Arc::new(Mutex::new(SupervisorState {
-        phase: Phase::Starting,
+    let state = Arc::new(Mutex::new(SupervisorState::starting(
         intended_role,
         upstream,
-        pid: None,
-        system_identifier: None,
-        crash_restarts: 0,
-        last_rejoin: None,
-        fence_reason: None,
-        last_error: None,
-        parameters_hash: None,
-        clean_stop: false,
-        promotion_pending: false,
-    }));
+    )));
     let handle = SupervisorHandle {
         commands,
         state,

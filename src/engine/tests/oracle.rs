@@ -337,6 +337,19 @@ pub fn run<S: Strategy>(
 
 /// What `decide` must do about the lease this round: acquire it for exactly this instance, or
 /// for nobody.
+/// May `target` take the lease `from` released? Under the failover's own rules: a candidate,
+/// and in sync mode at least as far as the quorum proves every commit to be.
+pub fn provable_takeover(input: &EngineInput, from: &str, target: &InstanceObservation) -> bool {
+    candidates(input, Some(from))
+        .iter()
+        .any(|c| c.name == target.name)
+        && match quorum(input, Some(from)) {
+            Quorum::Async => true,
+            Quorum::Required(required) => target.received_lsn >= Some(required),
+            Quorum::Unreachable => false,
+        }
+}
+
 pub fn expected_acquire(input: &EngineInput) -> Option<String> {
     let by_name = |name: &str| input.instances.iter().find(|i| i.name == name);
     let since_change = age_ms(input.now, input.lease.unchanged_since);
@@ -373,20 +386,10 @@ pub fn expected_acquire(input: &EngineInput) -> Option<String> {
             .as_ref()
             .filter(|p| p.name == plan.from)
             .map(|p| p.flush_lsn);
-        // The target takes the released lease under the failover's own rules: a candidate,
-        // and in sync mode at least as far as the quorum proves every commit to be.
-        let sync_ok = |t: &InstanceObservation| match quorum(input, Some(&plan.from)) {
-            Quorum::Async => true,
-            Quorum::Required(required) => t.received_lsn >= Some(required),
-            Quorum::Unreachable => false,
-        };
         if let Some(target) = by_name(&plan.to).filter(|t| running_replica(input, t))
             && let Some(received) = target.received_lsn
             && reference.is_none_or(|r| received >= r)
-            && candidates(input, Some(&plan.from))
-                .iter()
-                .any(|c| c.name == target.name)
-            && sync_ok(target)
+            && provable_takeover(input, &plan.from, target)
         {
             return Some(target.name.clone());
         }

@@ -665,16 +665,7 @@ fn a_switchover_hands_over_only_to_a_caught_up_target() {
             .and_then(|t| t.received_lsn)
             .is_some_and(|received| reference.is_none_or(|r| received >= r));
         // ...and takes over only under the failover's rules (candidate, quorum in sync mode).
-        let provable = target.is_some_and(|t| {
-            candidates(&input, Some(&plan.from))
-                .iter()
-                .any(|c| c.name == t.name)
-                && match quorum(&input, Some(&plan.from)) {
-                    Quorum::Async => true,
-                    Quorum::Required(required) => t.received_lsn >= Some(required),
-                    Quorum::Unreachable => false,
-                }
-        });
+        let provable = target.is_some_and(|t| provable_takeover(&input, &plan.from, t));
         if caught_up && !provable && waited < effective_lease_ms(&input) {
             coverage.hit("released: caught up but not provable under the quorum");
             prop_assert!(got.is_empty(), "{:?}", got);
