@@ -74,6 +74,17 @@ rm -rf "$dir"
 mkdir -p "$bin"
 start=$(date +%s)
 
+# Go's build cache for these three programs is several GB that nothing reads again once the
+# binaries are cached: keep it in a scratch directory removed on exit (PGRS_TESTBED_GOCACHE
+# keeps a persistent one, e.g. while working on this script).
+if [ -z "${PGRS_TESTBED_GOCACHE:-}" ]; then
+  scratch=$(mktemp -d "${TMPDIR:-/tmp}/pgrs-testbed-gocache.XXXXXX")
+  trap 'rm -rf "$scratch"' EXIT
+  export GOCACHE="$scratch"
+else
+  export GOCACHE="$PGRS_TESTBED_GOCACHE"
+fi
+
 # kube-apiserver / kube-controller-manager / kubectl. Version ldflags set to the exact
 # tag: /version, helm's kubeVersion checks and version-gated features depend on it.
 minor=${k8s_version#v1.}
