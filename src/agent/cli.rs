@@ -14,7 +14,8 @@ use clap::{Args, ValueEnum};
 use crate::agent::config::{PostgresSettings, parse_parameters};
 use crate::agent::http::{HttpState, router};
 use crate::agent::instance::{
-    AgentConfig, Secret, bootstrap_primary, bootstrap_replica, prepare_run_dir, sibling,
+    AgentConfig, DataDirState, Secret, bootstrap_primary, bootstrap_replica, inspect_data_dir,
+    prepare_run_dir, sibling,
 };
 use crate::agent::supervisor;
 use crate::postgres::process::{OsIdentity, PgBinaries};
@@ -330,6 +331,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     });
     tracing::info!(name = config.name(), http = %args.http_listen, role = ?args.role, "agent starting");
 
+    if upstream.is_none()
+        && matches!(
+            inspect_data_dir(&config.data_dir),
+            Ok(DataDirState::Missing | DataDirState::Empty)
+        )
+    {
+        supervisor::set_new_data_dir(&handle);
+    }
     let bootstrap = async {
         let system_identifier = match &upstream {
             None => bootstrap_primary(&config).await?,

@@ -15,6 +15,7 @@ use crate::protocol::api::Role;
 pub fn fencing_state(state: &SupervisorState) -> LocalPrimaryState {
     match (state.phase, state.intended_role) {
         (Phase::Running, Role::Primary) => LocalPrimaryState::Serving,
+        (Phase::Starting, Role::Primary) if state.new_data_dir => LocalPrimaryState::Bootstrapping,
         (Phase::Starting, Role::Primary) => LocalPrimaryState::Restarting,
         (Phase::Stopped, _) if state.pid.is_some() => LocalPrimaryState::Stopping,
         (Phase::Stopped, _) if state.clean_stop => LocalPrimaryState::StoppedOnRequest,
@@ -99,6 +100,16 @@ mod tests {
         assert_eq!(fencing_state(&stopped), LocalPrimaryState::NotPrimary);
         stopped.clean_stop = true;
         assert_eq!(fencing_state(&stopped), LocalPrimaryState::StoppedOnRequest);
+    }
+
+    /// A restarted agent (a pod's container restart) does not renew while postgres starts;
+    /// only a first primary's initdb does.
+    #[test]
+    fn only_a_new_data_directory_renews_during_the_start() {
+        let mut starting = state(Phase::Starting, Role::Primary, None);
+        assert_eq!(fencing_state(&starting), LocalPrimaryState::Restarting);
+        starting.new_data_dir = true;
+        assert_eq!(fencing_state(&starting), LocalPrimaryState::Bootstrapping);
     }
 
     #[test]

@@ -70,8 +70,8 @@ impl KubeMode {
         )
     }
 
-    /// When `wait_for_role` last read the Lease naming this instance the holder: the proof
-    /// its fencing deadline counts from (the start may take long; it renews meanwhile).
+    /// When the Lease that `wait_for_role` found naming this instance the holder was last
+    /// written: the proof its fencing deadline counts from (see [`proof_of_read`]).
     pub fn confirmed_at(&self) -> Option<FenceInstant> {
         *self
             .confirmed_at
@@ -103,10 +103,11 @@ impl KubeMode {
             let state = match store.get().await {
                 Ok(lease) => match lease.holder {
                     Some(holder) if holder == name => {
+                        let proof = proof_of_read(asked_at, lease.renewed_at, chrono::Utc::now());
                         *self
                             .confirmed_at
                             .lock()
-                            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(asked_at);
+                            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(proof);
                         return (Role::Primary, None);
                     }
                     Some(holder) => match pods.get(&holder).await {
@@ -146,6 +147,23 @@ impl KubeMode {
     }
 }
 
+/// What a read that found this instance the holder proves: the lease was last written at
+/// `renewed_at` (by this instance's previous process, or by the operator's grant), so it is
+/// valid for a lease duration from about then, not from the read. The proof is dated back by
+/// the write's age on the wall clock; a timestamp in the future (a skewed writer) dates it at
+/// the read. A restarted primary must serve within the renew deadline of that write: it does
+/// not renew while it starts (a crash-looping process would otherwise keep the lease forever).
+fn proof_of_read(
+    asked_at: FenceInstant,
+    renewed_at: Option<chrono::DateTime<chrono::Utc>>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> FenceInstant {
+    let age = renewed_at
+        .and_then(|at| (now - at).to_std().ok())
+        .unwrap_or_default();
+    asked_at.earlier_by(age)
+}
+
 async fn accepts_connections(host: &str, port: u16) -> bool {
     matches!(
         tokio::time::timeout(
@@ -155,4 +173,31 @@ async fn accepts_connections(host: &str, port: u16) -> bool {
         .await,
         Ok(Ok(_))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_proves_the_lease_from_its_last_write() {
+        let asked_at = FenceInstant::now();
+        let now = chrono::Utc::now();
+        let proof = proof_of_read(asked_at, Some(now - chrono::Duration::seconds(3)), now);
+        let elapsed = proof.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(3) && elapsed < Duration::from_secs(4),
+            "dated back by the write's age: {elapsed:?}"
+        );
+    }
+
+    #[test]
+    fn a_write_from_the_future_or_unknown_dates_the_proof_at_the_read() {
+        let asked_at = FenceInstant::now();
+        let now = chrono::Utc::now();
+        for renewed_at in [Some(now + chrono::Duration::seconds(5)), None] {
+            let proof = proof_of_read(asked_at, renewed_at, now);
+            assert_eq!(proof, asked_at);
+        }
+    }
 }

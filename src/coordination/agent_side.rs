@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use super::clock::FenceInstant;
 use super::http::HttpLeaseStore;
 use super::keeper::{DEFAULT_START_BUDGET, FenceFn, KeeperMode, LeaseKeeper};
-use super::lease::{LeaseStore, LeaseTimings, TimingsError};
+use super::lease::{LeaseError, LeaseStore, LeaseTimings, TimingsError};
 use super::watchdog::{WatchdogCommand, spawn_watchdog};
 
 /// Lease options of `pgrs agent`. Without `--lease-url` the agent does not fence itself (a
@@ -101,8 +101,14 @@ impl LeaseArgs {
 pub enum LocalPrimaryState {
     /// Running as primary: the lease must be held and renewed.
     Serving,
-    /// Meant to be primary but (re)starting: keep renewing, within the start budget.
+    /// Meant to be primary but (re)starting: a keeper already active keeps renewing, within the
+    /// start budget (postgres crashed under this agent); a fresh agent process does not renew
+    /// until postgres serves (a crash-looping process must not keep the lease), and then fences
+    /// at once unless its start proof is younger than the renew deadline.
     Restarting,
+    /// A first primary creating its data directory (initdb): renews during the start, within
+    /// the start budget (nothing to fail over to yet, and initdb may outlast the renew deadline).
+    Bootstrapping,
     /// A stop was requested and the postmaster has not exited yet: keep renewing.
     Stopping,
     /// A replica, or fenced: nothing to renew.
@@ -137,19 +143,20 @@ async fn promote_gate(State(gate): State<Gate>, request: Request, next: Next) ->
     if request.method() != Method::POST || request.uri().path() != gate.path {
         return next.run(request).await;
     }
-    // The read's start is the proof the promoted primary's fencing deadline counts from.
+    // A renewal, not a read: a read proves the holder, not for how long the lease stays valid.
+    // The renewal's start is the proof the promoted primary's fencing deadline counts from.
     let asked_at = FenceInstant::now();
-    let refusal = match gate.store.get().await {
-        Ok(lease) if lease.holder.as_deref() == Some(gate.identity.as_str()) => {
+    let refusal = match gate.store.renew(&gate.identity).await {
+        Ok(_) => {
             gate.keeper.confirm(asked_at);
             return next.run(request).await;
         }
-        Ok(lease) => format!(
+        Err(LeaseError::NotHolder { current, .. }) => format!(
             "refusing to promote: the lease is held by {}, not by {}",
-            lease.holder.as_deref().unwrap_or("nobody"),
+            current.holder.as_deref().unwrap_or("nobody"),
             gate.identity
         ),
-        Err(error) => format!("refusing to promote: cannot read the lease: {error}"),
+        Err(error) => format!("refusing to promote: cannot renew the lease: {error}"),
     };
     tracing::warn!(identity = %gate.identity, %refusal, "promotion refused");
     (
@@ -254,10 +261,13 @@ async fn monitor(
                 keeper.note_serving(true)
             }
             (_, KeeperMode::Fenced) => may_rearm = true,
-            (LocalPrimaryState::Restarting, KeeperMode::Active) => keeper.note_serving(false),
-            // A primary (re)starting on a lease it has read as its own (a pod's start): renew
-            // during the start, so that it does not serve on stale proof; the budget runs.
-            (LocalPrimaryState::Restarting, KeeperMode::Idle) if keeper.confirmed() => {
+            (
+                LocalPrimaryState::Restarting | LocalPrimaryState::Bootstrapping,
+                KeeperMode::Active,
+            ) => keeper.note_serving(false),
+            // A first primary's initdb on a lease granted to it: renew during the start so that
+            // it does not serve on stale proof; the start budget runs.
+            (LocalPrimaryState::Bootstrapping, KeeperMode::Idle) if keeper.confirmed() => {
                 keeper.activate();
                 keeper.note_serving(false);
             }

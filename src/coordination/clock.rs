@@ -69,6 +69,16 @@ impl FenceInstant {
     }
 }
 
+impl FenceInstant {
+    /// `duration` before `self` (as far back as both clocks reach).
+    pub fn earlier_by(self, duration: Duration) -> FenceInstant {
+        FenceInstant {
+            tokio: self.tokio.checked_sub(duration).unwrap_or(self.tokio),
+            boot: self.boot.saturating_sub(duration),
+        }
+    }
+}
+
 impl std::ops::Add<Duration> for FenceInstant {
     type Output = FenceInstant;
 

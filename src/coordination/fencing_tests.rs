@@ -46,6 +46,7 @@ impl Postgres {
             LocalPrimaryState::Restarting => 2,
             LocalPrimaryState::StoppedOnRequest => 3,
             LocalPrimaryState::Stopping => 4,
+            LocalPrimaryState::Bootstrapping => 5,
         };
         self.0.store(value, Ordering::SeqCst);
     }
@@ -57,6 +58,7 @@ impl Postgres {
             2 => LocalPrimaryState::Restarting,
             3 => LocalPrimaryState::StoppedOnRequest,
             4 => LocalPrimaryState::Stopping,
+            5 => LocalPrimaryState::Bootstrapping,
             _ => LocalPrimaryState::NotPrimary,
         })
     }
@@ -90,7 +92,7 @@ async fn a_promotion_is_fenced_from_the_gate_confirmation_not_from_activation() 
     let router = axum::Router::new().route(
         "/promote",
         axum::routing::post(move || async move {
-            // The store becomes unreachable right after the gate's read; the promotion runs
+            // The store becomes unreachable right after the gate's renewal; the promotion runs
             // once the action queued before it is done.
             handler_store.cut.store(true, Ordering::SeqCst);
             tokio::time::sleep(queued).await;
@@ -255,4 +257,77 @@ async fn a_dead_watchdog_is_respawned() {
         count()
     );
     task.abort();
+}
+
+/// Hole 5 across processes: a pod's restarted agent that finds itself the holder starts postgres
+/// as primary, but must not renew while postgres starts — a process that crash-loops would
+/// otherwise extend the lease at every restart, and no failover could happen. It serves only if
+/// postgres is up within the renew deadline of its start proof; later, it fences at once.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_agent_does_not_renew_while_postgres_starts() {
+    let store = Arc::new(MemoryLeaseStore::new(Duration::from_millis(800)));
+    held_by(store.as_ref(), "a").await;
+    let postgres = Postgres::default();
+    postgres.set(LocalPrimaryState::Restarting);
+    let (fence, mut fenced) = fence_log();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fencing = AgentFencing::start_with_store(
+        &quick_args(),
+        store.clone(),
+        "test store",
+        "a",
+        dir.path(),
+        fence,
+        postgres.reader(),
+    )
+    .expect("fencing");
+    // The start's read found "a" the holder.
+    fencing.keeper().confirm(FenceInstant::now());
+    let before = store.get().await.expect("get").version;
+    tokio::time::sleep(quick_timings().renew_deadline * 2).await;
+    let after = store.get().await.expect("get").version;
+    assert_eq!(before, after, "renewed while postgres was starting");
+    assert_eq!(fencing.keeper().mode(), KeeperMode::Idle);
+    // postgres serves at last, on a proof older than the renew deadline: fenced at once.
+    postgres.set(LocalPrimaryState::Serving);
+    let served = Instant::now();
+    let (fenced_at, reason) = tokio::time::timeout(Duration::from_secs(5), fenced.recv())
+        .await
+        .expect("fenced")
+        .expect("fence called");
+    assert!(
+        fenced_at - served <= Duration::from_millis(100),
+        "fenced {} ms after serving on stale proof ({reason})",
+        (fenced_at - served).as_millis()
+    );
+}
+
+/// A first primary's initdb may outlast the renew deadline: it renews during the start.
+#[tokio::test(start_paused = true)]
+async fn a_bootstrapping_primary_renews_during_initdb() {
+    let store = Arc::new(MemoryLeaseStore::new(Duration::from_millis(800)));
+    held_by(store.as_ref(), "a").await;
+    let postgres = Postgres::default();
+    postgres.set(LocalPrimaryState::Bootstrapping);
+    let (fence, mut fenced) = fence_log();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fencing = AgentFencing::start_with_store(
+        &quick_args(),
+        store.clone(),
+        "test store",
+        "a",
+        dir.path(),
+        fence,
+        postgres.reader(),
+    )
+    .expect("fencing");
+    fencing.keeper().confirm(FenceInstant::now());
+    let before = store.get().await.expect("get").version;
+    tokio::time::sleep(quick_timings().renew_deadline * 2).await;
+    postgres.set(LocalPrimaryState::Serving);
+    tokio::time::sleep(quick_timings().renew_deadline).await;
+    let after = store.get().await.expect("get").version;
+    assert_ne!(before, after, "no renewal during initdb");
+    assert!(fenced.try_recv().is_err(), "fenced although it renewed");
+    assert_eq!(fencing.keeper().mode(), KeeperMode::Active);
 }

@@ -75,6 +75,8 @@ pub struct SupervisorState {
     /// A promotion was signalled and its post-promotion work is not done yet: a retried
     /// promote finishes it.
     pub promotion_pending: bool,
+    /// This agent creates the data directory (initdb of a first primary).
+    pub new_data_dir: bool,
 }
 
 impl SupervisorState {
@@ -93,6 +95,7 @@ impl SupervisorState {
             parameters_hash: None,
             clean_stop: false,
             promotion_pending: false,
+            new_data_dir: false,
         }
     }
 }
@@ -320,6 +323,11 @@ pub fn spawn(
     };
     let task = tokio::spawn(async move { supervisor.run().await });
     (handle, task)
+}
+
+/// Records that this agent creates the data directory (see `fencing_state`).
+pub fn set_new_data_dir(handle: &SupervisorHandle) {
+    lock(&handle.state).new_data_dir = true;
 }
 
 /// Records the system identifier found by bootstrap.
