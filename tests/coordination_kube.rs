@@ -70,7 +70,7 @@ async fn acquire_on_an_absent_lease_creates_it_with_the_holder() {
 
     // A second create-acquire finds it there: a conflict naming the holder.
     match store.acquire("pg-1", KubeLeaseStore::ABSENT_VERSION).await {
-        Err(LeaseError::Conflict { current, .. }) => assert_eq!(current, held),
+        Err(LeaseError::Conflict { current, .. }) => assert_eq!(*current, held),
         other => panic!("expected a conflict, got {other:?}"),
     }
 }
@@ -129,7 +129,7 @@ async fn the_holder_renews_and_others_are_refused() {
     match other.renew("pg-1").await {
         Err(LeaseError::NotHolder { requester, current }) => {
             assert_eq!(requester, "pg-1");
-            assert_eq!(current, again);
+            assert_eq!(*current, again);
         }
         other => panic!("expected NotHolder, got {other:?}"),
     }
@@ -141,9 +141,65 @@ async fn the_holder_renews_and_others_are_refused() {
         .await
         .expect("takeover");
     match store.renew("pg-0").await {
-        Err(LeaseError::NotHolder { current, .. }) => assert_eq!(current, taken),
+        Err(LeaseError::NotHolder { current, .. }) => assert_eq!(*current, taken),
         other => panic!("expected NotHolder after the takeover, got {other:?}"),
     }
+}
+
+/// Two incarnations of one pod name (a force-deleted pod still running beside its replacement):
+/// the first renewal after a grant claims the Lease for its incarnation, the other copy's
+/// renewals are refused (its keeper fences), and a new grant lets either claim it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_incarnation_of_a_holder_renews() {
+    let bed = bed().await;
+    let ns = bed.namespace("lease-incarnation").await.expect("namespace");
+    let operator = store(bed.client().await.expect("client"), ns.name());
+    let old_pod = store(bed.client().await.expect("client"), ns.name())
+        .with_incarnation(Some("uid-old".to_string()));
+    let new_pod = store(bed.client().await.expect("client"), ns.name())
+        .with_incarnation(Some("uid-new".to_string()));
+    operator
+        .acquire("pg-0", KubeLeaseStore::ABSENT_VERSION)
+        .await
+        .expect("grant");
+    let claimed = old_pod
+        .renew("pg-0")
+        .await
+        .expect("the first renewal claims");
+    assert_eq!(claimed.incarnation.as_deref(), Some("uid-old"));
+    match new_pod.renew("pg-0").await {
+        Err(LeaseError::OtherIncarnation {
+            holder,
+            requester,
+            current,
+        }) => {
+            assert_eq!(
+                (holder.as_str(), requester.as_str(), current.as_str()),
+                ("pg-0", "uid-new", "uid-old")
+            );
+        }
+        other => panic!("expected OtherIncarnation, got {other:?}"),
+    }
+    match new_pod.release("pg-0").await {
+        Err(LeaseError::OtherIncarnation { .. }) => {}
+        other => panic!("the other copy must not release it either: {other:?}"),
+    }
+    assert_eq!(
+        operator.get().await.expect("get"),
+        claimed,
+        "nothing changed"
+    );
+    // The operator grants pg-0 again (after expiry): the replacement may claim it now.
+    let regranted = operator
+        .acquire("pg-0", &claimed.version)
+        .await
+        .expect("grant again");
+    assert_eq!(regranted.incarnation, None);
+    new_pod.renew("pg-0").await.expect("the replacement claims");
+    assert!(matches!(
+        old_pod.renew("pg-0").await,
+        Err(LeaseError::OtherIncarnation { .. })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,7 +231,7 @@ async fn acquire_with_a_stale_version_conflicts() {
     match store.acquire("pg-1", &first.version).await {
         Err(LeaseError::Conflict { expected, current }) => {
             assert_eq!(expected, first.version);
-            assert_eq!(current, renewed);
+            assert_eq!(*current, renewed);
         }
         other => panic!("expected a conflict, got {other:?}"),
     }
@@ -199,7 +255,7 @@ async fn race(bed: &TestBed, namespace: &str, version: &str) -> String {
     };
     let holder = winner.holder.clone().expect("a holder");
     match lost {
-        LeaseError::Conflict { current, .. } => assert_eq!(current, winner),
+        LeaseError::Conflict { current, .. } => assert_eq!(*current, winner),
         other => panic!("the loser must see a conflict, got {other:?}"),
     }
     assert_eq!(a.get().await.expect("get"), winner);
@@ -236,7 +292,7 @@ async fn release_then_another_acquires() {
         .expect("acquire");
 
     match replica.release("pg-1").await {
-        Err(LeaseError::NotHolder { current, .. }) => assert_eq!(current, held),
+        Err(LeaseError::NotHolder { current, .. }) => assert_eq!(*current, held),
         other => panic!("a non-holder's release must be refused, got {other:?}"),
     }
     let released = primary.release("pg-0").await.expect("release");

@@ -128,6 +128,11 @@ pub struct AgentArgs {
     /// Namespace of `--kube-lease` and of the instances' pods.
     #[arg(long, env = "PGRS_NAMESPACE")]
     pub namespace: Option<String>,
+    /// Kubernetes mode: this pod's UID (downward API). The Lease is renewed as this incarnation
+    /// of the pod name, so that a force-deleted pod still running beside its replacement
+    /// cannot renew it too.
+    #[arg(long, env = "PGRS_POD_UID")]
+    pub pod_uid: Option<String>,
     /// Lease fencing (`--lease-url`, timings): see `coordination::LeaseArgs`.
     #[command(flatten)]
     pub lease: crate::coordination::LeaseArgs,
@@ -259,6 +264,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             crate::agent::kube_mode::KubeMode::connect(
                 args.namespace.as_deref(),
                 args.kube_lease.as_deref(),
+                args.pod_uid.as_deref(),
             )
             .await?,
         ),

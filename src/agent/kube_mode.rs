@@ -40,6 +40,8 @@ pub struct KubeMode {
     client: Client,
     namespace: String,
     lease: String,
+    /// This pod's UID: the incarnation its Lease renewals claim.
+    incarnation: Option<String>,
     /// Start of the read that found this instance the holder (see `wait_for_role`).
     confirmed_at: Arc<std::sync::Mutex<Option<FenceInstant>>>,
 }
@@ -48,6 +50,7 @@ impl KubeMode {
     pub async fn connect(
         namespace: Option<&str>,
         lease: Option<&str>,
+        incarnation: Option<&str>,
     ) -> Result<KubeMode, KubeModeError> {
         let lease = lease.ok_or(KubeModeError::NoLease)?.to_string();
         let namespace = namespace.ok_or(KubeModeError::NoNamespace)?.to_string();
@@ -58,6 +61,7 @@ impl KubeMode {
             client,
             namespace,
             lease,
+            incarnation: incarnation.map(str::to_string),
             confirmed_at: Arc::default(),
         })
     }
@@ -66,7 +70,8 @@ impl KubeMode {
     pub fn store(&self, duration: Duration, request_timeout: Duration) -> Arc<KubeLeaseStore> {
         Arc::new(
             KubeLeaseStore::for_lease(self.client.clone(), &self.namespace, &self.lease, duration)
-                .with_request_timeout(request_timeout),
+                .with_request_timeout(request_timeout)
+                .with_incarnation(self.incarnation.clone()),
         )
     }
 
@@ -102,6 +107,16 @@ impl KubeMode {
             let asked_at = FenceInstant::now();
             let state = match store.get().await {
                 Ok(lease) => match lease.holder {
+                    Some(holder)
+                        if holder == name
+                            && !same_incarnation(self.incarnation.as_deref(), &lease) =>
+                    {
+                        format!(
+                            "the lease names {holder} as incarnation {}, not this pod ({}): the other copy may still run; waiting until the lease expires or moves",
+                            lease.incarnation.as_deref().unwrap_or("?"),
+                            self.incarnation.as_deref().unwrap_or("?")
+                        )
+                    }
                     Some(holder) if holder == name => {
                         let proof = proof_of_read(asked_at, lease.renewed_at, chrono::Utc::now());
                         *self
@@ -144,6 +159,15 @@ impl KubeMode {
             }
             tokio::time::sleep(WAIT_POLL).await;
         }
+    }
+}
+
+/// Whether the Lease's incarnation (if any) is this pod's: a Lease not yet renewed since its
+/// grant names none, and an agent without a known UID cannot tell.
+fn same_incarnation(own: Option<&str>, lease: &crate::coordination::LeaseRecord) -> bool {
+    match (own, lease.incarnation.as_deref()) {
+        (Some(own), Some(current)) => own == current,
+        _ => true,
     }
 }
 

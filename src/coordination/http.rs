@@ -49,7 +49,7 @@ impl IntoResponse for ApiError {
                     kind: "conflict".to_string(),
                     message,
                     expected: Some(expected),
-                    current: Some(current),
+                    current: Some(*current),
                 },
             ),
             LeaseError::NotHolder { current, .. } => (
@@ -58,7 +58,17 @@ impl IntoResponse for ApiError {
                     kind: "notHolder".to_string(),
                     message,
                     expected: None,
-                    current: Some(current),
+                    current: Some(*current),
+                },
+            ),
+            // Not produced by the stores served here (they have no incarnations).
+            LeaseError::OtherIncarnation { .. } => (
+                StatusCode::CONFLICT,
+                LeaseErrorBody {
+                    kind: "otherIncarnation".to_string(),
+                    message,
+                    expected: None,
+                    current: None,
                 },
             ),
             LeaseError::Unavailable(_) | LeaseError::Persist { .. } => (
@@ -171,11 +181,11 @@ impl HttpLeaseStore {
         match (body.kind.as_str(), body.current) {
             ("conflict", Some(current)) => Err(LeaseError::Conflict {
                 expected: body.expected.unwrap_or_default(),
-                current,
+                current: Box::new(current),
             }),
             ("notHolder", Some(current)) => Err(LeaseError::NotHolder {
                 requester: String::new(),
-                current,
+                current: Box::new(current),
             }),
             _ => Err(LeaseError::Unavailable(format!(
                 "failed to {what}: HTTP {status}: {}",

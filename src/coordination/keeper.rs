@@ -8,7 +8,8 @@
 //!   that — call the fence callback (immediate shutdown). Activation does not restart the
 //!   count: a keeper activated on a confirmation older than the deadline fences at once.
 //! - A renewal refused because another instance holds the lease fences at once; so does one
-//!   that finds the lease free once this keeper has held it (a free lease is grantable at once).
+//!   that finds the lease free once this keeper has held it (a free lease is grantable at once),
+//!   and one refused because another incarnation of the same pod name holds it.
 //! - A primary that has not served for the start budget (postgres down, restarting) fences, so
 //!   that the lease expires and a replica can take over.
 //! - Time is [`FenceInstant`]: boot clock and monotonic clock, whichever is further.
@@ -341,6 +342,10 @@ impl LeaseKeeper {
                             self.lock().last_error = Some("the lease is not granted yet".into());
                         }
                     }
+                }
+                Ok(Err(error @ LeaseError::OtherIncarnation { .. })) => {
+                    self.fence(&fence, error.to_string()).await;
+                    continue;
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(identity = %self.identity, %error, "lease renewal failed");

@@ -23,6 +23,10 @@ pub struct LeaseRecord {
     pub renewed_at: Option<chrono::DateTime<chrono::Utc>>,
     /// How many times the holder changed.
     pub transitions: u64,
+    /// Which incarnation of the holder (its pod's UID) renews it, where the store tells them
+    /// apart (the Kubernetes Lease); `None` until the holder's first renewal after a grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<String>,
 }
 
 mod duration_millis {
@@ -48,7 +52,7 @@ pub enum LeaseError {
     )]
     Conflict {
         expected: String,
-        current: LeaseRecord,
+        current: Box<LeaseRecord>,
     },
     #[error(
         "{requester} does not hold the lease (holder: {})",
@@ -56,7 +60,15 @@ pub enum LeaseError {
     )]
     NotHolder {
         requester: String,
-        current: LeaseRecord,
+        current: Box<LeaseRecord>,
+    },
+    #[error(
+        "the lease is held by {holder} as incarnation {current}, not by this incarnation {requester} of it (a copy of the same pod still runs, or ran until lately)"
+    )]
+    OtherIncarnation {
+        holder: String,
+        requester: String,
+        current: String,
     },
     #[error("lease store unavailable: {0}")]
     Unavailable(String),

@@ -32,6 +32,7 @@ impl MemoryLeaseStore {
                     duration,
                     renewed_at: None,
                     transitions: 0,
+                    incarnation: None,
                 },
                 counter: 1,
             }),
@@ -120,7 +121,7 @@ impl LeaseStore for MemoryLeaseStore {
             if record.holder.as_deref() != Some(holder) {
                 return Err(LeaseError::NotHolder {
                     requester: holder.to_string(),
-                    current: record.clone(),
+                    current: Box::new(record.clone()),
                 });
             }
             Ok(())
@@ -137,7 +138,7 @@ impl LeaseStore for MemoryLeaseStore {
             if record.version != expected_version {
                 return Err(LeaseError::Conflict {
                     expected: expected_version.to_string(),
-                    current: record.clone(),
+                    current: Box::new(record.clone()),
                 });
             }
             if record.holder.as_deref() != Some(holder) {
@@ -154,7 +155,7 @@ impl LeaseStore for MemoryLeaseStore {
             if record.holder.as_deref() != Some(holder) {
                 return Err(LeaseError::NotHolder {
                     requester: holder.to_string(),
-                    current: record.clone(),
+                    current: Box::new(record.clone()),
                 });
             }
             record.holder = None;

@@ -103,6 +103,7 @@ fn value_env(name: &str, value: String) -> EnvVar {
 fn agent_env(cluster: &str) -> Vec<EnvVar> {
     vec![
         field_env("PGRS_NAME", "metadata.name"),
+        field_env("PGRS_POD_UID", "metadata.uid"),
         field_env("PGRS_NAMESPACE", "metadata.namespace"),
         field_env("PGRS_POD_IP", "status.podIP"),
         value_env("PGRS_LEASE_NAME", names::lease(cluster)),

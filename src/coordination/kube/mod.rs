@@ -14,17 +14,18 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::PostParams;
 use kube::{Api, Client};
 
 use super::lease::{LeaseError, LeaseRecord, LeaseStore};
 
-const ABSENT_VERSION: &str = KubeLeaseStore::ABSENT_VERSION;
+mod object;
 
-/// Annotation holding the exact lease duration: `leaseDurationSeconds` has whole seconds only.
-const DURATION_MS_ANNOTATION: &str = "pgrs.dev/lease-duration-ms";
+use object::{
+    ABSENT_VERSION, absent_record, error_chain, holder_of, incarnation_of, new_lease, now,
+    record_from_lease, released, renewed, resource_version, with_holder,
+};
 
 /// Writes attempted by `renew`/`release` before giving up when the Lease keeps changing under
 /// them (each retry re-reads, so a takeover is seen as `NotHolder`, not retried).
@@ -40,6 +41,9 @@ pub struct KubeLeaseStore {
     /// The Lease as last read or written, so that a renewal is one PUT instead of GET + PUT
     /// (safe: the PUT is refused when the Lease changed since).
     last_seen: Mutex<Option<Lease>>,
+    /// An agent's pod UID: its renewals claim the Lease for this incarnation of its name, and
+    /// are refused when another incarnation holds it (see `object::INCARNATION_ANNOTATION`).
+    incarnation: Option<String>,
 }
 
 impl std::fmt::Debug for KubeLeaseStore {
@@ -79,6 +83,7 @@ impl KubeLeaseStore {
             duration,
             request_timeout: duration,
             last_seen: Mutex::new(None),
+            incarnation: None,
         }
     }
 
@@ -108,6 +113,17 @@ impl KubeLeaseStore {
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
+    }
+
+    /// For an agent: renew and release as incarnation `incarnation` (its pod's UID) of the
+    /// holder name.
+    pub fn with_incarnation(mut self, incarnation: Option<String>) -> Self {
+        self.incarnation = incarnation.filter(|uid| !uid.is_empty());
+        self
+    }
+
+    pub fn incarnation(&self) -> Option<&str> {
+        self.incarnation.as_deref()
     }
 
     pub fn name(&self) -> &str {
@@ -152,7 +168,7 @@ impl KubeLeaseStore {
     ) -> Result<LeaseRecord, LeaseError> {
         let conflict = |current| LeaseError::Conflict {
             expected: expected_version.to_string(),
-            current,
+            current: Box::new(current),
         };
         if expected_version == ABSENT_VERSION {
             let lease = new_lease(&self.name, Some(holder), self.duration, now());
@@ -200,22 +216,39 @@ impl KubeLeaseStore {
         let mut current = if use_cached { self.cached() } else { None };
         let mut last_status = None;
         for _ in 0..HOLDER_WRITE_ATTEMPTS {
-            let lease = match current.take() {
+            let cached = current.take();
+            let from_cache = cached.is_some();
+            let lease = match cached {
                 Some(lease) => lease,
                 None => match self.read().await? {
                     Some(lease) => lease,
                     None => {
                         return Err(LeaseError::NotHolder {
                             requester: holder.to_string(),
-                            current: absent_record(self.duration),
+                            current: Box::new(absent_record(self.duration)),
                         });
                     }
                 },
             };
+            let other_incarnation = match (self.incarnation(), incarnation_of(&lease)) {
+                (Some(own), Some(current)) if own != current => Some(current.to_string()),
+                _ => None,
+            };
+            if from_cache && (holder_of(&lease) != Some(holder) || other_incarnation.is_some()) {
+                // A refusal is only ever based on a fresh read: the cache may be stale.
+                continue;
+            }
             if holder_of(&lease) != Some(holder) {
                 return Err(LeaseError::NotHolder {
                     requester: holder.to_string(),
-                    current: self.record(&lease)?,
+                    current: Box::new(self.record(&lease)?),
+                });
+            }
+            if let Some(current) = other_incarnation {
+                return Err(LeaseError::OtherIncarnation {
+                    holder: holder.to_string(),
+                    requester: self.incarnation().unwrap_or_default().to_string(),
+                    current,
                 });
             }
             match self.replace(&change(lease, now())).await? {
@@ -329,8 +362,10 @@ impl LeaseStore for KubeLeaseStore {
     }
 
     fn renew<'a>(&'a self, holder: &'a str) -> BoxFuture<'a, Result<LeaseRecord, LeaseError>> {
-        let duration = self.duration;
-        Box::pin(self.update_as_holder(holder, true, move |lease, at| renewed(lease, duration, at)))
+        let (duration, incarnation) = (self.duration, self.incarnation());
+        Box::pin(self.update_as_holder(holder, true, move |lease, at| {
+            renewed(lease, duration, at, incarnation)
+        }))
     }
 
     fn acquire<'a>(
@@ -347,239 +382,5 @@ impl LeaseStore for KubeLeaseStore {
             tracing::info!(lease = %self.name, namespace = %self.namespace, holder, "lease released");
             Ok(record)
         })
-    }
-}
-
-// Pure conversions between the Lease object and the record.
-
-fn now() -> chrono::DateTime<chrono::Utc> {
-    chrono::Utc::now()
-}
-
-fn absent_record(duration: Duration) -> LeaseRecord {
-    LeaseRecord {
-        holder: None,
-        version: ABSENT_VERSION.to_string(),
-        duration,
-        renewed_at: None,
-        transitions: 0,
-    }
-}
-
-fn resource_version(lease: &Lease) -> Option<&str> {
-    lease.metadata.resource_version.as_deref()
-}
-
-fn holder_of(lease: &Lease) -> Option<&str> {
-    lease
-        .spec
-        .as_ref()
-        .and_then(|s| s.holder_identity.as_deref())
-        .filter(|h| !h.is_empty())
-}
-
-/// The record of `lease`; `None` without a resourceVersion. The duration is the exact one from
-/// the annotation, else `leaseDurationSeconds`, else `default_duration` (a Lease created by
-/// someone else).
-fn record_from_lease(lease: &Lease, default_duration: Duration) -> Option<LeaseRecord> {
-    let version = resource_version(lease)?.to_string();
-    let spec = lease.spec.clone().unwrap_or_default();
-    let annotated = lease
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(DURATION_MS_ANNOTATION))
-        .and_then(|ms| ms.parse::<u64>().ok())
-        .map(Duration::from_millis);
-    let seconds = spec
-        .lease_duration_seconds
-        .and_then(|s| u64::try_from(s).ok())
-        .map(Duration::from_secs);
-    Some(LeaseRecord {
-        holder: holder_of(lease).map(str::to_string),
-        version,
-        duration: annotated.or(seconds).unwrap_or(default_duration),
-        renewed_at: spec.renew_time.as_ref().and_then(from_micro_time),
-        transitions: spec
-            .lease_transitions
-            .and_then(|t| u64::try_from(t).ok())
-            .unwrap_or(0),
-    })
-}
-
-/// Whole seconds for `leaseDurationSeconds`, rounded up (never 0: the API rejects it).
-fn duration_seconds(duration: Duration) -> i32 {
-    let seconds = duration.as_millis().div_ceil(1000).max(1);
-    i32::try_from(seconds).unwrap_or(i32::MAX)
-}
-
-fn to_micro_time(at: chrono::DateTime<chrono::Utc>) -> Option<MicroTime> {
-    let nanos = at.timestamp_nanos_opt()?;
-    k8s_openapi::jiff::Timestamp::from_nanosecond(i128::from(nanos))
-        .ok()
-        .map(MicroTime)
-}
-
-fn from_micro_time(time: &MicroTime) -> Option<chrono::DateTime<chrono::Utc>> {
-    chrono::DateTime::from_timestamp(
-        time.0.as_second(),
-        u32::try_from(time.0.subsec_nanosecond()).ok()?,
-    )
-}
-
-fn set_duration(lease: &mut Lease, duration: Duration) {
-    lease.metadata.annotations.get_or_insert_default().insert(
-        DURATION_MS_ANNOTATION.to_string(),
-        duration.as_millis().to_string(),
-    );
-    lease.spec.get_or_insert_default().lease_duration_seconds = Some(duration_seconds(duration));
-}
-
-/// A new Lease object, held by `holder` or unheld.
-fn new_lease(
-    name: &str,
-    holder: Option<&str>,
-    duration: Duration,
-    at: chrono::DateTime<chrono::Utc>,
-) -> Lease {
-    let mut lease = Lease {
-        metadata: ObjectMeta {
-            name: Some(name.to_string()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(LeaseSpec {
-            holder_identity: holder.map(str::to_string),
-            acquire_time: holder.and(to_micro_time(at)),
-            renew_time: holder.and(to_micro_time(at)),
-            lease_transitions: Some(if holder.is_some() { 1 } else { 0 }),
-            ..LeaseSpec::default()
-        }),
-    };
-    set_duration(&mut lease, duration);
-    lease
-}
-
-/// `lease` taken over by (or re-acquired for) `holder`; a change of holder counts a transition.
-fn with_holder(
-    mut lease: Lease,
-    holder: &str,
-    duration: Duration,
-    at: chrono::DateTime<chrono::Utc>,
-) -> Lease {
-    let changes_holder = holder_of(&lease) != Some(holder);
-    let spec = lease.spec.get_or_insert_default();
-    if changes_holder {
-        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
-        spec.acquire_time = to_micro_time(at);
-    }
-    spec.holder_identity = Some(holder.to_string());
-    spec.renew_time = to_micro_time(at);
-    set_duration(&mut lease, duration);
-    lease
-}
-
-fn renewed(mut lease: Lease, duration: Duration, at: chrono::DateTime<chrono::Utc>) -> Lease {
-    lease.spec.get_or_insert_default().renew_time = to_micro_time(at);
-    set_duration(&mut lease, duration);
-    lease
-}
-
-fn released(mut lease: Lease, at: chrono::DateTime<chrono::Utc>) -> Lease {
-    let spec = lease.spec.get_or_insert_default();
-    spec.holder_identity = None;
-    spec.renew_time = to_micro_time(at);
-    lease
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at() -> chrono::DateTime<chrono::Utc> {
-        chrono::DateTime::from_timestamp(1_800_000_000, 123_456_000).unwrap()
-    }
-
-    fn stored(mut lease: Lease, version: &str) -> Lease {
-        lease.metadata.resource_version = Some(version.to_string());
-        lease
-    }
-
-    #[test]
-    fn duration_seconds_round_up_and_are_never_zero() {
-        assert_eq!(duration_seconds(Duration::from_secs(8)), 8);
-        assert_eq!(duration_seconds(Duration::from_millis(2500)), 3);
-        assert_eq!(duration_seconds(Duration::from_millis(1)), 1);
-        assert_eq!(duration_seconds(Duration::ZERO), 1);
-    }
-
-    #[test]
-    fn a_new_held_lease_reads_back_as_its_record() {
-        let lease = stored(
-            new_lease("c-primary", Some("c-0"), Duration::from_millis(2500), at()),
-            "42",
-        );
-        let record = record_from_lease(&lease, Duration::from_secs(99)).unwrap();
-        assert_eq!(record.holder.as_deref(), Some("c-0"));
-        assert_eq!(record.version, "42");
-        assert_eq!(record.duration, Duration::from_millis(2500));
-        assert_eq!(record.renewed_at, Some(at()));
-        assert_eq!(record.transitions, 1);
-        assert_eq!(lease.spec.unwrap().lease_duration_seconds, Some(3));
-    }
-
-    #[test]
-    fn an_unheld_lease_has_no_holder_and_no_transitions() {
-        let lease = stored(
-            new_lease("c-primary", None, Duration::from_secs(8), at()),
-            "7",
-        );
-        let record = record_from_lease(&lease, Duration::from_secs(99)).unwrap();
-        assert_eq!(record.holder, None);
-        assert_eq!(record.transitions, 0);
-        assert_eq!(record.renewed_at, None);
-    }
-
-    #[test]
-    fn without_annotation_the_duration_comes_from_seconds_then_the_default() {
-        let mut lease = stored(
-            new_lease("c-primary", None, Duration::from_secs(8), at()),
-            "7",
-        );
-        lease.metadata.annotations = None;
-        let record = record_from_lease(&lease, Duration::from_secs(99)).unwrap();
-        assert_eq!(record.duration, Duration::from_secs(8));
-        lease.spec = None;
-        let record = record_from_lease(&lease, Duration::from_secs(99)).unwrap();
-        assert_eq!(record.duration, Duration::from_secs(99));
-    }
-
-    #[test]
-    fn a_lease_without_resource_version_has_no_record() {
-        let lease = new_lease("c-primary", None, Duration::from_secs(8), at());
-        assert_eq!(record_from_lease(&lease, Duration::from_secs(8)), None);
-    }
-
-    #[test]
-    fn only_a_change_of_holder_counts_a_transition() {
-        let lease = new_lease("c-primary", Some("c-0"), Duration::from_secs(8), at());
-        let same = with_holder(lease.clone(), "c-0", Duration::from_secs(8), at());
-        assert_eq!(same.spec.as_ref().unwrap().lease_transitions, Some(1));
-        let other = with_holder(lease, "c-1", Duration::from_secs(8), at());
-        assert_eq!(other.spec.as_ref().unwrap().lease_transitions, Some(2));
-        let released = released(other, at());
-        assert_eq!(holder_of(&released), None);
-        let back = with_holder(released, "c-1", Duration::from_secs(8), at());
-        assert_eq!(back.spec.as_ref().unwrap().lease_transitions, Some(3));
     }
 }
