@@ -10,7 +10,7 @@
 use std::cmp::Reverse;
 
 use super::Lsn;
-use super::model::{EngineInput, InstanceObservation, ObservedRole, ReplicationMode};
+use super::model::{EngineInput, InstanceObservation, MonoTime, ObservedRole, ReplicationMode};
 
 /// Why no candidate may be promoted (without `allowDataLoss`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -19,7 +19,8 @@ pub enum Refusal {
     NoEligibleReplica,
     #[error(
         "synchronous quorum not reachable: {reporting} of the {members} members of the sync set \
-         reported, {needed} are needed to be sure every acknowledged commit is kept"
+         have a usable report (fresh, and taken after the old primary could last commit), \
+         {needed} are needed to be sure every acknowledged commit is kept"
     )]
     QuorumUnreachable {
         members: usize,
@@ -92,9 +93,15 @@ pub fn promotable_replicas<'a>(
 
 /// The position every acknowledged commit is guaranteed to be at or before, proven by the
 /// recorded synchronous quorum; `Ok(None)` when replication is asynchronous.
+///
+/// `reported_after`: count only reports taken after this instant. A takeover passes the instant
+/// after which the old primary can no longer have committed ([`EngineInput::commits_ended_at`]):
+/// a member's earlier report may predate commits it acknowledged since (during the old
+/// primary's checkpoint and stop, or its last seconds before fencing).
 pub fn quorum_position(
     input: &EngineInput,
     excluded: Option<&str>,
+    reported_after: Option<MonoTime>,
 ) -> Result<Option<Lsn>, Refusal> {
     let sync = &input.memory.recorded_sync;
     if !sync.is_synchronous() {
@@ -108,6 +115,7 @@ pub fn quorum_position(
         .filter(|m| Some(m.as_str()) != excluded)
         .filter_map(|m| input.instance(m))
         .filter(|i| input.is_fresh(i) && i.postgres_up && i.role == ObservedRole::Replica)
+        .filter(|i| reported_after.is_none_or(|after| i.last_report_at > Some(after)))
         .filter_map(|i| i.received_lsn)
         .collect();
     if reporting.len() < needed {
@@ -165,7 +173,7 @@ pub fn choose_failover_candidate(
             Err(Refusal::SyncRecordLost)
         };
     }
-    match quorum_position(input, failed) {
+    match quorum_position(input, failed, Some(input.commits_ended_at())) {
         Ok(Some(required)) => {
             let safe: Vec<&InstanceObservation> = promotable
                 .iter()

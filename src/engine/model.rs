@@ -255,6 +255,16 @@ impl EngineInput {
         self.spec.lease_duration.max(self.lease.duration)
     }
 
+    /// After this instant the lease's last holder can no longer have committed anything: the
+    /// lease's release (only a stopped primary releases it), or its expiry (a holder fences
+    /// itself within `renewDeadline + shutdownBudget < leaseDuration` of its last renewal).
+    pub fn commits_ended_at(&self) -> MonoTime {
+        match self.lease.holder {
+            None => self.lease.unchanged_since,
+            Some(_) => MonoTime(self.lease.unchanged_since.0 + self.lease_duration()),
+        }
+    }
+
     /// The lease has a holder that has not changed it for a full lease duration on our clock.
     pub fn lease_expired(&self) -> bool {
         self.lease.holder.is_some()

@@ -161,6 +161,56 @@ fn a_switchover_target_behind_the_quorum_does_not_take_the_released_lease() {
     assert_eq!(takes_over(&decide(&late)), Some("c"));
 }
 
+/// Found by `tests/local_switchover_blip.rs`: c's last report (400) predates commits it
+/// acknowledged during the old primary's checkpoint and stop; b's receiver was cut meanwhile.
+/// Both look fresh, both say "400", the takeover of b lost what c alone held. Only reports taken
+/// after the old primary could last commit may prove the quorum's position.
+#[test]
+fn a_takeover_counts_only_reports_taken_after_the_old_primary_stopped_committing() {
+    let mut stopped = observation("a", ObservedRole::Stopped, 0);
+    stopped.postgres_up = false;
+    let before_release = MonoTime::from_millis(98 * SECOND);
+    let mut b = observation("b", ObservedRole::Replica, 400);
+    let mut c = observation("c", ObservedRole::Replica, 400);
+    (b.last_report_at, c.last_report_at) = (Some(before_release), Some(before_release));
+    // The lease was released at 99 s; now = 100 s: both reports are fresh, and older.
+    let mut released = input(vec![stopped.clone(), b.clone(), c.clone()], None, 99);
+    released.memory.switchover = Some(SwitchoverPlan {
+        from: "a".to_string(),
+        to: "b".to_string(),
+        requested_at: MonoTime::from_millis(97 * SECOND),
+    });
+    let decision = decide(&released);
+    assert_eq!(takes_over(&decision), None, "{:?}", decision.actions);
+    // Once c reports again, after the release, its position proves what b must have.
+    let mut reported = released.clone();
+    reported.instances[2] = observation("c", ObservedRole::Replica, 900);
+    assert_eq!(takes_over(&decide(&reported)), None, "b is behind c");
+    reported.instances[1] = observation("b", ObservedRole::Replica, 900);
+    assert_eq!(takes_over(&decide(&reported)), Some("b"));
+
+    // The same after an expiry: a report taken before the lease expired may predate the old
+    // primary's last commits (it fences itself only by then).
+    let mut dead = observation("a", ObservedRole::Unknown, 0);
+    dead.reachable = false;
+    let mut expired = input(vec![dead, b, c], Some("a"), 91);
+    expired.instances[1].last_report_at = Some(MonoTime::from_millis(98 * SECOND));
+    expired.instances[2].last_report_at = Some(MonoTime::from_millis(98 * SECOND));
+    let decision = decide(&expired);
+    assert_eq!(takes_over(&decision), None, "{:?}", decision.actions);
+    assert!(
+        decision
+            .status
+            .message
+            .contains("taken after the old primary could last commit"),
+        "{}",
+        decision.status.message
+    );
+    expired.instances[1].last_report_at = Some(expired.now);
+    expired.instances[2].last_report_at = Some(expired.now);
+    assert_eq!(takes_over(&decide(&expired)), Some("b"));
+}
+
 #[test]
 fn a_sync_switchover_that_could_not_complete_under_the_quorum_rule_is_refused_up_front() {
     let mut primary = observation("a", ObservedRole::Primary, 1000);

@@ -94,7 +94,7 @@ pub fn check_target(
         let refusal = if input.memory.sync_record_lost {
             Some(super::candidate::Refusal::SyncRecordLost)
         } else {
-            super::candidate::quorum_position(input, Some(primary)).err()
+            super::candidate::quorum_position(input, Some(primary), None).err()
         };
         if let Some(refusal) = refusal {
             return Err(SwitchoverError::QuorumUnprovable {
@@ -153,7 +153,7 @@ pub fn target_holds_every_commit(input: &EngineInput, from: &str, target: &str) 
     if input.spec.mode == super::model::ReplicationMode::Sync && input.memory.sync_record_lost {
         return false;
     }
-    match super::candidate::quorum_position(input, Some(from)) {
+    match super::candidate::quorum_position(input, Some(from), Some(input.commits_ended_at())) {
         Ok(None) => true,
         Ok(Some(required)) => t.received_lsn.is_some_and(|lsn| lsn >= required),
         Err(_) => false,

@@ -137,7 +137,19 @@ pub enum Quorum {
     Required(Lsn),
 }
 
-pub fn quorum(input: &EngineInput, excluded: Option<&str>) -> Quorum {
+/// The old primary commits nothing after its lease was released (it stopped first) or expired
+/// (it fenced itself first): positions reported before that may be short of its last commits.
+pub fn commits_ended_ms(input: &EngineInput) -> u64 {
+    let changed = ms(input.lease.unchanged_since);
+    match input.lease.holder {
+        None => changed,
+        Some(_) => changed + effective_lease_ms(input),
+    }
+}
+
+/// For a takeover (a failover, a switchover's takeover of the released lease) `takeover` is set:
+/// only reports taken after [`commits_ended_ms`] count.
+pub fn quorum(input: &EngineInput, excluded: Option<&str>, takeover: bool) -> Quorum {
     let set = &input.memory.recorded_sync;
     let members: BTreeSet<&str> = set.members.iter().map(String::as_str).collect();
     if set.k == 0 || members.is_empty() {
@@ -150,6 +162,11 @@ pub fn quorum(input: &EngineInput, excluded: Option<&str>) -> Quorum {
         .iter()
         .filter(|i| members.contains(i.name.as_str()) && Some(i.name.as_str()) != excluded)
         .filter(|i| running_replica(input, i))
+        .filter(|i| {
+            !takeover
+                || i.last_report_at
+                    .is_some_and(|at| ms(at) > commits_ended_ms(input))
+        })
         .filter_map(|i| i.received_lsn)
         .collect();
     match reporting.iter().max() {
@@ -164,7 +181,7 @@ pub fn expected_failover(input: &EngineInput, failed: Option<&str>) -> Option<(S
     let fallback = best(input, &candidates)?;
     let allow = input.spec.allow_data_loss;
     let overridden = |i: &InstanceObservation| allow.then(|| (i.name.clone(), true));
-    match quorum(input, failed) {
+    match quorum(input, failed, true) {
         Quorum::Unreachable => overridden(fallback),
         Quorum::Required(required) => {
             let safe: Vec<_> = candidates
@@ -343,7 +360,7 @@ pub fn provable_takeover(input: &EngineInput, from: &str, target: &InstanceObser
     candidates(input, Some(from))
         .iter()
         .any(|c| c.name == target.name)
-        && match quorum(input, Some(from)) {
+        && match quorum(input, Some(from), true) {
             Quorum::Async => true,
             Quorum::Required(required) => target.received_lsn >= Some(required),
             Quorum::Unreachable => false,

@@ -236,7 +236,7 @@ fn a_failover_promotes_exactly_the_best_candidate() {
         } && input.spec.failover_enabled;
         if failover_due && winner.is_some() {
             let choice = expected_failover(&input, failed.as_deref());
-            match quorum(&input, failed.as_deref()) {
+            match quorum(&input, failed.as_deref(), true) {
                 Quorum::Async if input.spec.max_failover_lag_bytes.is_some() => {
                     coverage.hit("lag limit decided")
                 }
@@ -379,7 +379,7 @@ fn sync_mode_never_promotes_a_replica_missing_an_acknowledged_commit() {
                         coverage.hit("a non-member or former primary ahead of the promoted one");
                     }
                 }
-                None => match quorum(&input, Some("p")) {
+                None => match quorum(&input, Some("p"), true) {
                     Quorum::Unreachable => coverage.hit("refused: too few members reporting"),
                     Quorum::Required(_) => {
                         coverage.hit("refused: no candidate as far as the quorum")
@@ -589,7 +589,7 @@ fn a_serving_primary_gets_sound_sync_settings_and_followers() {
                         }
                         // In sync mode, the takeover after the demotion must be provable.
                         && (input.spec.mode != ReplicationMode::Sync
-                            || quorum(&input, Some(&holder.name)) != Quorum::Unreachable)
+                            || quorum(&input, Some(&holder.name), false) != Quorum::Unreachable)
                 });
                 prop_assert_eq!(demoted, ready);
                 if ready {
