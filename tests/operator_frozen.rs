@@ -18,29 +18,12 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use operator_support::faults::agent_pid;
 use operator_support::*;
 use pgrs::api::{InstanceRole, Phase};
 use pgrs_testbed::wait::eventually;
 
 const CLUSTER: &str = "pg";
-
-/// The pid of the `pgrs agent` process of pod `pod` in namespace `ns` (not its watchdog).
-fn agent_pid(ns: &str, pod: &str) -> Option<i32> {
-    let wanted_name = format!("PGRS_NAME={pod}");
-    let wanted_ns = format!("PGRS_NAMESPACE={ns}");
-    std::fs::read_dir("/proc").ok()?.find_map(|entry| {
-        let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if args.get(1) != Some(&b"agent".as_slice()) {
-            return None;
-        }
-        let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-        let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
-        (vars.contains(&wanted_name.as_bytes()) && vars.contains(&wanted_ns.as_bytes()))
-            .then_some(pid)
-    })
-}
 
 /// A write the old primary acknowledged, with when it was sent and acknowledged (from the
 /// freeze).

@@ -18,85 +18,15 @@
 mod operator_report;
 mod operator_support;
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::{Pid, getpgid};
 use operator_report::{Report, Step, longest_gap};
+use operator_support::faults::{hard_kill, pod_processes};
 use operator_support::*;
 use pgrs::api::{InstanceRole, Phase};
 use pgrs_testbed::wait::eventually;
 
 const CLUSTER: &str = "pg";
-
-/// The processes of pod `pod`: those started with its `PGRS_NAME`/`PGRS_NAMESPACE` (the agent
-/// and its watchdog), everything in the agent's process group (postgres rewrites its own
-/// environment area, so the postmaster is found through the group), and their descendants.
-fn pod_processes(ns: &str, pod: &str) -> BTreeSet<i32> {
-    let wanted_name = format!("PGRS_NAME={pod}");
-    let wanted_ns = format!("PGRS_NAMESPACE={ns}");
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return BTreeSet::new();
-    };
-    let pids: Vec<i32> = entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    let mut found = BTreeSet::new();
-    let mut groups = BTreeSet::new();
-    for &pid in &pids {
-        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
-        if vars.contains(&wanted_name.as_bytes()) && vars.contains(&wanted_ns.as_bytes()) {
-            found.insert(pid);
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            if args.get(1) == Some(&b"agent".as_slice())
-                && let Ok(group) = getpgid(Some(Pid::from_raw(pid)))
-            {
-                groups.insert(group.as_raw());
-            }
-        }
-    }
-    for &pid in &pids {
-        if let Ok(group) = getpgid(Some(Pid::from_raw(pid)))
-            && groups.contains(&group.as_raw())
-        {
-            found.insert(pid);
-        }
-    }
-    // postgres' children make themselves session leaders (setsid): add descendants by parent.
-    loop {
-        let children: Vec<i32> = pids
-            .iter()
-            .copied()
-            .filter(|pid| !found.contains(pid))
-            .filter(|pid| parent(*pid).is_some_and(|p| found.contains(&p)))
-            .collect();
-        if children.is_empty() {
-            return found;
-        }
-        found.extend(children);
-    }
-}
-
-/// The parent pid from `/proc/<pid>/stat` (after the parenthesised command name).
-fn parent(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// SIGKILLs every process of the pod; returns how many there were.
-fn hard_kill(ns: &str, pod: &str) -> usize {
-    let pids = pod_processes(ns, pod);
-    for pid in &pids {
-        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
-    }
-    pids.len()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hard_killed_primary_pod_is_failed_over_and_rejoins_after_its_restart() {
