@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
+pub mod watch;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
