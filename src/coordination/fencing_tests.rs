@@ -265,24 +265,9 @@ async fn a_dead_watchdog_is_respawned() {
 /// postgres is up within the renew deadline of its start proof; later, it fences at once.
 #[tokio::test(start_paused = true)]
 async fn a_restarted_agent_does_not_renew_while_postgres_starts() {
-    let store = Arc::new(MemoryLeaseStore::new(Duration::from_millis(800)));
-    held_by(store.as_ref(), "a").await;
-    let postgres = Postgres::default();
-    postgres.set(LocalPrimaryState::Restarting);
-    let (fence, mut fenced) = fence_log();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let fencing = AgentFencing::start_with_store(
-        &quick_args(),
-        store.clone(),
-        "test store",
-        "a",
-        dir.path(),
-        fence,
-        postgres.reader(),
-    )
-    .expect("fencing");
-    // The start's read found "a" the holder.
-    fencing.keeper().confirm(FenceInstant::now());
+    let started = Started::confirmed(LocalPrimaryState::Restarting).await;
+    let (store, postgres, fencing) = (&started.store, &started.postgres, &started.fencing);
+    let mut fenced = started.fenced;
     let before = store.get().await.expect("get").version;
     tokio::time::sleep(quick_timings().renew_deadline * 2).await;
     let after = store.get().await.expect("get").version;
@@ -305,23 +290,9 @@ async fn a_restarted_agent_does_not_renew_while_postgres_starts() {
 /// A first primary's initdb may outlast the renew deadline: it renews during the start.
 #[tokio::test(start_paused = true)]
 async fn a_bootstrapping_primary_renews_during_initdb() {
-    let store = Arc::new(MemoryLeaseStore::new(Duration::from_millis(800)));
-    held_by(store.as_ref(), "a").await;
-    let postgres = Postgres::default();
-    postgres.set(LocalPrimaryState::Bootstrapping);
-    let (fence, mut fenced) = fence_log();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let fencing = AgentFencing::start_with_store(
-        &quick_args(),
-        store.clone(),
-        "test store",
-        "a",
-        dir.path(),
-        fence,
-        postgres.reader(),
-    )
-    .expect("fencing");
-    fencing.keeper().confirm(FenceInstant::now());
+    let started = Started::confirmed(LocalPrimaryState::Bootstrapping).await;
+    let (store, postgres, fencing) = (&started.store, &started.postgres, &started.fencing);
+    let mut fenced = started.fenced;
     let before = store.get().await.expect("get").version;
     tokio::time::sleep(quick_timings().renew_deadline * 2).await;
     postgres.set(LocalPrimaryState::Serving);
@@ -330,4 +301,43 @@ async fn a_bootstrapping_primary_renews_during_initdb() {
     assert_ne!(before, after, "no renewal during initdb");
     assert!(fenced.try_recv().is_err(), "fenced although it renewed");
     assert_eq!(fencing.keeper().mode(), KeeperMode::Active);
+}
+
+/// Fencing started on a lease held by "a" with postgres in `state`, and the start's read of
+/// "holder == a" confirmed (a pod's agent starting as primary).
+struct Started {
+    store: Arc<MemoryLeaseStore>,
+    postgres: Postgres,
+    fencing: AgentFencing,
+    fenced: mpsc::UnboundedReceiver<(Instant, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Started {
+    async fn confirmed(state: LocalPrimaryState) -> Started {
+        let store = Arc::new(MemoryLeaseStore::new(Duration::from_millis(800)));
+        held_by(store.as_ref(), "a").await;
+        let postgres = Postgres::default();
+        postgres.set(state);
+        let (fence, fenced) = fence_log();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fencing = AgentFencing::start_with_store(
+            &quick_args(),
+            store.clone(),
+            "test store",
+            "a",
+            dir.path(),
+            fence,
+            postgres.reader(),
+        )
+        .expect("fencing");
+        fencing.keeper().confirm(FenceInstant::now());
+        Started {
+            store,
+            postgres,
+            fencing,
+            fenced,
+            _dir: dir,
+        }
+    }
 }
