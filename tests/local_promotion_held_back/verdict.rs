@@ -255,13 +255,16 @@ pub(super) fn check(
         .collect();
     match conflict {
         Conflict::ReleasedAfterTheKill => {
-            // The scenario needs the promotion to complete while no lease can be renewed.
-            let released = marks.released.expect("released");
+            // The scenario needs the promotion to complete while no lease can be renewed: after
+            // the controller (and its lease service) died. A tick's time is when its samples
+            // were issued, so the first writable tick may predate the release mark by the
+            // sampling time; it must not predate the kill.
             assert!(
-                target_writable
-                    .first()
-                    .is_some_and(|first| *first > released),
-                "[{name}] {target} never became writable after the conflicting transaction ended: the scenario did not happen\n{}",
+                marks.released.is_some()
+                    && target_writable
+                        .first()
+                        .is_some_and(|first| *first > marks.killed),
+                "[{name}] {target} never became writable after the controller was killed: the scenario did not happen\n{}",
                 context()
             );
         }
