@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod chaos;
 pub mod cli;
 pub mod control;
 pub mod coordination;
