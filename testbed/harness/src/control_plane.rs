@@ -13,6 +13,9 @@ use crate::bins::{Binaries, BinariesError, Versions};
 use crate::pki::{Pki, PkiError};
 use crate::process::{Component, ProcessError, free_port};
 
+mod restart;
+pub use restart::Restartable;
+
 /// Controllers kube-controller-manager runs. Node lifecycle, taint eviction and pod GC
 /// are left out on purpose: without a real kubelet heartbeat they would mark the fake
 /// Node unhealthy and evict or delete its pods.
@@ -104,6 +107,10 @@ pub struct ControlPlane {
     binaries: Binaries,
     versions: Versions,
     api_port: u16,
+    /// What started etcd and kube-apiserver, to start them again after a stop.
+    etcd_spec: ComponentSpec,
+    apiserver_spec: ComponentSpec,
+    etcd_url: String,
     admin_kubeconfig: PathBuf,
     pki: Pki,
     timings: StartTimings,
@@ -195,7 +202,13 @@ impl ControlPlane {
             "--unsafe-no-fsync=true".to_owned(),
             "--log-level=warn".to_owned(),
         ];
-        let mut etcd = Component::start("etcd", &binaries.etcd(), &etcd_args, &logs)?;
+        let etcd_spec = ComponentSpec {
+            name: "etcd",
+            program: binaries.etcd(),
+            args: etcd_args,
+            logs: logs.clone(),
+        };
+        let mut etcd = etcd_spec.start()?;
         let http = reqwest::Client::new();
         let health = format!("{etcd_url}/health");
         wait_until("etcd", &mut [&mut etcd], || {
@@ -243,12 +256,13 @@ impl ControlPlane {
             "--profiling=false".to_owned(),
             "--v=1".to_owned(),
         ];
-        let mut apiserver = Component::start(
-            "kube-apiserver",
-            &binaries.kube_apiserver(),
-            &apiserver_args,
-            &logs,
-        )?;
+        let apiserver_spec = ComponentSpec {
+            name: "kube-apiserver",
+            program: binaries.kube_apiserver(),
+            args: apiserver_args,
+            logs: logs.clone(),
+        };
+        let mut apiserver = apiserver_spec.start()?;
         let client = admin_client(&admin_kubeconfig).await?;
         wait_until("kube-apiserver", &mut [&mut etcd, &mut apiserver], || {
             let client = client.clone();
@@ -321,6 +335,9 @@ impl ControlPlane {
             binaries,
             versions,
             api_port,
+            etcd_spec,
+            apiserver_spec,
+            etcd_url,
             admin_kubeconfig,
             pki,
             timings,
@@ -393,6 +410,21 @@ impl ControlPlane {
         self.controller_manager.stop(grace);
         self.apiserver.stop(grace);
         self.etcd.stop(grace);
+    }
+}
+
+/// How a component is (re)started: the same program, flags and log file every time.
+#[derive(Debug, Clone)]
+struct ComponentSpec {
+    name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+    logs: PathBuf,
+}
+
+impl ComponentSpec {
+    fn start(&self) -> Result<Component, ProcessError> {
+        Component::start(self.name, &self.program, &self.args, &self.logs)
     }
 }
 

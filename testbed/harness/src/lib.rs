@@ -6,6 +6,7 @@
 
 pub mod bins;
 pub mod control_plane;
+pub mod faults;
 pub mod kubelet;
 pub mod network;
 pub mod pki;

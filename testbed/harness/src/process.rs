@@ -111,6 +111,11 @@ impl Component {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// True while the process has been started, not stopped, and not exited.
+    pub fn running(&mut self) -> bool {
+        self.child.is_some() && self.exited().is_none()
+    }
+
     /// The last `lines` lines of the component's log.
     pub fn log_tail(&self, lines: usize) -> String {
         tail_file(&self.log, lines)

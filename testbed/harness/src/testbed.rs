@@ -60,7 +60,7 @@ pub struct TestBedOptions {
 
 /// A running test bed. Shut down on drop (or at process exit for [`shared`]).
 pub struct TestBed {
-    control_plane: Mutex<Option<ControlPlane>>,
+    control_plane: Arc<Mutex<Option<ControlPlane>>>,
     kubelet: FakeKubelet,
     network: Arc<PodNetwork>,
     admin_kubeconfig: PathBuf,
@@ -120,7 +120,7 @@ impl TestBed {
             binaries: control_plane.binaries().clone(),
             timings: control_plane.timings(),
             server_url: control_plane.server_url(),
-            control_plane: Mutex::new(Some(control_plane)),
+            control_plane: Arc::new(Mutex::new(Some(control_plane))),
             kubelet,
             network,
             keep_dir,
@@ -178,6 +178,21 @@ impl TestBed {
     pub fn token_kubeconfig(&self, user: &str, token: &str) -> String {
         self.with_control_plane(|cp| cp.token_kubeconfig(user, token))
             .unwrap_or_default()
+    }
+
+    /// The control plane (`None` after shutdown), for `crate::faults`.
+    pub(crate) fn control_plane_cell(&self) -> Arc<Mutex<Option<ControlPlane>>> {
+        self.control_plane.clone()
+    }
+
+    /// The bed's own runtime, whose worker threads live as long as the bed.
+    pub(crate) fn runtime_handle(&self) -> tokio::runtime::Handle {
+        self.runtime.handle().clone()
+    }
+
+    /// The fake kubelet (its sandbox bookkeeping), for `crate::faults`.
+    pub(crate) fn kubelet(&self) -> &FakeKubelet {
+        &self.kubelet
     }
 
     fn with_control_plane<T>(&self, f: impl FnOnce(&ControlPlane) -> T) -> Option<T> {

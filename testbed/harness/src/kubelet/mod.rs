@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 pub use images::ImageMap;
 
-use crate::network::PodNetwork;
+use crate::network::{PodInterface, PodNetwork};
 
 /// Name of the one fake Node.
 pub const NODE_NAME: &str = "pgrs-testbed-node";
@@ -63,6 +63,20 @@ struct Context {
     network: Arc<PodNetwork>,
     /// Process groups of running containers, for the last-resort kill at exit.
     groups: Arc<Mutex<BTreeSet<u32>>>,
+    /// The network sandbox of every pod that has one, by `namespace/name`.
+    sandboxes: Sandboxes,
+}
+
+/// `namespace/name` → the pod's network sandbox (see [`FakeKubelet::pod_sandbox`]).
+type Sandboxes = Arc<Mutex<HashMap<String, PodSandbox>>>;
+
+/// A pod's network sandbox as the fake kubelet created it.
+#[derive(Debug, Clone)]
+pub struct PodSandbox {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub interface: PodInterface,
 }
 
 impl Context {
@@ -77,12 +91,30 @@ impl Context {
             g.remove(&pid);
         }
     }
+
+    fn remember_sandbox(&self, sandbox: PodSandbox) {
+        if let Ok(mut s) = self.sandboxes.lock() {
+            s.insert(format!("{}/{}", sandbox.namespace, sandbox.name), sandbox);
+        }
+    }
+
+    /// Forgets the sandbox of `namespace/name` if it still belongs to pod `uid` (a
+    /// StatefulSet pod of the same name may already have a new one).
+    fn forget_sandbox(&self, namespace: &str, name: &str, uid: &str) {
+        if let Ok(mut s) = self.sandboxes.lock() {
+            let key = format!("{namespace}/{name}");
+            if s.get(&key).is_some_and(|sandbox| sandbox.uid == uid) {
+                s.remove(&key);
+            }
+        }
+    }
 }
 
 /// A running fake kubelet.
 pub struct FakeKubelet {
     task: tokio::task::JoinHandle<()>,
     groups: Arc<Mutex<BTreeSet<u32>>>,
+    sandboxes: Sandboxes,
     network: Arc<PodNetwork>,
     config: KubeletConfig,
 }
@@ -104,16 +136,19 @@ impl FakeKubelet {
     ) -> Result<Self, KubeletError> {
         register_node(&client, &config).await?;
         let groups = Arc::new(Mutex::new(BTreeSet::new()));
+        let sandboxes = Sandboxes::default();
         let ctx = Arc::new(Context {
             client,
             config: config.clone(),
             network: network.clone(),
             groups: groups.clone(),
+            sandboxes: sandboxes.clone(),
         });
         let task = tokio::spawn(dispatch(ctx));
         Ok(Self {
             task,
             groups,
+            sandboxes,
             network,
             config,
         })
@@ -125,6 +160,17 @@ impl FakeKubelet {
 
     pub fn network(&self) -> &PodNetwork {
         &self.network
+    }
+
+    /// The network sandbox (namespace, pod IP) of pod `namespace/name`, from the time
+    /// its network namespace is created until the pod is removed from the node.
+    /// Needs no API call, so it also works while the API server is down.
+    pub fn pod_sandbox(&self, namespace: &str, name: &str) -> Option<PodSandbox> {
+        self.sandboxes
+            .lock()
+            .ok()?
+            .get(&format!("{namespace}/{name}"))
+            .cloned()
     }
 
     /// Stops watching and kills every container still running (SIGTERM, 1 s, SIGKILL).

@@ -268,6 +268,12 @@ impl PodRun {
         };
         let pod_ip = iface.ip;
         let netns = iface.netns_path();
+        self.ctx.remember_sandbox(super::PodSandbox {
+            namespace: self.namespace(),
+            name: self.name(),
+            uid: self.pod.metadata.uid.clone().unwrap_or_default(),
+            interface: iface.clone(),
+        });
         self.iface = Some(iface);
         // The pod IP is known from here on: env and downward API may use it.
         let status = self.pod.status.get_or_insert_with(Default::default);
@@ -832,6 +838,11 @@ impl PodRun {
 
     async fn cleanup(&mut self) {
         if let Some(iface) = self.iface.take() {
+            self.ctx.forget_sandbox(
+                &self.namespace(),
+                &self.name(),
+                self.pod.metadata.uid.as_deref().unwrap_or_default(),
+            );
             let network = self.ctx.network.clone();
             let _ = tokio::task::spawn_blocking(move || network.remove_pod(&iface)).await;
         }
