@@ -39,21 +39,8 @@ async fn a_hard_killed_primary_pod_is_failed_over_and_rejoins_after_its_restart(
     let ips = pod_ips(&client, &ns_name, CLUSTER).await;
     let old_ip = ips[&primary].clone();
     let password = superuser_password(&client, &ns_name, CLUSTER).await;
-    connect(&old_ip, &password)
-        .await
-        .expect("connect to the primary")
-        .batch_execute("CREATE TABLE t (id bigint PRIMARY KEY)")
-        .await
-        .expect("create a table");
-    let writer = WriteLoad::start(
-        client.clone(),
-        ns_name.clone(),
-        CLUSTER,
-        password.clone(),
-        1,
-        "INSERT INTO t (id) VALUES ($1)",
-    );
-    writer.wait_writes_flow().await;
+    let writer =
+        WriteLoad::start_on_new_table(&client, &ns_name, CLUSTER, &old_ip, &password).await;
 
     let processes = pod_processes(&ns_name, &primary);
     assert!(

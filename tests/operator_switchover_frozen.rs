@@ -227,21 +227,8 @@ async fn a_frozen_agent_right_after_a_switchover_request_does_not_stall_the_oper
     let ips: BTreeMap<String, String> = pod_ips(&client, &ns_name, CLUSTER).await;
     let password = superuser_password(&client, &ns_name, CLUSTER).await;
     let primary = current_primary(&client, &ns_name).await;
-    connect(&ips[&primary], &password)
-        .await
-        .expect("connect to the primary")
-        .batch_execute("CREATE TABLE t (id bigint PRIMARY KEY)")
-        .await
-        .expect("create a table");
-    let writer = WriteLoad::start(
-        client.clone(),
-        ns_name.clone(),
-        CLUSTER,
-        password.clone(),
-        1,
-        "INSERT INTO t (id) VALUES ($1)",
-    );
-    writer.wait_writes_flow().await;
+    let writer =
+        WriteLoad::start_on_new_table(&client, &ns_name, CLUSTER, &ips[&primary], &password).await;
     let probe = PrimaryProbe::start(ips.clone(), password.clone());
     let rounds = RoundWatch::start(port);
     eprintln!(

@@ -360,6 +360,33 @@ pub struct WriteLoad {
 }
 
 impl WriteLoad {
+    /// Creates `t (id bigint PRIMARY KEY)` on the primary at `primary_ip`, then starts one
+    /// writer inserting ids 1, 2, … through `<cluster>-rw`; returns once writes flow.
+    pub async fn start_on_new_table(
+        client: &Client,
+        ns: &str,
+        cluster: &str,
+        primary_ip: &str,
+        password: &str,
+    ) -> WriteLoad {
+        connect(primary_ip, password)
+            .await
+            .expect("connect to the primary")
+            .batch_execute("CREATE TABLE t (id bigint PRIMARY KEY)")
+            .await
+            .expect("create a table");
+        let writer = WriteLoad::start(
+            client.clone(),
+            ns.to_string(),
+            cluster,
+            password.to_string(),
+            1,
+            "INSERT INTO t (id) VALUES ($1)",
+        );
+        writer.wait_writes_flow().await;
+        writer
+    }
+
     pub fn start(
         client: Client,
         ns: String,
