@@ -117,6 +117,10 @@ async fn bad_requests_are_refused_and_nothing_is_disturbed() {
 
     // A down replica.
     pgrs::local::cli::kill_node(&cluster.dir, down, true).expect("kill replica");
+    // A failed call does not make an agent's last answer stale: for the 3 s of
+    // `report_stale_after` the killed replica may still look eligible, and a switchover to it
+    // would be accepted (and then wait out its patience). Ask once that answer is stale.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let output = pgrs(&["local", "switchover", "--dir", &dir, "--to", down]);

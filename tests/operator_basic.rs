@@ -203,7 +203,13 @@ async fn basic_cluster_is_healthy_replicates_and_fails_over_when_the_primary_pod
     let record = status.last_failover.clone().expect("status.lastFailover");
     assert_eq!(record.from.as_deref(), Some(primary.as_str()));
     assert_eq!(record.to, current);
-    assert_eq!(record.reason, "PrimaryPodDeleted");
+    // The operator names the pod's deletion when it saw the pod go before the agent's answers
+    // stopped; otherwise it reports the primary unreachable. Either is a failover of `primary`.
+    assert!(
+        ["PrimaryPodDeleted", "PrimaryUnreachable"].contains(&record.reason.as_str()),
+        "{}",
+        record.reason
+    );
     assert!(record.detected_at.is_some() && record.fenced_at.is_some());
     assert!(record.promoted_at.is_some() && record.service_switched_at.is_some());
     // The deleted pod came back and streams from the new primary (Healthy needs 2 standbys).
