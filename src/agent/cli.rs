@@ -317,12 +317,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let fencing =
+        crate::agent::fencing::start_fencing(&args.lease, &config, &handle, kube_store.zip(kube))?;
+    let failsafe = fencing
+        .as_ref()
+        .map(|fencing| fencing.enable_failsafe(token.expose().to_string()));
     let app = router(HttpState {
         supervisor: handle.clone(),
         token: Arc::new(token),
+        failsafe,
     });
-    let fencing =
-        crate::agent::fencing::start_fencing(&args.lease, &config, &handle, kube_store.zip(kube))?;
     let app = match &fencing {
         Some(fencing) => fencing.gate_promote(app, crate::protocol::api::PROMOTE_PATH),
         None => app,

@@ -15,16 +15,23 @@ use chrono::Utc;
 
 use crate::agent::instance::Secret;
 use crate::agent::supervisor::{ActionError, ActionOutcome, Phase, SupervisorHandle};
+use crate::coordination::Failsafe;
 use crate::protocol::api::{
     ActionResponse, AgentStatus, DataDirHealth, ErrorResponse, FENCE_PATH, FOLLOW_PATH,
     FenceRequest, FollowRequest, PROMOTE_PATH, PromoteRequest, REJOIN_PATH, RejoinRequest, Role,
     START_PATH, STATUS_PATH, STOP_PATH, StopRequest, Upstream,
+};
+use crate::protocol::failsafe::{
+    ConfirmRequest, ConfirmResponse, FAILSAFE_CONFIRM_PATH, FAILSAFE_MEMBERS_PATH,
+    FailsafeMembersRequest, FailsafeStatus,
 };
 
 #[derive(Clone)]
 pub struct HttpState {
     pub supervisor: SupervisorHandle,
     pub token: Arc<Secret>,
+    /// With lease fencing: the lease-store-outage failsafe.
+    pub failsafe: Option<Arc<Failsafe>>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -37,6 +44,8 @@ pub fn router(state: HttpState) -> Router {
         .route(FENCE_PATH, post(fence))
         .route(crate::protocol::api::RESTART_PATH, post(restart))
         .route(crate::protocol::api::PARAMETERS_PATH, post(parameters))
+        .route(FAILSAFE_MEMBERS_PATH, post(failsafe_members))
+        .route(FAILSAFE_CONFIRM_PATH, post(failsafe_confirm))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route(STATUS_PATH, get(status))
@@ -149,6 +158,7 @@ pub async fn build_status(supervisor: &SupervisorHandle) -> AgentStatus {
         parameters_hash: state.parameters_hash.clone(),
         pending_restart: None,
         pending_restart_running: None,
+        failsafe: None,
     };
     if state.phase != Phase::Running {
         return status;
@@ -181,7 +191,67 @@ pub async fn build_status(supervisor: &SupervisorHandle) -> AgentStatus {
 }
 
 async fn status(State(state): State<HttpState>) -> Json<AgentStatus> {
-    Json(build_status(&state.supervisor).await)
+    Json(state.status().await)
+}
+
+impl HttpState {
+    async fn status(&self) -> AgentStatus {
+        let mut status = build_status(&self.supervisor).await;
+        status.failsafe = self.failsafe.as_ref().map(|f| f.status());
+        status
+    }
+
+    fn failsafe(&self) -> Result<&Failsafe, ApiError> {
+        self.failsafe.as_deref().ok_or_else(|| {
+            ApiError(
+                StatusCode::CONFLICT,
+                "this agent runs without lease fencing: no failsafe".into(),
+            )
+        })
+    }
+}
+
+/// The controller's member list and switch.
+async fn failsafe_members(
+    State(state): State<HttpState>,
+    Json(request): Json<FailsafeMembersRequest>,
+) -> Result<Json<FailsafeStatus>, ApiError> {
+    Ok(Json(state.failsafe()?.set_members(request)))
+}
+
+/// A primary serving while the lease store is unreachable asks whether this member follows it.
+async fn failsafe_confirm(
+    State(state): State<HttpState>,
+    Json(request): Json<ConfirmRequest>,
+) -> Result<Json<ConfirmResponse>, ApiError> {
+    let failsafe = state.failsafe()?;
+    let follows = follows(&state.supervisor.state(), &request);
+    failsafe
+        .confirm(&request, follows)
+        .map(Json)
+        .map_err(|reason| ApiError(StatusCode::CONFLICT, reason))
+}
+
+/// Whether this instance follows the primary at `request.host:port`: meant to be a replica of
+/// exactly that upstream, with no promotion signalled.
+fn follows(
+    state: &crate::agent::supervisor::SupervisorState,
+    request: &ConfirmRequest,
+) -> Result<(), String> {
+    if state.intended_role != Role::Replica || state.promotion_pending {
+        return Err(format!(
+            "not a replica (intended role {:?}, promotion pending: {})",
+            state.intended_role, state.promotion_pending
+        ));
+    }
+    match &state.upstream {
+        Some(upstream) if upstream.host == request.host && upstream.port == request.port => Ok(()),
+        Some(upstream) => Err(format!(
+            "follows {}:{}, not {} at {}:{}",
+            upstream.host, upstream.port, request.primary, request.host, request.port
+        )),
+        None => Err("has no upstream".into()),
+    }
 }
 
 async fn respond(
@@ -192,7 +262,7 @@ async fn respond(
     Ok(Json(ActionResponse {
         message: outcome.message,
         rejoin: outcome.rejoin,
-        status: build_status(&state.supervisor).await,
+        status: state.status().await,
     }))
 }
 

@@ -41,6 +41,7 @@ pub fn engine_spec(name: &str, spec: &PgReplicaSetSpec) -> engine::EngineSpec {
         allow_data_loss: spec.failover.allow_data_loss,
         lease_duration: seconds_to_duration(spec.failover.lease_duration_seconds),
         report_stale_after: defaults.report_stale_after.max(poll * STALE_AFTER_POLLS),
+        failsafe: spec.failover.failsafe,
     }
 }
 

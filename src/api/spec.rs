@@ -308,12 +308,21 @@ pub struct FailoverSpec {
     /// standby caught up, or beyond `maxFailoverLagBytes`). Said loudly in a Warning event.
     #[serde(default)]
     pub allow_data_loss: bool,
+
+    /// Keep the primary writable while the Kubernetes API server is unreachable for it, as long
+    /// as every other instance confirms over the agents' API that it still follows it (like
+    /// Patroni's `failsafe_mode`). An instance that confirmed refuses promotion until its
+    /// confirmation expires (a lease duration). Any instance unreachable or refusing: the
+    /// primary fences itself after `renewDeadlineSeconds`, as without the failsafe.
+    #[serde(default = "default_true")]
+    pub failsafe: bool,
 }
 
 impl Default for FailoverSpec {
     fn default() -> Self {
         FailoverSpec {
             enabled: true,
+            failsafe: true,
             lease_duration_seconds: default_lease_duration(),
             renew_interval_seconds: default_renew_interval(),
             renew_deadline_seconds: default_renew_deadline(),

@@ -4,6 +4,7 @@
 //! operator are adapters that implement [`Platform`].
 
 pub mod actuate;
+pub mod failsafe;
 pub mod observe;
 pub mod platform;
 pub mod reports;

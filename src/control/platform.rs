@@ -14,6 +14,7 @@ use crate::protocol::api::{
     RejoinRequest, StopRequest,
 };
 use crate::protocol::client::{AgentClient, ClientError};
+use crate::protocol::failsafe::{FailsafeMembersRequest, FailsafeStatus};
 
 use super::actuate::{ActError, Completed};
 use super::state::ControlState;
@@ -52,6 +53,17 @@ pub trait AgentApi: Send + Sync {
     fn fence<'a>(&'a self, request: &'a FenceRequest) -> Call<'a, ActionResponse>;
     fn follow<'a>(&'a self, request: &'a FollowRequest) -> Call<'a, ActionResponse>;
     fn rejoin<'a>(&'a self, request: &'a RejoinRequest) -> Call<'a, ActionResponse>;
+    /// The agent's base URL, as other agents reach it (the failsafe's member list).
+    fn url(&self) -> Option<String> {
+        None
+    }
+    /// Tells the agent the failsafe's switch and members.
+    fn failsafe_members<'a>(
+        &'a self,
+        _request: &'a FailsafeMembersRequest,
+    ) -> Call<'a, FailsafeStatus> {
+        Box::pin(async { Err(CallError::Failed("no failsafe on this agent".into())) })
+    }
 }
 
 impl AgentApi for AgentClient {
@@ -94,6 +106,21 @@ impl AgentApi for AgentClient {
     fn rejoin<'a>(&'a self, request: &'a RejoinRequest) -> Call<'a, ActionResponse> {
         Box::pin(async move {
             AgentClient::rejoin(self, request)
+                .await
+                .map_err(CallError::from)
+        })
+    }
+
+    fn url(&self) -> Option<String> {
+        Some(self.base_url().to_string())
+    }
+
+    fn failsafe_members<'a>(
+        &'a self,
+        request: &'a FailsafeMembersRequest,
+    ) -> Call<'a, FailsafeStatus> {
+        Box::pin(async move {
+            AgentClient::failsafe_members(self, request)
                 .await
                 .map_err(CallError::from)
         })

@@ -13,6 +13,7 @@ use crate::coordination::{LeaseError, LeaseRecord, LeaseStore};
 use crate::engine::{self, Action, Decision, EngineInput, EngineSpec, LeaseView, MonoTime, Phase};
 
 use super::actuate::{self, ActError, Bounds, Completed, Ran, Shared};
+use super::failsafe;
 use super::observe::{self, Addresses};
 use super::platform::{Clock, ControlEvent, PersistError, Platform};
 use super::state::ControlState;
@@ -119,6 +120,18 @@ impl ControlLoop {
     /// When the current (holder, version) of the lease was first seen.
     pub fn lease_unchanged_since(&self) -> Option<MonoTime> {
         self.lease_seen.as_ref().map(|(_, _, at)| *at)
+    }
+
+    /// The lease could not be read: its expiry is timed anew from the next successful read.
+    /// While the store is unreachable for this observer it may be for the holder too, and the
+    /// holder may be serving on its members' confirmations (the failsafe): a lease is expired
+    /// only after a full lease duration of reads that saw it unchanged.
+    pub fn lease_unreadable(&mut self) {
+        if self.lease_seen.take().is_some() {
+            tracing::info!(
+                "the lease could not be read: its expiry is timed anew from the next read"
+            );
+        }
     }
 
     /// Reads the lease, bounded. A round reads it before anything else: what the pods and
@@ -271,6 +284,7 @@ impl ControlLoop {
         }
         // What the actions learnt (the applied sync setting) is kept for the next round.
         self.persist(platform).await?;
+        self.update_failsafe(platform, observation).await;
         Ok(outcome)
     }
 
@@ -283,11 +297,37 @@ impl ControlLoop {
         spec: EngineSpec,
         poll: bool,
     ) -> Result<(Observation, Decision, Outcome), RoundError> {
-        let lease = Self::read_lease(platform.lease()).await?;
+        let lease = match Self::read_lease(platform.lease()).await {
+            Ok(lease) => lease,
+            Err(error) => {
+                self.lease_unreadable();
+                return Err(error);
+            }
+        };
         let observation = self.observe(platform, lease, instances, spec, poll).await?;
         let decision = engine::decide(&observation.input);
         let outcome = self.act(platform, &observation, &decision).await?;
         Ok((observation, decision, outcome))
+    }
+
+    /// Tells the agents whose report shows another failsafe switch or member list than the
+    /// spec and the instances' addresses give (bounded, off the failover path: after acting).
+    async fn update_failsafe<P: Platform + ?Sized>(&self, platform: &P, observation: &Observation) {
+        let input = &observation.input;
+        let instances: Vec<String> = input.instances.iter().map(|i| i.name.clone()).collect();
+        let request = failsafe::members_request(
+            input.spec.failsafe,
+            &instances,
+            &observation.addresses,
+            |name| platform.agent(name).and_then(|agent| agent.url()),
+        );
+        let targets = {
+            let reports = self.shared.reports();
+            failsafe::out_of_date(&reports, &instances, &request.digest())
+        };
+        if !targets.is_empty() {
+            failsafe::tell_agents(platform, &targets, &request).await;
+        }
     }
 
     async fn persist<P: Platform + ?Sized>(&mut self, platform: &P) -> Result<(), RoundError> {

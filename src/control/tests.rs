@@ -77,6 +77,7 @@ fn status(name: &str, role: Role, lsn: u64, upstream: Option<&str>) -> AgentStat
         parameters_hash: None,
         pending_restart: None,
         pending_restart_running: None,
+        failsafe: None,
     }
 }
 

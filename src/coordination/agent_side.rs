@@ -16,6 +16,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::clock::FenceInstant;
+use super::failsafe::{Failsafe, membership_refusal};
 use super::http::HttpLeaseStore;
 use super::keeper::{DEFAULT_START_BUDGET, FenceFn, KeeperMode, LeaseKeeper};
 use super::lease::{LeaseError, LeaseStore, LeaseTimings, TimingsError};
@@ -147,10 +148,13 @@ async fn promote_gate(State(gate): State<Gate>, request: Request, next: Next) ->
     // The renewal's start is the proof the promoted primary's fencing deadline counts from.
     let asked_at = FenceInstant::now();
     let refusal = match gate.store.renew(&gate.identity).await {
-        Ok(_) => {
-            gate.keeper.confirm(asked_at);
-            return next.run(request).await;
-        }
+        Ok(record) => match failsafe_refusal(&gate, &record) {
+            None => {
+                gate.keeper.confirm(asked_at);
+                return next.run(request).await;
+            }
+            Some(refusal) => refusal,
+        },
         Err(LeaseError::NotHolder { current, .. }) => format!(
             "refusing to promote: the lease is held by {}, not by {}",
             current.holder.as_deref().unwrap_or("nobody"),
@@ -164,6 +168,15 @@ async fn promote_gate(State(gate): State<Gate>, request: Request, next: Next) ->
         axum::Json(serde_json::json!({ "error": refusal })),
     )
         .into_response()
+}
+
+/// The failsafe's part of the gate: the candidate must be named by the lease's member list and
+/// must not have confirmed a primary serving on confirmations (then it is recorded as admitted).
+fn failsafe_refusal(gate: &Gate, record: &super::lease::LeaseRecord) -> Option<String> {
+    if let Some(refusal) = membership_refusal(record, &gate.identity) {
+        return Some(refusal);
+    }
+    gate.keeper.failsafe()?.admit_promotion().err()
 }
 
 impl AgentFencing {
@@ -218,6 +231,19 @@ impl AgentFencing {
 
     pub fn keeper(&self) -> &Arc<LeaseKeeper> {
         &self.keeper
+    }
+
+    /// Turns the lease-store-outage failsafe machinery on (whether it is used is the
+    /// controller's switch, [`Failsafe::set_members`]); `token` authenticates this agent's
+    /// requests to the other members.
+    pub fn enable_failsafe(&self, token: String) -> Arc<Failsafe> {
+        let failsafe = Arc::new(Failsafe::new(
+            self.keeper.identity(),
+            self.keeper.timings(),
+            token,
+        ));
+        self.keeper.set_failsafe(failsafe.clone());
+        failsafe
     }
 
     /// Wraps the agent's router so that `POST promote_path` runs only for the lease holder.

@@ -24,6 +24,9 @@ struct LeaseRequest {
     holder: String,
     #[serde(default)]
     expected_version: Option<String>,
+    /// `/v1/lease/failsafe-members` only.
+    #[serde(default)]
+    failsafe_members: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -125,6 +128,17 @@ async fn release_lease(
         .map_err(ApiError)
 }
 
+async fn set_failsafe_members(
+    State(store): State<Store>,
+    Json(request): Json<LeaseRequest>,
+) -> Result<Json<LeaseRecord>, ApiError> {
+    store
+        .set_failsafe_members(&request.holder, request.failsafe_members)
+        .await
+        .map(Json)
+        .map_err(ApiError)
+}
+
 /// The lease service routes, to be merged into the controller's HTTP server.
 pub fn lease_router(store: Arc<dyn LeaseStore>) -> Router {
     Router::new()
@@ -132,6 +146,7 @@ pub fn lease_router(store: Arc<dyn LeaseStore>) -> Router {
         .route("/v1/lease/renew", post(renew_lease))
         .route("/v1/lease/acquire", post(acquire_lease))
         .route("/v1/lease/release", post(release_lease))
+        .route("/v1/lease/failsafe-members", post(set_failsafe_members))
         .with_state(store)
 }
 
@@ -205,6 +220,7 @@ impl HttpLeaseStore {
             .json(&LeaseRequest {
                 holder: holder.to_string(),
                 expected_version: expected_version.map(str::to_string),
+                failsafe_members: None,
             })
     }
 }
@@ -254,6 +270,27 @@ impl LeaseStore for HttpLeaseStore {
                 "acquire the lease",
             )
             .await
+        })
+    }
+
+    fn set_failsafe_members<'a>(
+        &'a self,
+        holder: &'a str,
+        members: Option<Vec<String>>,
+    ) -> BoxFuture<'a, Result<LeaseRecord, LeaseError>> {
+        Box::pin(async move {
+            let request = self
+                .client
+                .post(format!("{}/v1/lease/failsafe-members", self.base_url))
+                .json(&LeaseRequest {
+                    holder: holder.to_string(),
+                    expected_version: None,
+                    failsafe_members: members,
+                });
+            with_requester(
+                self.send(request, "write the failsafe member list").await,
+                holder,
+            )
         })
     }
 

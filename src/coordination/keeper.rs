@@ -14,6 +14,10 @@
 //!   that the lease expires and a replica can take over.
 //! - Time is [`FenceInstant`]: boot clock and monotonic clock, whichever is further.
 //! - After a clean stop, release the lease so a successor needs no expiry wait.
+//! - With the failsafe ([`Failsafe`]): a renewal that fails because the store is unreachable
+//!   (not refused) is followed by a round of confirmations; when every member the lease names
+//!   confirms, the round's start proves the lease like a renewal would. The holder writes the
+//!   member list into the lease after a renewal whenever it differs.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +28,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::{sleep, timeout};
 
 use super::clock::FenceInstant;
+use super::failsafe::Failsafe;
 use super::lease::{LeaseError, LeaseRecord, LeaseStore, LeaseTimings, TimingsError};
 
 /// Stops postgres immediately; called with the reason. Must not wait for sessions to finish.
@@ -81,6 +86,7 @@ pub struct LeaseKeeper {
     /// while not primary): feeds the out-of-process watchdog, which enforces the deadline even
     /// when this process is frozen.
     armed_until: watch::Sender<Option<FenceInstant>>,
+    failsafe: Mutex<Option<Arc<Failsafe>>>,
 }
 
 impl LeaseKeeper {
@@ -106,6 +112,7 @@ impl LeaseKeeper {
             }),
             wake: Notify::new(),
             armed_until: watch::channel(None).0,
+            failsafe: Mutex::new(None),
         }))
     }
 
@@ -113,6 +120,82 @@ impl LeaseKeeper {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Serve on the members' confirmations while the store is unreachable (see [`Failsafe`]).
+    pub fn set_failsafe(&self, failsafe: Arc<Failsafe>) {
+        *self
+            .failsafe
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(failsafe);
+    }
+
+    pub fn failsafe(&self) -> Option<Arc<Failsafe>> {
+        self.failsafe
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// The lease was proven held by a request (a renewal, a round of confirmations) that
+    /// started at `started`: the fencing deadline counts from it.
+    fn proven(&self, started: FenceInstant) {
+        let mut inner = self.lock();
+        if inner.confirmed_at.is_none_or(|c| started.is_after(c)) {
+            inner.confirmed_at = Some(started);
+        }
+        if inner.mode == KeeperMode::Active && started.is_after(inner.proven_at) {
+            inner.proven_at = started;
+            inner.held = true;
+            self.armed_until
+                .send_replace(Some(started + self.timings.renew_deadline));
+        }
+        inner.last_error = None;
+    }
+
+    /// After a renewal: write the failsafe member list into the lease when it changed.
+    async fn write_failsafe_members(&self, failsafe: &Failsafe, budget: Duration) {
+        let Some(members) = failsafe.wanted_lease_members() else {
+            return;
+        };
+        let result = timeout(
+            budget,
+            self.store
+                .set_failsafe_members(&self.identity, members.clone()),
+        )
+        .await;
+        match result {
+            Ok(Ok(record)) => {
+                tracing::info!(identity = %self.identity, members = ?record.failsafe_members, "failsafe member list written to the lease");
+                failsafe.note_lease_members(members.as_deref(), Some(&record));
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(identity = %self.identity, %error, "failed to write the failsafe member list");
+                failsafe.note_lease_members(members.as_deref(), None);
+            }
+            Err(_) => failsafe.note_lease_members(members.as_deref(), None),
+        }
+    }
+
+    /// The store could not be reached: a round of the members' confirmations, within the
+    /// deadline. Proves the lease from the round's start when every member confirmed.
+    async fn failsafe_round(&self, budget: Duration) {
+        let Some(failsafe) = self.failsafe() else {
+            return;
+        };
+        if !failsafe.enabled() || budget.is_zero() {
+            return;
+        }
+        let started = FenceInstant::now();
+        match timeout(budget, failsafe.ask_members(budget)).await {
+            Ok(Ok(())) => self.proven(started),
+            Ok(Err(error)) => {
+                tracing::warn!(identity = %self.identity, %error, "failsafe: not every member confirmed");
+            }
+            Err(_) => {
+                tracing::warn!(identity = %self.identity, budget_ms = budget.as_millis() as u64, "failsafe: confirmations timed out");
+            }
+        }
     }
 
     /// Follows the fencing deadline; see [`LeaseKeeper::run`] and `coordination::watchdog`.
@@ -211,6 +294,9 @@ impl LeaseKeeper {
         inner.confirmed_at = None;
         self.armed_until.send_replace(None);
         drop(inner);
+        if let Some(failsafe) = self.failsafe() {
+            failsafe.reset_primary();
+        }
         self.wake.notify_one();
     }
 
@@ -309,17 +395,12 @@ impl LeaseKeeper {
             let budget = deadline.remaining().min(renew_interval);
             match timeout(budget, self.store.renew(&self.identity)).await {
                 Ok(Ok(_)) => {
-                    let mut inner = self.lock();
-                    if inner.confirmed_at.is_none_or(|c| started.is_after(c)) {
-                        inner.confirmed_at = Some(started);
+                    self.proven(started);
+                    if let Some(failsafe) = self.failsafe() {
+                        failsafe.note_renewed();
+                        let budget = (started + renew_deadline).remaining().min(renew_interval);
+                        self.write_failsafe_members(&failsafe, budget).await;
                     }
-                    if inner.mode == KeeperMode::Active && started.is_after(inner.proven_at) {
-                        inner.proven_at = started;
-                        inner.held = true;
-                        self.armed_until
-                            .send_replace(Some(started + renew_deadline));
-                    }
-                    inner.last_error = None;
                 }
                 Ok(Err(LeaseError::NotHolder { current, .. })) => {
                     let held = self.lock().held;
@@ -349,12 +430,19 @@ impl LeaseKeeper {
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(identity = %self.identity, %error, "lease renewal failed");
+                    let unreachable = matches!(error, LeaseError::Unavailable(_));
                     self.lock().last_error = Some(error.to_string());
+                    if unreachable {
+                        self.failsafe_round(deadline.remaining().min(renew_interval))
+                            .await;
+                    }
                 }
                 Err(_) => {
                     tracing::warn!(identity = %self.identity, budget_ms = budget.as_millis() as u64, "lease renewal timed out");
                     self.lock().last_error =
                         Some(format!("renewal timed out after {} ms", budget.as_millis()));
+                    self.failsafe_round(deadline.remaining().min(renew_interval))
+                        .await;
                 }
             }
             let (proven_at, not_serving_since) = {

@@ -27,6 +27,11 @@ pub struct LeaseRecord {
     /// apart (the Kubernetes Lease); `None` until the holder's first renewal after a grant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incarnation: Option<String>,
+    /// The members the holder asks to confirm it while the store is unreachable (the failsafe),
+    /// written by the holder; kept when the lease changes hands (the former holder may still
+    /// serve on them) until the next holder writes its own. `None`: no failsafe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failsafe_members: Option<Vec<String>>,
 }
 
 mod duration_millis {
@@ -99,6 +104,14 @@ pub trait LeaseStore: Send + Sync {
     /// Give the lease up (holder becomes `None`), only if `holder` still holds it. Called after
     /// postgres has been shut down, so that a planned stop needs no expiry wait.
     fn release<'a>(&'a self, holder: &'a str) -> BoxFuture<'a, Result<LeaseRecord, LeaseError>>;
+
+    /// Write the failsafe member list (`None` clears it), only if `holder` still holds the
+    /// lease; a write like a renewal (changes the version).
+    fn set_failsafe_members<'a>(
+        &'a self,
+        holder: &'a str,
+        members: Option<Vec<String>>,
+    ) -> BoxFuture<'a, Result<LeaseRecord, LeaseError>>;
 }
 
 /// Lease timings. Safety needs `renew_deadline + shutdown_budget < lease_duration`: a holder that

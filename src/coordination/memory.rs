@@ -33,6 +33,7 @@ impl MemoryLeaseStore {
                     renewed_at: None,
                     transitions: 0,
                     incarnation: None,
+                    failsafe_members: None,
                 },
                 counter: 1,
             }),
@@ -159,6 +160,24 @@ impl LeaseStore for MemoryLeaseStore {
                 });
             }
             record.holder = None;
+            Ok(())
+        });
+        Box::pin(async move { result })
+    }
+
+    fn set_failsafe_members<'a>(
+        &'a self,
+        holder: &'a str,
+        members: Option<Vec<String>>,
+    ) -> BoxFuture<'a, Result<LeaseRecord, LeaseError>> {
+        let result = self.update(|record| {
+            if record.holder.as_deref() != Some(holder) {
+                return Err(LeaseError::NotHolder {
+                    requester: holder.to_string(),
+                    current: Box::new(record.clone()),
+                });
+            }
+            record.failsafe_members = members;
             Ok(())
         });
         Box::pin(async move { result })

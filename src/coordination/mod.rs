@@ -5,6 +5,7 @@
 
 mod agent_side;
 mod clock;
+mod failsafe;
 mod http;
 mod keeper;
 mod kube;
@@ -20,6 +21,7 @@ mod tests;
 pub use self::kube::KubeLeaseStore;
 pub use agent_side::{AgentFencing, LeaseArgs, LocalPrimaryState};
 pub use clock::FenceInstant;
+pub use failsafe::{ConfirmError, Failsafe, membership_refusal};
 pub use http::{HttpLeaseStore, lease_router};
 pub use keeper::{DEFAULT_START_BUDGET, FenceFn, KeeperMode, KeeperStatus, LeaseKeeper};
 pub use lease::{LeaseError, LeaseRecord, LeaseStore, LeaseTimings, TimingsError};

@@ -196,6 +196,16 @@ impl LeaseStore for Partitionable {
             self.inner.release(holder).await
         })
     }
+    fn set_failsafe_members<'a>(
+        &'a self,
+        holder: &'a str,
+        members: Option<Vec<String>>,
+    ) -> BoxFuture<'a, Result<LeaseRecord, LeaseError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.set_failsafe_members(holder, members).await
+        })
+    }
 }
 
 pub(super) fn quick_timings() -> LeaseTimings {

@@ -178,6 +178,9 @@ pub struct EngineSpec {
     pub lease_duration: Duration,
     /// A report older than this is not used for decisions.
     pub report_stale_after: Duration,
+    /// The lease-store-outage failsafe (`spec.failover.failsafe`): the controller gives the
+    /// agents the member list and switch (`control::round`).
+    pub failsafe: bool,
 }
 
 impl Default for EngineSpec {
@@ -193,6 +196,7 @@ impl Default for EngineSpec {
             allow_data_loss: false,
             lease_duration: Duration::from_secs(8),
             report_stale_after: Duration::from_secs(5),
+            failsafe: true,
         }
     }
 }

@@ -54,6 +54,11 @@ pub enum LocalCommand {
         /// Seconds to wait for the cluster to become healthy.
         #[arg(long, default_value_t = 180)]
         wait_secs: u64,
+        /// Turn the failsafe off: the primary then fences itself when the lease service (the
+        /// controller) cannot be reached for the renew deadline, even if every replica still
+        /// follows it.
+        #[arg(long)]
+        no_failsafe: bool,
     },
     /// Print the cluster table: roles, timelines, LSNs, lag, sync state, lease.
     Status {
@@ -120,9 +125,11 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             lease_profile,
             pg_bin,
             wait_secs,
+            no_failsafe,
         } => {
             let timings = LeaseTimings::profile(&lease_profile)?;
-            let config = LocalConfig::new(replicas, port_base, sync, timings, pg_bin);
+            let mut config = LocalConfig::new(replicas, port_base, sync, timings, pg_bin);
+            config.failsafe = !no_failsafe;
             let status = up(&dir.dir, config, Duration::from_secs(wait_secs)).await?;
             print_up(&Layout::new(&dir.dir), &status)?;
             Ok(())

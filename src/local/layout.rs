@@ -77,6 +77,14 @@ pub struct LocalConfig {
     pub superuser: String,
     /// Controller round interval.
     pub interval_ms: u64,
+    /// The lease-service-outage failsafe: the primary keeps serving while the controller (the
+    /// lease service) is down, as long as every other node confirms it follows it.
+    #[serde(default = "default_failsafe")]
+    pub failsafe: bool,
+}
+
+fn default_failsafe() -> bool {
+    true
 }
 
 impl LocalConfig {
@@ -106,6 +114,7 @@ impl LocalConfig {
             pg_bin,
             superuser: "postgres".to_string(),
             interval_ms: 250,
+            failsafe: true,
         }
     }
 

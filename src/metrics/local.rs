@@ -287,6 +287,14 @@ impl LeaseStore for CountingLeaseStore {
         self.inner.get()
     }
 
+    fn set_failsafe_members<'a>(
+        &'a self,
+        holder: &'a str,
+        members: Option<Vec<String>>,
+    ) -> BoxFuture<'a, Result<LeaseRecord, LeaseError>> {
+        self.inner.set_failsafe_members(holder, members)
+    }
+
     fn renew<'a>(&'a self, holder: &'a str) -> BoxFuture<'a, Result<LeaseRecord, LeaseError>> {
         Box::pin(async move {
             let result = self.inner.renew(holder).await;

@@ -119,6 +119,9 @@ pub struct AgentStatus {
     /// parameter's base unit), so that a controller can tell a raise from a lowering.
     #[serde(default)]
     pub pending_restart_running: Option<std::collections::BTreeMap<String, String>>,
+    /// The lease-store-outage failsafe on this agent; `None` without lease fencing.
+    #[serde(default)]
+    pub failsafe: Option<crate::protocol::failsafe::FailsafeStatus>,
 }
 
 /// Where a replica streams from.

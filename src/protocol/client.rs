@@ -128,6 +128,27 @@ impl AgentClient {
             .await
     }
 
+    /// `POST /v1/failsafe/members`: the failsafe's switch and members.
+    pub async fn failsafe_members(
+        &self,
+        request: &crate::protocol::failsafe::FailsafeMembersRequest,
+    ) -> Result<crate::protocol::failsafe::FailsafeStatus, ClientError> {
+        let url = format!(
+            "{}{}",
+            self.base_url,
+            crate::protocol::failsafe::FAILSAFE_MEMBERS_PATH
+        );
+        let mut builder = self
+            .http
+            .post(&url)
+            .timeout(self.action_timeout)
+            .json(request);
+        if let Some(token) = &self.token {
+            builder = builder.bearer_auth(token);
+        }
+        Self::send(url, builder).await
+    }
+
     async fn post<B: Serialize + ?Sized>(
         &self,
         path: &str,

@@ -24,7 +24,7 @@ mod object;
 
 use object::{
     ABSENT_VERSION, absent_record, error_chain, holder_of, incarnation_of, new_lease, now,
-    record_from_lease, released, renewed, resource_version, with_holder,
+    record_from_lease, released, renewed, resource_version, with_failsafe_members, with_holder,
 };
 
 /// Writes attempted by `renew`/`release` before giving up when the Lease keeps changing under
@@ -374,6 +374,20 @@ impl LeaseStore for KubeLeaseStore {
         expected_version: &'a str,
     ) -> BoxFuture<'a, Result<LeaseRecord, LeaseError>> {
         Box::pin(self.acquire_lease(holder, expected_version))
+    }
+
+    fn set_failsafe_members<'a>(
+        &'a self,
+        holder: &'a str,
+        members: Option<Vec<String>>,
+    ) -> BoxFuture<'a, Result<LeaseRecord, LeaseError>> {
+        let (duration, incarnation) = (self.duration, self.incarnation());
+        Box::pin(self.update_as_holder(holder, true, move |lease, at| {
+            with_failsafe_members(
+                renewed(lease, duration, at, incarnation),
+                members.as_deref(),
+            )
+        }))
     }
 
     fn release<'a>(&'a self, holder: &'a str) -> BoxFuture<'a, Result<LeaseRecord, LeaseError>> {

@@ -16,6 +16,37 @@ const DURATION_MS_ANNOTATION: &str = "pgrs.dev/lease-duration-ms";
 /// of one pod name (a force-deleted pod still running beside its replacement) are told apart.
 /// A grant clears it; the holder's first renewal claims it.
 const INCARNATION_ANNOTATION: &str = "pgrs.dev/holder-incarnation";
+/// The failsafe member list the holder wrote (names, comma separated).
+const FAILSAFE_MEMBERS_ANNOTATION: &str = "pgrs.dev/failsafe-members";
+
+fn failsafe_members_of(lease: &Lease) -> Option<Vec<String>> {
+    let value = lease
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(FAILSAFE_MEMBERS_ANNOTATION)?;
+    Some(
+        value
+            .split(',')
+            .filter(|name| !name.is_empty())
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// `lease` with the failsafe member list set (or removed).
+pub(super) fn with_failsafe_members(mut lease: Lease, members: Option<&[String]>) -> Lease {
+    let annotations = lease.metadata.annotations.get_or_insert_default();
+    match members {
+        Some(names) => {
+            annotations.insert(FAILSAFE_MEMBERS_ANNOTATION.to_string(), names.join(","));
+        }
+        None => {
+            annotations.remove(FAILSAFE_MEMBERS_ANNOTATION);
+        }
+    }
+    lease
+}
 
 pub(super) fn now() -> chrono::DateTime<chrono::Utc> {
     chrono::Utc::now()
@@ -29,6 +60,7 @@ pub(super) fn absent_record(duration: Duration) -> LeaseRecord {
         renewed_at: None,
         incarnation: None,
         transitions: 0,
+        failsafe_members: None,
     }
 }
 
@@ -88,6 +120,7 @@ pub(super) fn record_from_lease(lease: &Lease, default_duration: Duration) -> Op
         duration: annotated.or(seconds).unwrap_or(default_duration),
         renewed_at: spec.renew_time.as_ref().and_then(from_micro_time),
         incarnation: incarnation_of(lease).map(str::to_string),
+        failsafe_members: failsafe_members_of(lease),
         transitions: spec
             .lease_transitions
             .and_then(|t| u64::try_from(t).ok())

@@ -140,6 +140,7 @@ pub fn arb_spec(names: Vec<String>) -> impl Strategy<Value = EngineSpec> {
                     allow_data_loss: allow,
                     lease_duration: Duration::from_secs(lease),
                     report_stale_after: Duration::from_secs(stale),
+                    failsafe: true,
                 }
             },
         )

@@ -107,6 +107,7 @@ impl Shared {
             durability: DataDurability::Required,
             lease_duration: self.config.timings.lease_duration,
             report_stale_after: report_stale_after(&self.config),
+            failsafe: self.config.failsafe,
             ..EngineSpec::default()
         }
     }

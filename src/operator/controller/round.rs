@@ -35,7 +35,13 @@ impl Reconciler<'_> {
     ) -> Result<bool, ReconcileError> {
         let name = self.name();
         let spec = &self.cluster.spec;
-        let lease = ControlLoop::read_lease(lease_store.as_ref()).await?;
+        let lease = match ControlLoop::read_lease(lease_store.as_ref()).await {
+            Ok(lease) => lease,
+            Err(error) => {
+                self.runtime.control.lease_unreadable();
+                return Err(error.into());
+            }
+        };
         // A scale-down keeps the instances up to the primary until it moved (`rollout`).
         let spec_groups = resolve_groups(&name, spec);
         let groups = rollout::retained_groups(&spec_groups, lease.holder.as_deref());
