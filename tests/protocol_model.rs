@@ -381,3 +381,56 @@ fn large_fixed_rules_hold() {
     }
     expect_none("large, fixed rules", large(Rules::fixed()));
 }
+
+/// Issue 13, the failsafe: the primary's link to the lease store cut (alone, or with a frozen
+/// or cut-off member), the controller still reaching the store and taking the lease over.
+fn failsafe_config(rules: Rules) -> Config {
+    let mut c = Config::new(
+        rules,
+        moves(|m| {
+            m.cut_store = true;
+            m.cut_repl = true;
+            m.freeze = true;
+        }),
+    );
+    c.faults = 2;
+    c.horizon = 9;
+    c
+}
+
+/// Without the gate's rule a member that confirmed is promoted by a controller that still
+/// reaches the store, while the primary serves on the confirmations: two writers.
+#[test]
+fn failsafe_without_the_gate_rule_is_found() {
+    let rules = Rules {
+        failsafe_gate: false,
+        ..Rules::with_failsafe()
+    };
+    expect_counterexample("failsafe, no gate rule", failsafe_config(rules), ONE_WRITER);
+}
+
+#[test]
+fn failsafe_rules_hold() {
+    expect_none(
+        "failsafe, real engine",
+        failsafe_config(Rules::with_failsafe()),
+    );
+}
+
+/// The CI configuration of the fixed rules, with the failsafe on and the store link as one
+/// more fault; and the failsafe configuration with a longer horizon. Large: about 2 and 6
+/// million states (25 s and 45 s in a release build).
+#[test]
+#[ignore = "large: PGRS_MODEL_LARGE=1, release build"]
+fn large_fixed_rules_with_failsafe_hold() {
+    if std::env::var("PGRS_MODEL_LARGE").as_deref() != Ok("1") {
+        println!("skipped: set PGRS_MODEL_LARGE=1");
+        return;
+    }
+    let mut config = ci(Rules::with_failsafe());
+    config.moves.cut_store = true;
+    expect_none("fixed rules + failsafe, real engine", config);
+    let mut longer = failsafe_config(Rules::with_failsafe());
+    longer.horizon = 11;
+    expect_none("failsafe, horizon 11, real engine", longer);
+}

@@ -158,6 +158,9 @@ fn keeper_run(m: &ProtocolModel, s: &mut State, i: usize) -> bool {
     }
     if !s.up(link_store(i)) {
         // `Err(_)`: renewal failed or timed out; the deadline still runs.
+        if m.config.rules.failsafe {
+            failsafe_round(m, s, i);
+        }
         return true;
     }
     match s.holder {
@@ -176,6 +179,30 @@ fn keeper_run(m: &ProtocolModel, s: &mut State, i: usize) -> bool {
         }
     }
     true
+}
+
+/// `LeaseKeeper::failsafe_round` → `Failsafe::ask_members`: every other member must answer
+/// (agent up, link up) that it follows `i` (`agent::http::follows`: a replica of `i`, no
+/// promotion passed the gate); then the round's start proves the lease like a renewal, and
+/// each member refuses promotion for a lease duration (`Failsafe::confirm`).
+fn failsafe_round(m: &ProtocolModel, s: &mut State, i: usize) {
+    let t = m.config.timing;
+    let confirms = |j: usize| {
+        let r = &s.inst[j];
+        r.agent == Proc::Up
+            && s.up(link_repl(i, j))
+            && r.intended == Intended::Replica
+            && r.upstream == Some(i as u8)
+            && r.promo == Promo::Idle
+    };
+    if !(0..N).filter(|j| *j != i).all(confirms) {
+        return;
+    }
+    for j in (0..N).filter(|j| *j != i) {
+        s.inst[j].confirmed = Some((i as u8, s.now + t.lease));
+    }
+    s.inst[i].proven_at = s.now;
+    s.inst[i].watchdog = Some(s.now + t.renew_deadline);
 }
 
 /// `LeaseKeeper::activate` (the monitor's `Serving` + `Idle`): renew from now on, arm the
@@ -267,6 +294,17 @@ fn deliver(m: &ProtocolModel, s: &mut State, i: usize) -> bool {
                 // Hole-4 fix: the gate confirms with a renewal (a write), so the deadline can
                 // count from it.
                 s.lease_written();
+            }
+            // `Failsafe::admit_promotion` (after the gate's renewal): not while a confirmation
+            // is unexpired.
+            if m.config.rules.failsafe_gate
+                && s.inst[i]
+                    .confirmed
+                    .is_some_and(|(_, until)| s.now < until)
+            {
+                return true;
+            }
+            if m.config.rules.deadline_from_confirmation {
                 s.inst[i].proven_at = s.now;
             }
             s.inst[i].promo = Promo::Queued { confirmed_at };

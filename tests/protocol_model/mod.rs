@@ -35,6 +35,13 @@ pub struct Rules {
     /// deadline. Fix: restart as primary only while the lease is proven (`now < proven_at +
     /// renew_deadline`), else stay down fenced.
     pub restart_only_with_proof: bool,
+    /// Issue 13, the failsafe: a primary whose store link is cut keeps serving while every
+    /// other member confirms (a replica of it, agent up, reachable); a confirming member
+    /// refuses promotion for a lease duration.
+    pub failsafe: bool,
+    /// The failsafe's promote-gate rule: a member with an unexpired confirmation refuses to
+    /// promote. `false` shows the rule is needed.
+    pub failsafe_gate: bool,
 }
 
 impl Rules {
@@ -47,6 +54,8 @@ impl Rules {
             deadline_from_confirmation: false,
             start_budget: false,
             restart_only_with_proof: false,
+            failsafe: false,
+            failsafe_gate: false,
         }
     }
 
@@ -59,6 +68,17 @@ impl Rules {
             deadline_from_confirmation: true,
             start_budget: true,
             restart_only_with_proof: true,
+            failsafe: false,
+            failsafe_gate: false,
+        }
+    }
+
+    /// The fixed rules with the failsafe on (issue 13).
+    pub fn with_failsafe() -> Self {
+        Rules {
+            failsafe: true,
+            failsafe_gate: true,
+            ..Rules::fixed()
         }
     }
 
@@ -243,6 +263,7 @@ impl ProtocolModel {
             inbox: None,
             stop_clean: None,
             renewed: false,
+            confirmed: None,
         };
         let primary = Inst {
             pg: Pg::Primary,

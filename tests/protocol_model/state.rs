@@ -111,6 +111,8 @@ pub struct Inst {
     pub stop_clean: Option<bool>,
     /// The keeper renewed (or tried) in this tick.
     pub renewed: bool,
+    /// The failsafe: (primary, tick until which this member refuses promotion).
+    pub confirmed: Option<(u8, u8)>,
 }
 
 /// What the controller persists (`control::ControlState`), in model form.
