@@ -3,9 +3,11 @@
 //! that still acknowledges writes is seen, and each pod's refusals mark where its terms as
 //! primary end. The history goes through the Jepsen-style checker `pgrs::chaos::check`.
 //!
-//! 1. The primary pod is cut from the API server only (its clients still reach it): its agent
-//!    can no longer renew the Lease, so it must stop acknowledging writes before the operator
-//!    promotes a standby once the Lease expired.
+//! 1. The primary pod is cut from the API server only (its clients still reach it), with the
+//!    failsafe off (`spec.failover.failsafe: false`; with it on the primary keeps serving on its
+//!    replicas' confirmations: `tests/operator_failsafe.rs`): its agent can no longer renew the
+//!    Lease, so it must stop acknowledging writes before the operator promotes a standby once
+//!    the Lease expired.
 //! 2. The primary pod is cut from everyone (node lost): the operator fails over within the
 //!    Lease duration plus a margin, and the cut pod never acknowledges a write again until it
 //!    rejoined as a replica after the heal.
@@ -17,10 +19,10 @@
 
 mod operator_report;
 mod operator_support;
+#[path = "operator_support/writers.rs"]
+mod writers;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use operator_report::{Report, Step};
@@ -28,166 +30,14 @@ use operator_support::watch::Evidence;
 use operator_support::*;
 use pgrs::api::{InstanceRole, Phase};
 use pgrs::chaos::{CheckReport, FinalState, WriteOutcome, WriteRecord, check};
-use pgrs_testbed::faults::{Direction, Peer, PodNet};
+use pgrs_testbed::faults::{Direction, Peer};
 use pgrs_testbed::wait::eventually;
+use writers::{Healer, Writers};
 
 const CLUSTER: &str = "pg";
 const LEASE_SECONDS: u64 = 8;
-/// Between two write attempts of one writer.
-const WRITE_PERIOD: Duration = Duration::from_millis(50);
-/// A connection attempt or an INSERT without an answer by then is indeterminate.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 /// Writing goes on this long after the status names the new primary, before the heal.
 const WRITE_AFTER_FAILOVER: Duration = Duration::from_secs(3);
-
-/// The classification of a failed connection attempt or INSERT.
-fn outcome_of(error: &tokio_postgres::Error) -> WriteOutcome {
-    use tokio_postgres::error::SqlState;
-    if let Some(code) = error.code() {
-        // Read-only (a replica, or a fenced primary); not accepting connections (starting up,
-        // shutting down): definitely not written.
-        if *code == SqlState::READ_ONLY_SQL_TRANSACTION || *code == SqlState::CANNOT_CONNECT_NOW {
-            return WriteOutcome::Refused;
-        }
-        return WriteOutcome::Indeterminate;
-    }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::ConnectionRefused
-        {
-            return WriteOutcome::Refused;
-        }
-        source = e.source();
-    }
-    WriteOutcome::Indeterminate
-}
-
-async fn connect_raw(host: &str, password: &str) -> Result<tokio_postgres::Client, WriteOutcome> {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(host)
-        .port(5432)
-        .user("postgres")
-        .password(password)
-        .dbname("postgres")
-        .connect_timeout(ANSWER_TIMEOUT);
-    match tokio::time::timeout(ANSWER_TIMEOUT, config.connect(tokio_postgres::NoTls)).await {
-        Ok(Ok((client, connection))) => {
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            Ok(client)
-        }
-        Ok(Err(e)) => Err(outcome_of(&e)),
-        Err(_) => Err(WriteOutcome::Indeterminate),
-    }
-}
-
-/// One writer per pod, each on its own reconnecting connection to the pod IP, INSERTing
-/// unique ids every 50 ms and recording every attempt on one clock (`start`).
-struct Writers {
-    records: Arc<Mutex<Vec<WriteRecord>>>,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Writers {
-    fn start(pods: &BTreeMap<String, String>, password: &str, start: Instant) -> Writers {
-        let records = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let next_id = Arc::new(AtomicI64::new(1));
-        let tasks = pods
-            .iter()
-            .map(|(pod, ip)| {
-                let (pod, ip, password) = (pod.clone(), ip.clone(), password.to_string());
-                let (records, stop, next_id) = (records.clone(), stop.clone(), next_id.clone());
-                tokio::spawn(async move {
-                    let mut db: Option<tokio_postgres::Client> = None;
-                    while !stop.load(Ordering::Relaxed) {
-                        let id = next_id.fetch_add(1, Ordering::Relaxed);
-                        let sent = start.elapsed();
-                        let outcome = match &db {
-                            None => match connect_raw(&ip, &password).await {
-                                Ok(client) => {
-                                    db = Some(client);
-                                    None
-                                }
-                                Err(outcome) => Some(outcome),
-                            },
-                            Some(_) => None,
-                        };
-                        let outcome = match (outcome, &db) {
-                            (Some(outcome), _) => outcome,
-                            (None, Some(client)) => {
-                                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
-                                let insert =
-                                    client.execute("INSERT INTO t (id) VALUES ($1)", &params);
-                                match tokio::time::timeout(ANSWER_TIMEOUT, insert).await {
-                                    Ok(Ok(_)) => WriteOutcome::Acknowledged,
-                                    Ok(Err(e)) => {
-                                        let outcome = outcome_of(&e);
-                                        // A read-only refusal keeps the session usable.
-                                        if e.code().is_none() || outcome != WriteOutcome::Refused {
-                                            db = None;
-                                        }
-                                        outcome
-                                    }
-                                    Err(_) => {
-                                        db = None;
-                                        WriteOutcome::Indeterminate
-                                    }
-                                }
-                            }
-                            (None, None) => unreachable!("connected above"),
-                        };
-                        records.lock().expect("records").push(WriteRecord {
-                            id,
-                            node: pod.clone(),
-                            sent,
-                            answered: start.elapsed(),
-                            outcome,
-                        });
-                        tokio::time::sleep(WRITE_PERIOD).await;
-                    }
-                })
-            })
-            .collect();
-        Writers {
-            records,
-            stop,
-            tasks,
-        }
-    }
-
-    fn acknowledged_by(&self, pod: &str) -> usize {
-        self.records
-            .lock()
-            .expect("records")
-            .iter()
-            .filter(|r| r.node == pod && r.outcome == WriteOutcome::Acknowledged)
-            .count()
-    }
-
-    async fn finish(self) -> Vec<WriteRecord> {
-        self.stop.store(true, Ordering::Relaxed);
-        for task in self.tasks {
-            let _ = task.await;
-        }
-        self.records.lock().expect("records").clone()
-    }
-}
-
-/// Heals every cut of the pod on drop (also when the test fails).
-struct Healer(PodNet);
-
-impl Drop for Healer {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.heal_all() {
-            eprintln!("heal {}: {e}", self.0.pod());
-        }
-    }
-}
 
 /// What a partition run saw, on the writers' clock (`Duration` since their start).
 struct Run {
@@ -249,7 +99,22 @@ async fn partition_run(prefix: &str, test: &'static str, peer: Peer) -> Run {
         operators: vec![("operator", OperatorProcess::start(bed, &ns_name))],
     };
 
-    apply_repo_manifest(bed, &ns_name, "examples/basic.yaml");
+    let basic = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/basic.yaml"),
+    )
+    .expect("examples/basic.yaml");
+    // The failsafe would keep a primary cut from the API server only serving (no failover):
+    // this scenario is the fencing path without it.
+    let manifest = if peer == Peer::ApiServer {
+        basic.replace(
+            "  replicas: 3\n",
+            "  replicas: 3\n  failover:\n    failsafe: false\n",
+        )
+    } else {
+        basic
+    };
+    assert!(manifest.contains("replicas: 3"), "{manifest}");
+    apply_manifest_text(bed, &ns_name, &manifest);
     let old_primary =
         wait_three_ready_healthy(&client, &ns_name, CLUSTER, "basic cluster Healthy").await;
     let ips = pod_ips(&client, &ns_name, CLUSTER).await;

@@ -5,8 +5,9 @@
 //! the bed's own namespaces is ever touched:
 //!
 //! - [`PodNet::cut`] drops packets between the pod and a [`Peer`] (the API server as
-//!   pods reach it, one IP, or everyone) in a [`Direction`]; [`PodNet::heal`] removes
-//!   exactly that cut, [`PodNet::heal_all`] everything this module installed in the pod.
+//!   pods reach it, the host's connections to one pod port, one IP, or everyone) in a
+//!   [`Direction`]; [`PodNet::heal`] removes exactly that cut, [`PodNet::heal_all`]
+//!   everything this module installed in the pod.
 //!   Rules live in dedicated iptables chains (`PGRS-CUT-IN`/`-OUT`, `PGRS-NETEM-IN`/`-OUT`)
 //!   jumped to from `INPUT`/`OUTPUT` of the pod's namespace, so healing never touches
 //!   another rule. Packets are dropped (not rejected): peers see timeouts, as in a real
@@ -118,10 +119,15 @@ pub enum FaultError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Peer {
     /// The API server as pods reach it: TCP to `<gateway>:443` (the harness's proxy).
-    /// The kubelet's probes, which come from the gateway too, still pass.
+    /// The kubelet's probes still pass.
     ApiServer,
-    /// One address: another pod's IP, or the gateway (= the host: the API proxy, the
-    /// kubelet's probes and any test process on the host).
+    /// The host's processes that dial this port of the pod: TCP between the gateway and
+    /// the pod's port (e.g. an operator on the host reaching an agent). The kubelet's
+    /// probes of the same port still pass: they come from [`PodNet::probe_source`].
+    HostPort(u16),
+    /// One address: another pod's IP, or the gateway (= the host: the API proxy and any
+    /// process on the host, but not the kubelet's probes, which come from
+    /// [`PodNet::probe_source`]).
     Ip(Ipv4Addr),
     /// Every packet on the pod's `eth0` (the pod's own loopback keeps working).
     Everyone,
@@ -177,6 +183,7 @@ pub struct PodNet {
     netns: String,
     ip: Ipv4Addr,
     gateway: Ipv4Addr,
+    probe_source: Ipv4Addr,
 }
 
 impl TestBed {
@@ -195,6 +202,7 @@ impl TestBed {
             netns: sandbox.interface.netns.clone(),
             ip: sandbox.interface.ip,
             gateway: self.gateway(),
+            probe_source: self.kubelet().network().probe_source(),
         })
     }
 }
@@ -213,6 +221,13 @@ impl PodNet {
     /// The network namespace's name under `/run/netns` (for `ip netns exec`).
     pub fn netns(&self) -> &str {
         &self.netns
+    }
+
+    /// Where the fake kubelet's probes of the pod come from: not the gateway, so that
+    /// cutting the host (`Peer::Ip(gateway)`, `Peer::HostPort`) leaves them alone.
+    /// `Peer::Ip(probe_source)` cuts the probes.
+    pub fn probe_source(&self) -> Ipv4Addr {
+        self.probe_source
     }
 
     /// The address the pod dials for the API server (`KUBERNETES_SERVICE_HOST:PORT`).
@@ -438,6 +453,17 @@ impl PodNet {
                         "tcp".to_owned(),
                         port_flag.to_owned(),
                         api_port.clone(),
+                    ]),
+                    // The pod serves the port: its own side of the connection is the port.
+                    Peer::HostPort(port) => rule.extend([
+                        addr_flag.to_owned(),
+                        gateway.clone(),
+                        "-p".to_owned(),
+                        "tcp".to_owned(),
+                        "-m".to_owned(),
+                        "tcp".to_owned(),
+                        if inbound { "--dport" } else { "--sport" }.to_owned(),
+                        port.to_string(),
                     ]),
                     Peer::Ip(ip) => rule.extend([addr_flag.to_owned(), format!("{ip}/32")]),
                     Peer::Everyone => rule.extend([if_flag.to_owned(), POD_INTERFACE.to_owned()]),

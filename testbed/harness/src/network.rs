@@ -3,7 +3,10 @@
 //!
 //! The bridge's address (10.213.X.1) is the pods' gateway; the host reaches every pod
 //! IP through the bridge, and pods reach each other and the gateway. Nothing is routed
-//! further: only our own namespaces are ever dialled.
+//! further: only our own namespaces are ever dialled. A second bridge address,
+//! 10.213.X.254, is never a pod's: the fake kubelet's probes come from it, so that a
+//! network fault can tell them from the host's other processes (see
+//! [`PodNetwork::probe_source`]).
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -15,6 +18,8 @@ use std::sync::Mutex;
 
 /// Directory of the lock files that hand out the /24s between concurrent test beds.
 const LOCK_DIR: &str = "/run/pgrs-testbed";
+/// Host part of [`PodNetwork::probe_source`]; never handed to a pod.
+const PROBE_HOST_PART: u8 = 254;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -40,7 +45,7 @@ pub enum NetworkError {
     },
     #[error("`ip {args}` failed: {stderr}")]
     Ip { args: String, stderr: String },
-    #[error("failed to allocate a pod IP: all 253 addresses of {subnet}/24 are in use")]
+    #[error("failed to allocate a pod IP: all 252 pod addresses of {subnet}/24 are in use")]
     NoAddress { subnet: Ipv4Addr },
 }
 
@@ -105,13 +110,16 @@ impl PodNetwork {
             let network = Self {
                 index,
                 bridge: format!("pgrsbr{index}"),
-                free_hosts: Mutex::new((2..=254).collect()),
+                free_hosts: Mutex::new((2..PROBE_HOST_PART).collect()),
                 _lock: lock,
             };
             network.remove_leftovers();
             let gateway = format!("{}/24", network.gateway());
             ip(&["link", "add", &network.bridge, "type", "bridge"])?;
             ip(&["addr", "add", &gateway, "dev", &network.bridge])?;
+            // /32: no route of its own; the subnet's route keeps the gateway as source.
+            let probe_source = format!("{}/32", network.probe_source());
+            ip(&["addr", "add", &probe_source, "dev", &network.bridge])?;
             ip(&["link", "set", &network.bridge, "up"])?;
             tracing::info!(bridge = %network.bridge, %gateway, "pod network ready");
             return Ok(network);
@@ -122,6 +130,16 @@ impl PodNetwork {
     /// The bridge address: the pods' default gateway, reachable from every pod.
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 213, self.index, 1)
+    }
+
+    /// The source address of the fake kubelet's probes (10.213.X.254, on the bridge too).
+    /// Every other host process — the API proxy, an operator or a test on the host —
+    /// reaches pods from the gateway, as in a real cluster where the kubelet probes from
+    /// the node and controllers run elsewhere; so a fault on the gateway's traffic to a
+    /// pod port leaves the probes of that port alone. It lies in the pods' /24, so they
+    /// answer it directly over the bridge.
+    pub fn probe_source(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 213, self.index, PROBE_HOST_PART)
     }
 
     pub fn subnet(&self) -> Ipv4Addr {

@@ -1,5 +1,6 @@
-//! Issue 13, first building block: network faults per pod and direction, delay and
-//! loss, and API-server/etcd outages — each proven with real traffic.
+//! Issue 13, first building block: network faults per pod and direction (also the
+//! host's connections to one pod port, sparing the kubelet's probes), delay and loss,
+//! and API-server/etcd outages — each proven with real traffic.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
@@ -223,6 +224,96 @@ async fn cuts_separate_a_pod_from_the_api_server_one_peer_or_everyone_and_heal()
     a.heal_all().expect("heal all");
     assert!(!iptables_rules(a).contains("PGRS"), "{}", iptables_rules(a));
     assert!(reaches(a, a.api_address()) && reaches(a, http(b)) && reaches(c, http(a)));
+}
+
+/// Whether pod `name`'s `Ready` condition is True.
+async fn pod_ready(bed: &TestBed, ns: &str, name: &str) -> bool {
+    let client = bed.client().await.expect("client");
+    let pod = Api::<Pod>::namespaced(client, ns)
+        .get(name)
+        .await
+        .expect("get pod");
+    pod.status
+        .and_then(|s| s.conditions)
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// `GET url` sent from `source` (a local address of the host).
+async fn get_from(source: std::net::Ipv4Addr, url: &str) -> Result<String, String> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .no_proxy()
+        .local_address(std::net::IpAddr::V4(source))
+        .build()
+        .map_err(|e| e.to_string())?
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .text()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_port_cut_stops_the_hosts_connections_to_that_port_but_not_the_probes() {
+    let _shared = CONTROL_PLANE.read().await;
+    let bed = bed().await;
+    let ns = bed.namespace("hostport").await.expect("namespace");
+    let pods = pods(bed, &ns, &["a", "b"]).await;
+    let (a, b) = (&pods[0], &pods[1]);
+    let healthz = format!("http://{}/healthz", http(a));
+    assert_ne!(
+        a.probe_source(),
+        bed.gateway(),
+        "probes have their own source"
+    );
+    get_text(&healthz).await.expect("the host reaches a");
+
+    // The host's connections to a:8080 stall; from the probes' address they pass, and
+    // so do the pod's other connections to the host and its peers.
+    a.cut(Peer::HostPort(8080), Direction::Both)
+        .expect("cut the host from a:8080");
+    let during = get_text(&healthz).await;
+    assert!(during.is_err(), "the host reached a:8080: {during:?}");
+    get_from(a.probe_source(), &healthz)
+        .await
+        .expect("the probes' address still reaches a:8080");
+    assert!(reaches(a, a.api_address()), "a lost the API server");
+    assert!(reaches(b, http(a)) && reaches(a, http(b)), "a lost b");
+    // Past the readiness probe's failure threshold (3 × 1 s): still Ready.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        pod_ready(bed, ns.name(), "a").await,
+        "a's readiness probe failed under a host-port cut"
+    );
+    a.heal(Peer::HostPort(8080), Direction::Both)
+        .expect("heal the host port");
+    get_text(&healthz).await.expect("the host reaches a again");
+
+    // The probes really come from that address: cutting it fails them, a turns unready.
+    a.cut(Peer::Ip(a.probe_source()), Direction::Both)
+        .expect("cut the probes");
+    eventually("a turns unready", Duration::from_secs(15), || async {
+        (!pod_ready(bed, ns.name(), "a").await)
+            .then_some(())
+            .ok_or("still ready".to_owned())
+    })
+    .await
+    .expect("a unready without its probes");
+    get_text(&healthz)
+        .await
+        .expect("the host (gateway) still reaches a");
+    a.heal_all().expect("heal all");
+    eventually("a is ready again", Duration::from_secs(15), || async {
+        pod_ready(bed, ns.name(), "a")
+            .await
+            .then_some(())
+            .ok_or("not ready".to_owned())
+    })
+    .await
+    .expect("a ready after the heal");
+    assert!(!iptables_rules(a).contains("PGRS"), "{}", iptables_rules(a));
 }
 
 /// Median TCP connect time from `from` to `to` over 5 tries.

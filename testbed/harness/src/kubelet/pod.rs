@@ -512,11 +512,14 @@ impl PodRun {
     /// liveness probe stops the container (SIGTERM, then SIGKILL after the grace
     /// period); the restart policy brings it back.
     async fn run_probes(&mut self) {
-        let pod_ip = self
-            .iface
-            .as_ref()
-            .map(|i| i.ip)
-            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let target = probe::Target {
+            pod_ip: self
+                .iface
+                .as_ref()
+                .map(|i| i.ip)
+                .unwrap_or(Ipv4Addr::UNSPECIFIED),
+            source: self.ctx.network.probe_source(),
+        };
         let pod_grace = self
             .pod
             .spec
@@ -560,7 +563,7 @@ impl PodRun {
                 }
                 slot.next = Instant::now() + probe::period(spec);
                 let result =
-                    probe::run(spec, &container, pod_ip, runner.pid, &image, &images).await;
+                    probe::run(spec, &container, target, runner.pid, &image, &images).await;
                 if let Err(e) = &result {
                     tracing::debug!(pod = %self.key, container = %container.name, probe = kind, error = %e, "probe failed");
                 }

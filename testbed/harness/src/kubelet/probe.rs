@@ -1,6 +1,8 @@
-//! Readiness probes, executed for real against the pod IP (or inside the pod).
+//! Readiness probes, executed for real against the pod IP (or inside the pod). Probes of
+//! the pod IP come from the node's probe address (`PodNetwork::probe_source`), not from
+//! the gateway the host's other processes use.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Container, Probe};
@@ -80,11 +82,36 @@ fn port(container: &Container, port: &IntOrString) -> Result<u16, String> {
     }
 }
 
-/// Runs `probe` once for `container` of a pod at `pod_ip` whose main process is `pid`.
+/// The pod IP a probe dials, and the address it comes from (as a real kubelet probes from
+/// its node, not from where controllers run).
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    pub pod_ip: Ipv4Addr,
+    /// The local address probes of `pod_ip` are sent from.
+    pub source: Ipv4Addr,
+}
+
+/// A TCP connection to `host:port`, from `target.source` when `host` is the pod IP.
+async fn tcp_connect(
+    target: Target,
+    host: &str,
+    port: u16,
+) -> std::io::Result<tokio::net::TcpStream> {
+    if host != target.pod_ip.to_string() {
+        return tokio::net::TcpStream::connect((host, port)).await;
+    }
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((target.source, 0)))?;
+    socket
+        .connect(SocketAddr::from((target.pod_ip, port)))
+        .await
+}
+
+/// Runs `probe` once for `container` of a pod at `target.pod_ip` whose main process is `pid`.
 pub async fn run(
     probe: &Probe,
     container: &Container,
-    pod_ip: Ipv4Addr,
+    target: Target,
     pid: Option<u32>,
     image: &str,
     images: &ImageMap,
@@ -101,14 +128,15 @@ pub async fn run(
             );
         }
         let port = port(container, &http.port)?;
-        let host = http.host.clone().unwrap_or_else(|| pod_ip.to_string());
+        let pod_ip = target.pod_ip.to_string();
+        let host = http.host.clone().unwrap_or_else(|| pod_ip.clone());
         let path = http.path.clone().unwrap_or_else(|| "/".to_owned());
         let url = format!("http://{host}:{port}{path}");
-        let client = reqwest::Client::builder()
-            .timeout(limit)
-            .no_proxy()
-            .build()
-            .map_err(|e| e.to_string())?;
+        let mut client = reqwest::Client::builder().timeout(limit).no_proxy();
+        if host == pod_ip {
+            client = client.local_address(IpAddr::V4(target.source));
+        }
+        let client = client.build().map_err(|e| e.to_string())?;
         let mut request = client.get(&url);
         for header in http.http_headers.iter().flatten() {
             request = request.header(&header.name, &header.value);
@@ -125,10 +153,11 @@ pub async fn run(
         }
     } else if let Some(tcp) = &probe.tcp_socket {
         let port = port(container, &tcp.port)?;
-        let host = tcp.host.clone().unwrap_or_else(|| pod_ip.to_string());
-        match tokio::time::timeout(limit, tokio::net::TcpStream::connect((host.as_str(), port)))
-            .await
-        {
+        let host = tcp
+            .host
+            .clone()
+            .unwrap_or_else(|| target.pod_ip.to_string());
+        match tokio::time::timeout(limit, tcp_connect(target, &host, port)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(format!("connect {host}:{port}: {e}")),
             Err(_) => Err(format!("connect {host}:{port}: timed out after {limit:?}")),
