@@ -119,6 +119,10 @@ pub fn engine_input(
                     .flatten(),
                 last_report_at: report.map(|r| r.asked_at),
                 former_primary: state.former_primaries.contains(name),
+                last_seen_serving_at: reports
+                    .latest(name)
+                    .filter(|r| r.status.role == Role::Primary && r.status.postgres_up)
+                    .map(|r| r.asked_at),
             }
         })
         .collect();

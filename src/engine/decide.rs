@@ -154,6 +154,24 @@ impl<'a> Round<'a> {
     }
 
     /// The holder serves as primary: keep replicas, sync settings and any switchover moving.
+    /// See [`holder_renews_unobserved`]: nothing to decide about the holder; it stays the
+    /// primary of the status.
+    fn renewing_unobserved(&mut self, holder: &str) -> ClusterStatus {
+        let input = self.input;
+        let last = input
+            .instance(holder)
+            .and_then(|h| h.last_seen_serving_at)
+            .map(|seen| input.now.saturating_since(seen).as_millis());
+        self.status(
+            Phase::Degraded,
+            Some(holder),
+            format!(
+                "{holder} keeps renewing its lease but its agent does not answer (last report {} ms ago): it still serves; a failover follows only if it stops renewing",
+                last.unwrap_or_default()
+            ),
+        )
+    }
+
     fn serving(&mut self, holder: &InstanceObservation) -> ClusterStatus {
         let input = self.input;
         if let Some(flush) = holder.flush_lsn {
@@ -303,6 +321,21 @@ impl<'a> Round<'a> {
     }
 }
 
+/// The holder's agent does not answer this observer, but the lease was written after the
+/// holder last reported itself serving, recently (within the staleness window): the holder
+/// renewed it, and a holder renews only while it serves. Its lease expiry still decides any
+/// takeover; this only keeps the holder named as the primary (status, the write route).
+fn holder_renews_unobserved(input: &EngineInput, holder: &str) -> bool {
+    let Some(observation) = input.instance(holder) else {
+        return false;
+    };
+    !input.is_fresh(observation)
+        && observation
+            .last_seen_serving_at
+            .is_some_and(|seen| input.lease.unchanged_since > seen)
+        && input.now.saturating_since(input.lease.unchanged_since) < input.spec.report_stale_after
+}
+
 /// Decide one round.
 pub fn decide(input: &EngineInput) -> Decision {
     let mut round = Round {
@@ -352,6 +385,9 @@ pub fn decide(input: &EngineInput) -> Decision {
                         };
                         round.status(phase, None, format!("promoting {holder_name}"))
                     }
+                }
+                _ if holder_renews_unobserved(input, holder_name) => {
+                    round.renewing_unobserved(holder_name)
                 }
                 _ if !input.lease_expired() => {
                     let elapsed = input.now.saturating_since(input.lease.unchanged_since);

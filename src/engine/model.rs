@@ -72,6 +72,11 @@ pub struct InstanceObservation {
     /// diverged from the holder's, so following is not enough (rewind or re-clone).
     #[serde(default)]
     pub former_primary: bool,
+    /// When this instance last reported itself a serving primary, however long ago (the
+    /// observer's clock): with a lease that its holder kept renewing since, an agent that does
+    /// not answer this observer still serves (a holder renews only while it serves).
+    #[serde(default)]
+    pub last_seen_serving_at: Option<MonoTime>,
 }
 
 impl InstanceObservation {

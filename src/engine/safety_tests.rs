@@ -24,6 +24,7 @@ fn observation(name: &str, role: ObservedRole, lsn: u64) -> InstanceObservation 
         applied_sync: None,
         last_report_at: Some(MonoTime::from_millis(100 * SECOND)),
         former_primary: false,
+        last_seen_serving_at: None,
     }
 }
 

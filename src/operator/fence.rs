@@ -156,6 +156,7 @@ mod tests {
             applied_sync: None,
             last_report_at: Some(MonoTime::from_millis(100_000)),
             former_primary: false,
+            last_seen_serving_at: None,
         }
     }
 

@@ -88,6 +88,9 @@ pub struct StatusInput<'a> {
     pub last_failover: Option<crate::api::FailoverRecord>,
     /// Instances fenced on request (annotation `pgrs.dev/fence`).
     pub fenced: &'a BTreeSet<String>,
+    /// Instances whose agent has not answered within the staleness window: their last report
+    /// is not shown as current (role `unknown`, not ready; `lastSeen` says when it last did).
+    pub unobserved: &'a BTreeSet<String>,
 }
 
 pub fn cluster_status(input: &StatusInput<'_>) -> PgReplicaSetStatus {
@@ -96,6 +99,7 @@ pub fn cluster_status(input: &StatusInput<'_>) -> PgReplicaSetStatus {
         .status
         .primary
         .as_ref()
+        .filter(|p| !input.unobserved.contains(*p))
         .and_then(|p| input.reports.get(p))
         .map(|r| &r.status);
     let mut instances = Vec::new();
@@ -108,7 +112,11 @@ pub fn cluster_status(input: &StatusInput<'_>) -> PgReplicaSetStatus {
     for group in input.groups {
         for name in group.instance_names() {
             desired += 1;
-            let status = input.reports.get(&name).map(|r| &r.status);
+            let status = input
+                .reports
+                .get(&name)
+                .filter(|_| !input.unobserved.contains(&name))
+                .map(|r| &r.status);
             let is_primary = input.decision.status.primary.as_deref() == Some(name.as_str());
             let (lag_bytes, lag_seconds) = match (primary_status, status) {
                 (Some(p), Some(s)) if !is_primary && s.role == Role::Replica => standby_lag(p, s),

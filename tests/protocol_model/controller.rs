@@ -160,6 +160,7 @@ fn observation(s: &State, i: usize) -> InstanceObservation {
         },
         last_report_at: reachable.then(|| at(s.now)),
         former_primary: s.ctl.state.former & mask(i) != 0,
+        last_seen_serving_at: None,
     }
 }
 

@@ -91,6 +91,7 @@ pub fn arb_instance(
                 applied_sync,
                 last_report_at: Some(at_age(age)),
                 former_primary,
+                last_seen_serving_at: None,
             },
         )
 }

@@ -5,6 +5,7 @@ use super::*;
 mod generators;
 mod oracle;
 mod properties;
+mod unobserved;
 
 const SECOND: u64 = 1000;
 
@@ -23,6 +24,7 @@ fn replica(name: &str, upstream: &str, received: u64, replayed: u64) -> Instance
         applied_sync: None,
         last_report_at: Some(MonoTime::from_millis(100 * SECOND)),
         former_primary: false,
+        last_seen_serving_at: None,
     }
 }
 
@@ -41,6 +43,7 @@ fn primary(name: &str, flush: u64) -> InstanceObservation {
         applied_sync: Some(SyncSet::asynchronous()),
         last_report_at: Some(MonoTime::from_millis(100 * SECOND)),
         former_primary: false,
+        last_seen_serving_at: None,
     }
 }
 

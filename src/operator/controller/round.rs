@@ -166,6 +166,13 @@ impl Reconciler<'_> {
             lag_alert_seconds: f64::from(spec.monitoring.lag_alert_seconds),
             last_failover: self.runtime.failover.last().cloned(),
             fenced: &fence_request.fenced,
+            unobserved: &observation
+                .input
+                .instances
+                .iter()
+                .filter(|i| !i.reachable)
+                .map(|i| i.name.clone())
+                .collect(),
         });
         new_status
             .conditions
