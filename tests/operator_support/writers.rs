@@ -19,28 +19,7 @@ pub const WRITE_PERIOD: Duration = Duration::from_millis(50);
 /// A connection attempt or an INSERT without an answer by then is indeterminate.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The classification of a failed connection attempt or INSERT.
-pub fn outcome_of(error: &tokio_postgres::Error) -> WriteOutcome {
-    use tokio_postgres::error::SqlState;
-    if let Some(code) = error.code() {
-        // Read-only (a replica, or a fenced primary); not accepting connections (starting up,
-        // shutting down): definitely not written.
-        if *code == SqlState::READ_ONLY_SQL_TRANSACTION || *code == SqlState::CANNOT_CONNECT_NOW {
-            return WriteOutcome::Refused;
-        }
-        return WriteOutcome::Indeterminate;
-    }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::ConnectionRefused
-        {
-            return WriteOutcome::Refused;
-        }
-        source = e.source();
-    }
-    WriteOutcome::Indeterminate
-}
+pub use pgrs::chaos::outcome_of;
 
 async fn connect_raw(host: &str, password: &str) -> Result<tokio_postgres::Client, WriteOutcome> {
     let mut config = tokio_postgres::Config::new();
