@@ -23,6 +23,9 @@ pub mod condition {
     pub const PARAMETERS_APPLIED: &str = "ParametersApplied";
     /// Some instance is fenced on request (annotation `pgrs.dev/fence`).
     pub const FENCED: &str = "Fenced";
+    /// True while the primary cannot renew its Lease (the API server is unreachable from it)
+    /// and serves on the confirmations of every member (`spec.failover.failsafe`).
+    pub const SERVING_ON_FAILSAFE: &str = "ServingOnFailsafe";
 }
 
 /// The cluster phase shown by `kubectl get pgrs`.

@@ -265,6 +265,26 @@ pub fn cluster_status(input: &StatusInput<'_>) -> PgReplicaSetStatus {
         },
         generation,
     ));
+    let failsafe_ms = primary_status
+        .and_then(|p| p.failsafe.as_ref())
+        .and_then(|f| f.serving_on_confirmations_ms);
+    conditions.push(condition(
+        condition::SERVING_ON_FAILSAFE,
+        failsafe_ms.is_some(),
+        if failsafe_ms.is_some() {
+            "LeaseStoreUnreachable"
+        } else {
+            "LeaseRenewing"
+        },
+        match (failsafe_ms, input.decision.status.primary.as_deref()) {
+            (Some(ms), Some(primary)) => format!(
+                "{primary} cannot renew its Lease (the API server is unreachable from it) and has served on the confirmations of every member for {} s",
+                ms / 1000
+            ),
+            _ => "the primary renews its Lease".to_string(),
+        },
+        generation,
+    ));
     let primary_fenced = input.decision.status.primary.is_none()
         && input
             .decision

@@ -1,6 +1,7 @@
 //! Phase 2: the primary pod cut from the API server only (it still reaches its replicas, its
 //! clients and the operator), failsafe on: no failover.
 
+use pgrs::api::condition;
 use pgrs_testbed::faults::{Direction, Peer};
 
 use super::outage::assert_failsafe_held;
@@ -14,6 +15,8 @@ struct ApiSample {
     primary: Option<String>,
     holder: Option<Option<String>>,
     ready_message: Option<String>,
+    /// The `ServingOnFailsafe` condition's status.
+    on_failsafe: Option<String>,
 }
 
 /// Returns the figures' table row.
@@ -53,11 +56,17 @@ pub async fn run(cluster: &Cluster) -> String {
             phase: status.as_ref().and_then(|s| s.phase),
             primary: status.as_ref().and_then(|s| s.current_primary.clone()),
             holder: lease.map(|(holder, _, _)| holder),
-            ready_message: status.and_then(|s| {
+            ready_message: status.as_ref().and_then(|s| {
+                s.conditions
+                    .iter()
+                    .find(|c| c.type_ == condition::READY)
+                    .map(|c| c.message.clone())
+            }),
+            on_failsafe: status.and_then(|s| {
                 s.conditions
                     .into_iter()
-                    .find(|c| c.type_ == "Ready")
-                    .map(|c| c.message)
+                    .find(|c| c.type_ == condition::SERVING_ON_FAILSAFE)
+                    .map(|c| c.status)
             }),
         });
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -110,6 +119,13 @@ pub async fn run(cluster: &Cluster) -> String {
             sample.ready_message
         );
     }
+    // The operator still reaches the API server and the primary's agent: its status says that
+    // the primary serves on the failsafe.
+    assert!(
+        api.iter().any(|s| s.on_failsafe.as_deref() == Some("True")),
+        "the ServingOnFailsafe condition was never True during the cut: {:?}",
+        api.iter().map(|s| &s.on_failsafe).collect::<Vec<_>>()
+    );
     assert_eq!(
         status.current_primary.as_deref(),
         Some(primary.as_str()),
