@@ -79,6 +79,9 @@ pub struct ControlLoop {
     persisted: Option<ControlState>,
     /// (holder, version) of the lease and when this observer first saw it.
     lease_seen: Option<(Option<String>, String, MonoTime)>,
+    /// When the last round observed: a longer gap than a lease duration means this loop was
+    /// stalled (a frozen process), and what it saw before says nothing about the time between.
+    last_observed: Option<MonoTime>,
     completed_tx: UnboundedSender<Completed>,
     completed_rx: UnboundedReceiver<Completed>,
     /// Completions drained by `observe`, handed out by the next `act`.
@@ -96,6 +99,7 @@ impl ControlLoop {
             persisted: Some(state.clone()),
             state,
             lease_seen: None,
+            last_observed: None,
             completed_tx,
             completed_rx,
             completed: Vec::new(),
@@ -155,6 +159,17 @@ impl ControlLoop {
         poll: bool,
     ) -> Result<Observation, RoundError> {
         let now = self.shared.now();
+        if let Some(last) = self.last_observed.replace(now)
+            && now.saturating_since(last) > lease.duration
+        {
+            // The reports are as old as the stall: a holder that renewed meanwhile would be
+            // taken for expired. Time the lease anew, as after an unreadable store.
+            tracing::warn!(
+                stalled_ms = now.saturating_since(last).as_millis() as u64,
+                "the control loop did not run for longer than a lease duration"
+            );
+            self.lease_unreadable();
+        }
         let seen = match &self.lease_seen {
             Some((holder, version, at)) if *holder == lease.holder && *version == lease.version => {
                 *at

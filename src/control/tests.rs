@@ -371,7 +371,11 @@ async fn a_dead_primary_is_replaced_by_the_most_advanced_replica_after_the_lease
         "no takeover before the lease expired"
     );
 
-    cluster.clock.advance(LEASE + Duration::from_millis(1));
+    // The loop keeps running while the lease ages (a gap longer than a lease duration
+    // between rounds is a stall: `a_stalled_loop_times_the_lease_anew`).
+    cluster.clock.advance(LEASE / 2);
+    cluster.round().await;
+    cluster.clock.advance(LEASE / 2 + Duration::from_millis(1));
     let (decision, outcome) = cluster.round().await;
     assert!(outcome.urgent);
     assert!(
@@ -535,4 +539,34 @@ async fn the_sync_quorum_is_persisted_before_it_is_applied() {
         state.applied_sync.get("a").map(SyncSet::to_standby_names),
         Some("ANY 1 (\"b\", \"c\")".to_string())
     );
+}
+
+/// The loop itself did not run for longer than a lease duration (a frozen controller): what it
+/// saw before says nothing about the time between, so the lease is timed anew rather than
+/// taken from a holder that may have renewed it meanwhile.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_loop_times_the_lease_anew() {
+    let mut cluster = Cluster::new(ReplicationMode::Async).await;
+    cluster.round().await;
+    cluster.round().await;
+    cluster.platform.agents["a"]
+        .dead
+        .store(true, Ordering::SeqCst);
+    cluster.clock.advance(LEASE * 2);
+    let (decision, _) = cluster.round().await;
+    assert!(
+        !decision
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::AcquireLease { .. })),
+        "taken over right after a stall: {:?}",
+        decision.actions
+    );
+    assert_eq!(cluster.holder().await.as_deref(), Some("a"));
+    // Observed unchanged for a lease duration after the stall: expired.
+    cluster.clock.advance(LEASE / 2);
+    cluster.round().await;
+    cluster.clock.advance(LEASE / 2 + Duration::from_millis(1));
+    cluster.round().await;
+    assert_eq!(cluster.holder().await.as_deref(), Some("b"));
 }

@@ -220,6 +220,9 @@ impl Failsafe {
             primary: self.identity.clone(),
             host: me.postgres_host.clone(),
             port: me.postgres_port,
+            deadline_unix_ms: Some(
+                chrono::Utc::now().timestamp_millis() + budget.as_millis() as i64,
+            ),
         };
         let asks = targets.iter().map(|name| {
             let url = given
@@ -311,6 +314,17 @@ impl Failsafe {
             return Err("the failsafe is off on this member".into());
         }
         follows?;
+        // Clocks of different nodes may differ: only a request late by more than the renew
+        // deadline on top of its own budget counts as abandoned (safety never depends on this).
+        if let Some(deadline) = request.deadline_unix_ms {
+            let late = chrono::Utc::now().timestamp_millis() - deadline;
+            if late > self.timings.renew_deadline.as_millis() as i64 {
+                return Err(format!(
+                    "the question of {} arrived {late} ms after it gave up on it",
+                    request.primary
+                ));
+            }
+        }
         if let Some(admitted) = inner.promotion_admitted
             && admitted.elapsed() < self.timings.lease_duration
         {

@@ -33,7 +33,21 @@ fn ask_from(primary: &str) -> ConfirmRequest {
         primary: primary.to_string(),
         host: "127.0.0.1".to_string(),
         port: 5432,
+        deadline_unix_ms: Some(chrono::Utc::now().timestamp_millis() + 100),
     }
+}
+
+/// A question that reached a member long after the primary gave up on it (the member was
+/// frozen) is refused: it must not block the member's promotion for a lease duration.
+#[test]
+fn an_abandoned_question_is_not_confirmed() {
+    let b = Failsafe::new("b", quick_timings(), "t".into());
+    b.set_members(on(vec![member("a", "x"), member("b", "y")]));
+    let mut late = ask_from("a");
+    late.deadline_unix_ms = Some(chrono::Utc::now().timestamp_millis() - 10_000);
+    let refusal = b.confirm(&late, Ok(())).expect_err("abandoned");
+    assert!(refusal.contains("gave up"), "{refusal}");
+    b.admit_promotion().expect("nothing confirmed");
 }
 
 #[test]

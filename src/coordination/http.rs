@@ -27,6 +27,25 @@ struct LeaseRequest {
     /// `/v1/lease/failsafe-members` only.
     #[serde(default)]
     failsafe_members: Option<Vec<String>>,
+    /// When the sender gives up waiting (Unix milliseconds): a request that reaches the
+    /// service later (it waited in a frozen server's backlog) is not applied, so that a
+    /// renewal its sender abandoned — and perhaps fenced on — cannot extend the lease.
+    #[serde(default)]
+    deadline_unix_ms: Option<i64>,
+}
+
+impl LeaseRequest {
+    fn check_deadline(&self) -> Result<(), ApiError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        match self.deadline_unix_ms {
+            Some(deadline) if now > deadline => Err(ApiError(LeaseError::Unavailable(format!(
+                "the request of {} arrived {} ms after its sender gave up on it: not applied",
+                self.holder,
+                now - deadline
+            )))),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,6 +117,7 @@ async fn renew_lease(
     State(store): State<Store>,
     Json(request): Json<LeaseRequest>,
 ) -> Result<Json<LeaseRecord>, ApiError> {
+    request.check_deadline()?;
     store
         .renew(&request.holder)
         .await
@@ -109,6 +129,7 @@ async fn acquire_lease(
     State(store): State<Store>,
     Json(request): Json<LeaseRequest>,
 ) -> Result<Json<LeaseRecord>, ApiError> {
+    request.check_deadline()?;
     let expected = request.expected_version.unwrap_or_default();
     store
         .acquire(&request.holder, &expected)
@@ -121,6 +142,7 @@ async fn release_lease(
     State(store): State<Store>,
     Json(request): Json<LeaseRequest>,
 ) -> Result<Json<LeaseRecord>, ApiError> {
+    request.check_deadline()?;
     store
         .release(&request.holder)
         .await
@@ -132,6 +154,7 @@ async fn set_failsafe_members(
     State(store): State<Store>,
     Json(request): Json<LeaseRequest>,
 ) -> Result<Json<LeaseRecord>, ApiError> {
+    request.check_deadline()?;
     store
         .set_failsafe_members(&request.holder, request.failsafe_members)
         .await
@@ -155,6 +178,7 @@ pub fn lease_router(store: Arc<dyn LeaseStore>) -> Router {
 pub struct HttpLeaseStore {
     base_url: String,
     client: reqwest::Client,
+    timeout: Duration,
 }
 
 impl HttpLeaseStore {
@@ -171,7 +195,13 @@ impl HttpLeaseStore {
         Ok(HttpLeaseStore {
             base_url: base_url.trim_end_matches('/').to_string(),
             client,
+            timeout,
         })
+    }
+
+    /// Unix milliseconds after which this client no longer waits for an answer.
+    fn deadline(&self) -> i64 {
+        chrono::Utc::now().timestamp_millis() + self.timeout.as_millis() as i64
     }
 
     async fn send(
@@ -221,6 +251,7 @@ impl HttpLeaseStore {
                 holder: holder.to_string(),
                 expected_version: expected_version.map(str::to_string),
                 failsafe_members: None,
+                deadline_unix_ms: Some(self.deadline()),
             })
     }
 }
@@ -286,6 +317,7 @@ impl LeaseStore for HttpLeaseStore {
                     holder: holder.to_string(),
                     expected_version: None,
                     failsafe_members: members,
+                    deadline_unix_ms: Some(self.deadline()),
                 });
             with_requester(
                 self.send(request, "write the failsafe member list").await,

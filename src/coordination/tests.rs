@@ -115,6 +115,31 @@ async fn http_store_keeps_the_contract() {
     lease_contract(&client).await;
 }
 
+/// A renewal that reaches the service after its sender gave up (it waited in a frozen
+/// server's backlog) is not applied: the lease keeps its version.
+#[tokio::test]
+async fn a_request_past_its_senders_deadline_is_not_applied() {
+    let store = Arc::new(MemoryLeaseStore::new(Duration::from_secs(8)));
+    let before = held_by(store.as_ref(), "a").await;
+    let url = serve(store.clone()).await;
+    let late = serde_json::json!({
+        "holder": "a",
+        "deadlineUnixMs": chrono::Utc::now().timestamp_millis() - 1_000,
+    });
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/lease/renew"))
+        .json(&late)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let text = response.text().await.expect("body");
+    assert!(text.contains("gave up on it"), "{text}");
+    assert_eq!(store.get().await.expect("get").version, before.version);
+    let client = HttpLeaseStore::new(&url, Duration::from_secs(2)).expect("client");
+    client.renew("a").await.expect("an answer in time is applied");
+}
+
 #[tokio::test]
 async fn http_store_reports_an_unreachable_service() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

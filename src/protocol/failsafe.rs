@@ -40,6 +40,11 @@ pub struct ConfirmRequest {
     pub primary: String,
     pub host: String,
     pub port: u16,
+    /// When the primary stops waiting for the answer (Unix milliseconds, its wall clock): a
+    /// request that reaches a member much later (the member was frozen) is refused, so that a
+    /// primary's abandoned question does not block the member's promotion.
+    #[serde(default)]
+    pub deadline_unix_ms: Option<i64>,
 }
 
 /// The member follows the asking primary and refuses any promotion for `valid_ms` (its lease
