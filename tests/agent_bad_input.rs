@@ -148,6 +148,32 @@ async fn port_in_use_and_missing_binaries() {
     assert!(data_dir.join("PG_VERSION").exists());
     drop(taken);
 
+    // That PostgreSQL 15 directory with PostgreSQL 17 binaries: refused naming both majors,
+    // never upgraded (scripts/install-pg-majors installs 17).
+    let mut spec = env.agent("busy");
+    spec.pg_bin = "/var/cache/pgrs-pg/17/bin".into();
+    let (status, log) = spec.run_expecting_exit(EXIT);
+    assert!(!status.success());
+    assert!(
+        log.contains("holds a PostgreSQL 15 cluster")
+            && log.contains("/var/cache/pgrs-pg/17/bin are PostgreSQL 17"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data_dir.join("PG_VERSION")).unwrap(),
+        "15\n"
+    );
+    // Binaries of another major than the operator asked for (`spec.postgresVersion`).
+    let (status, log) = env
+        .agent("wrongmajor")
+        .arg("--postgres-version=17")
+        .run_expecting_exit(EXIT);
+    assert!(!status.success());
+    assert!(
+        log.contains("are PostgreSQL 15, but PostgreSQL 17 was asked for"),
+        "{log}"
+    );
+
     // Missing binaries: refused before anything is touched.
     let existing = env.path("existing");
     std::fs::create_dir(&existing).unwrap();

@@ -159,7 +159,8 @@ async fn invalid_manifests_are_rejected_with_the_field_named() {
     let cases = [
         (json!({"replicas": 0}), "spec.replicas"),
         (json!({"replicas": 17}), "spec.replicas"),
-        (json!({"postgresVersion": 14}), "spec.postgresVersion"),
+        (json!({"postgresVersion": 13}), "spec.postgresVersion"),
+        (json!({"postgresVersion": 19}), "spec.postgresVersion"),
         (
             json!({"replication": {"mode": "sync", "syncReplicas": 3}}),
             "spec.replication.syncReplicas must be less than spec.replicas",
@@ -269,6 +270,21 @@ async fn storage_class_is_immutable_and_size_cannot_shrink() {
         .replace("pg", &dry_run(), &grown)
         .await
         .expect("growing the volume is allowed");
+    // No implicit major upgrade: the major of a cluster is fixed (issue 16).
+    let upgraded = update(&|c| c.spec.postgres_version = 17);
+    let message = rejection(clusters.replace("pg", &dry_run(), &upgraded).await);
+    assert!(
+        message.contains("spec.postgresVersion cannot change"),
+        "{message}"
+    );
+    for major in [14, 16, 17, 18] {
+        let name = format!("pg{major}");
+        let cluster = basic_with(ns.name(), &name, json!({"postgresVersion": major}));
+        clusters
+            .create(&dry_run(), &cluster)
+            .await
+            .unwrap_or_else(|e| panic!("postgresVersion {major} refused: {e}"));
+    }
 }
 
 async fn dry_create<K>(client: &Client, namespace: &str, object: &K)

@@ -127,7 +127,8 @@ fn schema_bounds_are_present() {
     let spec = &schema()["properties"]["spec"]["properties"];
     assert_eq!(spec["replicas"]["minimum"].as_f64(), Some(1.0));
     assert_eq!(spec["replicas"]["maximum"].as_f64(), Some(16.0));
-    assert_eq!(spec["postgresVersion"]["minimum"].as_f64(), Some(15.0));
+    assert_eq!(spec["postgresVersion"]["minimum"].as_f64(), Some(14.0));
+    assert_eq!(spec["postgresVersion"]["maximum"].as_f64(), Some(18.0));
     assert_eq!(spec["groups"]["maxItems"], 8);
     assert!(spec["groups"]["items"]["properties"]["name"]["pattern"].is_string());
     assert_eq!(

@@ -163,3 +163,61 @@ fn find_walreceiver(node: &str) -> Option<i32> {
     }
     None
 }
+
+/// `--pg-bin` without the programs the agents need fails `up` at once, naming them, before
+/// anything is created or started (it used to wait `--wait-secs` for a cluster whose agents had
+/// already exited).
+#[test]
+fn up_with_incomplete_binaries_fails_at_once_naming_the_missing_programs() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let bin = temp.path().join("bin");
+    std::fs::create_dir(&bin).expect("bin dir");
+    let debian = pgrs::postgres::version::debian_bin_dir(15);
+    for program in ["postgres", "initdb", "pg_ctl", "psql"] {
+        std::os::unix::fs::symlink(debian.join(program), bin.join(program)).expect("symlink");
+    }
+    let dir = temp.path().join("cluster");
+    let started = std::time::Instant::now();
+    let output = pgrs(&[
+        "local",
+        "up",
+        "--dir",
+        &dir.display().to_string(),
+        "--pg-bin",
+        &bin.display().to_string(),
+        "--port-base",
+        &local_support::free_port_base(3).to_string(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        stderr.contains(&format!(
+            "failed to find PostgreSQL binaries in {}: missing pg_basebackup, pg_rewind, pg_controldata",
+            bin.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!dir.exists(), "up created {} anyway", dir.display());
+
+    // A directory with no PostgreSQL at all names every program.
+    let empty = temp.path().join("empty");
+    std::fs::create_dir(&empty).expect("empty dir");
+    let output = pgrs(&[
+        "local",
+        "up",
+        "--dir",
+        &dir.display().to_string(),
+        "--pg-bin",
+        &empty.display().to_string(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("missing postgres, initdb, pg_basebackup, pg_rewind, pg_controldata"),
+        "{stderr}"
+    );
+}

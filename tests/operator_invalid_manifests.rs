@@ -60,9 +60,9 @@ const CASES: &[(&str, &str, &str, &str)] = &[
     ),
     (
         "unsupported PostgreSQL version",
-        "  replicas: 3\n  postgresVersion: 14\n  storage: {size: 1Gi}",
+        "  replicas: 3\n  postgresVersion: 13\n  storage: {size: 1Gi}",
         "spec.postgresVersion",
-        "15",
+        "14",
     ),
     (
         "storage size not a quantity",

@@ -11,14 +11,15 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
-use crate::agent::config::{PostgresSettings, parse_parameters};
+use crate::agent::config::{PostgresSettings, check_parameters_for_major, parse_parameters};
 use crate::agent::http::{HttpState, router};
 use crate::agent::instance::{
-    AgentConfig, DataDirState, Secret, bootstrap_primary, bootstrap_replica, inspect_data_dir,
-    prepare_run_dir, sibling,
+    AgentConfig, DataDirState, Secret, bootstrap_primary, bootstrap_replica, check_data_dir_major,
+    inspect_data_dir, prepare_run_dir, sibling,
 };
 use crate::agent::supervisor;
 use crate::postgres::process::{OsIdentity, PgBinaries};
+use crate::postgres::version::{self, VersionError};
 use crate::protocol::api::{Role, Upstream};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -46,13 +47,16 @@ pub struct AgentArgs {
     /// Directory for the Unix socket and the libpq passfile [default: <data-dir>.pgrs-run].
     #[arg(long, env = "PGRS_RUN_DIR")]
     pub run_dir: Option<PathBuf>,
-    /// Directory of the PostgreSQL 15 programs.
-    #[arg(
-        long,
-        env = "PGRS_PG_BIN",
-        default_value = "/usr/lib/postgresql/15/bin"
-    )]
-    pub pg_bin: PathBuf,
+    /// Directory of the PostgreSQL server programs (postgres, initdb, pg_basebackup, pg_rewind,
+    /// pg_controldata); their major (14 to 18) is read from `postgres --version`, and a data
+    /// directory of another major is refused [default: /usr/lib/postgresql/<--postgres-version,
+    /// else 15>/bin].
+    #[arg(long, env = "PGRS_PG_BIN")]
+    pub pg_bin: Option<PathBuf>,
+    /// The PostgreSQL major the binaries must be (the operator passes `spec.postgresVersion`):
+    /// others are refused at start.
+    #[arg(long, env = "PGRS_POSTGRES_VERSION")]
+    pub postgres_version: Option<u32>,
     /// Role at startup, decided by the controller.
     #[arg(long, value_enum)]
     pub role: InitialRole,
@@ -139,10 +143,28 @@ pub struct AgentArgs {
 }
 
 impl AgentArgs {
+    /// `--pg-bin`, else Debian's directory of `--postgres-version` (else of the default major).
+    pub fn pg_bin_dir(&self) -> PathBuf {
+        self.pg_bin.clone().unwrap_or_else(|| {
+            version::debian_bin_dir(self.postgres_version.unwrap_or(version::DEFAULT_MAJOR))
+        })
+    }
+
     fn config(&self) -> anyhow::Result<AgentConfig> {
-        let binaries = PgBinaries::locate(&self.pg_bin)?;
+        let binaries = PgBinaries::locate(self.pg_bin_dir())?;
+        if let Some(expected) = self.postgres_version
+            && expected != binaries.major()
+        {
+            return Err(VersionError::NotTheExpected {
+                bin_dir: binaries.dir().to_path_buf(),
+                binaries_major: binaries.major(),
+                expected,
+            }
+            .into());
+        }
         let identity = OsIdentity::for_postgres()?;
         let parameters = parse_parameters(&self.parameters)?;
+        check_parameters_for_major(binaries.major(), &parameters)?;
         let run_dir = self
             .run_dir
             .clone()
@@ -253,6 +275,13 @@ async fn termination_signal() -> anyhow::Result<&'static str> {
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let config = Arc::new(args.config()?);
+    // At once, before waiting for a role: a data directory of another major never starts.
+    check_data_dir_major(&config, &config.data_dir)?;
+    tracing::info!(
+        major = config.binaries.major(),
+        pg_bin = %config.binaries.dir().display(),
+        "PostgreSQL binaries"
+    );
     let token = Secret::from_file(&args.token_file)?;
     prepare_run_dir(&config)?;
     let listener = tokio::net::TcpListener::bind(args.http_listen)

@@ -59,6 +59,30 @@ pub enum ConfigError {
     NotAnAssignment(String),
     #[error("failed to parse line {line} of the parameters file: {reason}")]
     FileSyntax { line: usize, reason: String },
+    #[error("failed to accept parameter {name:?} on PostgreSQL {major}: {why}")]
+    NotInMajor {
+        name: String,
+        major: u32,
+        why: String,
+    },
+}
+
+/// Refuses parameters that PostgreSQL `major` no longer has (postgres would not start, or not
+/// reload, with them), naming the replacement.
+pub fn check_parameters_for_major(
+    major: u32,
+    parameters: &BTreeMap<String, String>,
+) -> Result<(), ConfigError> {
+    for name in parameters.keys() {
+        if let Some(why) = crate::postgres::version::removed_parameter(major, name) {
+            return Err(ConfigError::NotInMajor {
+                name: name.clone(),
+                major,
+                why,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Parses `NAME=VALUE` user parameters, refusing agent-owned names.
@@ -488,6 +512,59 @@ mod tests {
         let a_bc = BTreeMap::from([("a".to_string(), "bc".to_string())]);
         assert_ne!(parameters_hash(&ab), parameters_hash(&a_bc));
         assert_eq!(parameters_hash(&BTreeMap::new()).len(), 16);
+    }
+
+    #[test]
+    fn parameters_removed_in_the_running_major_are_refused() {
+        let parameters = parse_parameters(&["force_parallel_mode=on".into()]).unwrap();
+        assert_eq!(check_parameters_for_major(15, &parameters), Ok(()));
+        let error = check_parameters_for_major(16, &parameters).unwrap_err();
+        assert!(
+            error.to_string().contains("PostgreSQL 16")
+                && error.to_string().contains("debug_parallel_query"),
+            "{error}"
+        );
+        let fine = parse_parameters(&["work_mem=4MB".into()]).unwrap();
+        for major in crate::postgres::version::SUPPORTED_MAJORS {
+            assert_eq!(check_parameters_for_major(major, &fine), Ok(()));
+        }
+    }
+
+    #[test]
+    fn nothing_the_agent_renders_is_missing_from_a_supported_major() {
+        // What the agent writes must start every supported major: no parameter removed in any
+        // of them (promote_trigger_file, gone in 16, above all).
+        let mut s = settings();
+        s.archive_command = Some("true".into());
+        s.synchronous_standby_names = Some("ANY 1 (*)".into());
+        let standby = StandbySettings {
+            upstream: Upstream {
+                host: "h".into(),
+                port: 1,
+                slot: Some("s".into()),
+            },
+            replication_user: "r".into(),
+            passfile: "/p".into(),
+        };
+        for text in [
+            render_postgresql_conf(&s, None).unwrap(),
+            render_postgresql_conf(&s, Some(&standby)).unwrap(),
+        ] {
+            assert!(!text.contains("promote_trigger_file"), "{text}");
+            for line in text
+                .lines()
+                .filter(|l| !l.starts_with('#') && l.contains(" = "))
+            {
+                let name = line.split(" = ").next().unwrap();
+                for major in crate::postgres::version::SUPPORTED_MAJORS {
+                    assert_eq!(
+                        crate::postgres::version::removed_parameter(major, name),
+                        None,
+                        "{name} on {major}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -69,6 +69,11 @@ use super::status::PgReplicaSetStatus;
         "fieldPath": ".groups"
     },
     {
+        "rule": "self.postgresVersion == oldSelf.postgresVersion",
+        "message": "spec.postgresVersion cannot change: major-version upgrades are not supported yet (create a new cluster of the new major)",
+        "fieldPath": ".postgresVersion"
+    },
+    {
         "rule": "!has(self.groups) || self.groups.all(g, self.groups.exists_one(h, h.name == g.name))",
         "message": "spec.groups[*].name must be unique",
         "fieldPath": ".groups"
@@ -85,13 +90,17 @@ use super::status::PgReplicaSetStatus;
     }
 ]))]
 pub struct PgReplicaSetSpec {
-    /// Major version of PostgreSQL. Only 15 is supported.
+    /// Major version of PostgreSQL: 14 to 18 (default 15). The agent runs the image's
+    /// `/usr/lib/postgresql/<postgresVersion>/bin` and refuses binaries or a data directory of
+    /// another major. It cannot change once set: major upgrades are not supported yet.
     #[serde(default = "default_postgres_version")]
-    #[schemars(range(min = 15, max = 15))]
+    #[schemars(range(min = 14, max = 18))]
     pub postgres_version: u32,
 
     /// Container image with the `pgrs` binary and the PostgreSQL server binaries of
-    /// `postgresVersion`. Default: the image the operator itself runs.
+    /// `postgresVersion`. Default: the operator's image for that major (its
+    /// `--postgres-image MAJOR=IMAGE`; else its own image for 15 and that image's tag with
+    /// `-pg<major>` appended for the others, e.g. `ghcr.io/pgrs-dev/pgrs:0.1.0-pg17`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
     pub image: Option<String>,
@@ -142,7 +151,7 @@ pub struct PgReplicaSetSpec {
 }
 
 fn default_postgres_version() -> u32 {
-    15
+    crate::postgres::version::DEFAULT_MAJOR
 }
 
 /// The persistent volume of every instance (one PersistentVolumeClaim per pod).

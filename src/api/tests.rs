@@ -88,6 +88,35 @@ fn validate_refuses_names_too_long_for_derived_objects() {
 }
 
 #[test]
+fn validate_refuses_parameters_the_chosen_major_no_longer_has() {
+    let mut spec = spec(3);
+    spec.parameters
+        .insert("old_snapshot_threshold".into(), "-1".into());
+    spec.postgres_version = 16;
+    assert_eq!(validate(&cluster("pg", spec.clone())), Ok(()));
+    spec.postgres_version = 17;
+    let error = validate(&cluster("pg", spec)).unwrap_err().to_string();
+    assert!(
+        error.contains("spec.parameters.old_snapshot_threshold does not exist in PostgreSQL 17"),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_schema_accepts_the_supported_majors_and_defaults_to_15() {
+    let crd =
+        serde_json::to_value(<super::PgReplicaSet as kube::CustomResourceExt>::crd()).unwrap();
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let version = &schema["properties"]["spec"]["properties"]["postgresVersion"];
+    let supported = crate::postgres::version::SUPPORTED_MAJORS;
+    let bound = |major: u32| Some(f64::from(major));
+    assert_eq!(version["minimum"].as_f64(), bound(*supported.start()));
+    assert_eq!(version["maximum"].as_f64(), bound(*supported.end()));
+    let default = crate::postgres::version::DEFAULT_MAJOR;
+    assert_eq!(version["default"].as_u64(), Some(u64::from(default)));
+}
+
+#[test]
 fn validate_refuses_a_switchover_to_an_unknown_instance() {
     let mut spec = spec(3);
     spec.switchover = Some(SwitchoverSpec {

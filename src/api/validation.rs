@@ -51,6 +51,14 @@ pub enum InvalidSpec {
     NameTooLong { name: String, len: usize },
     #[error("spec.switchover.targetInstance {target:?} is not an instance of this cluster")]
     UnknownSwitchoverTarget { target: String },
+    #[error(
+        "spec.parameters.{name} does not exist in PostgreSQL {major} (spec.postgresVersion): {why}"
+    )]
+    ParameterNotInMajor {
+        name: String,
+        major: u32,
+        why: String,
+    },
 }
 
 /// Checks the operator needs beyond the schema (the API server cannot relate `metadata.name` to
@@ -72,6 +80,17 @@ pub fn validate(cluster: &PgReplicaSet) -> Result<(), InvalidSpec> {
         if !instances.contains(&switchover.target_instance) {
             return Err(InvalidSpec::UnknownSwitchoverTarget {
                 target: switchover.target_instance.clone(),
+            });
+        }
+    }
+    // postgres would not start with them: every pod would crash-loop on its parameters file.
+    let major = cluster.spec.postgres_version;
+    for name in cluster.spec.parameters.keys() {
+        if let Some(why) = crate::postgres::version::removed_parameter(major, name) {
+            return Err(InvalidSpec::ParameterNotInMajor {
+                name: name.clone(),
+                major,
+                why,
             });
         }
     }

@@ -229,16 +229,7 @@ impl LeaseKeeper {
     /// A request that started at `at` found this instance the holder (the promotion gate's
     /// read, the Kubernetes start's read): the proof a later activation counts from.
     pub fn confirm(&self, at: FenceInstant) {
-        let mut inner = self.lock();
-        if inner.confirmed_at.is_none_or(|c| at.is_after(c)) {
-            inner.confirmed_at = Some(at);
-        }
-        if inner.mode == KeeperMode::Active && at.is_after(inner.proven_at) {
-            inner.proven_at = at;
-            inner.held = true;
-            self.armed_until
-                .send_replace(Some(at + self.timings.renew_deadline));
-        }
+        self.proven(at);
     }
 
     /// Whether the lease was ever confirmed held by this instance.

@@ -137,7 +137,10 @@ async fn a_request_past_its_senders_deadline_is_not_applied() {
     assert!(text.contains("gave up on it"), "{text}");
     assert_eq!(store.get().await.expect("get").version, before.version);
     let client = HttpLeaseStore::new(&url, Duration::from_secs(2)).expect("client");
-    client.renew("a").await.expect("an answer in time is applied");
+    client
+        .renew("a")
+        .await
+        .expect("an answer in time is applied");
 }
 
 #[tokio::test]

@@ -44,13 +44,13 @@ pub enum LocalCommand {
         /// Lease timing profile: default or aggressive.
         #[arg(long, default_value = "default")]
         lease_profile: String,
-        /// PostgreSQL programs.
-        #[arg(
-            long,
-            env = "PGRS_PG_BIN",
-            default_value = "/usr/lib/postgresql/15/bin"
-        )]
-        pg_bin: PathBuf,
+        /// PostgreSQL server programs, of any supported major (14 to 18; read from `postgres
+        /// --version`), e.g. /var/cache/pgrs-pg/17/bin from scripts/install-pg-majors. For an
+        /// existing cluster it replaces the recorded directory (a minor update); a major other
+        /// than its data directories' is refused [default: /usr/lib/postgresql/15/bin, or the
+        /// directory the cluster was created with].
+        #[arg(long, env = "PGRS_PG_BIN")]
+        pg_bin: Option<PathBuf>,
         /// Seconds to wait for the cluster to become healthy.
         #[arg(long, default_value_t = 180)]
         wait_secs: u64,
@@ -128,9 +128,18 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             no_failsafe,
         } => {
             let timings = LeaseTimings::profile(&lease_profile)?;
-            let mut config = LocalConfig::new(replicas, port_base, sync, timings, pg_bin);
+            let default_bin =
+                crate::postgres::version::debian_bin_dir(crate::postgres::version::DEFAULT_MAJOR);
+            let mut config = LocalConfig::new(
+                replicas,
+                port_base,
+                sync,
+                timings,
+                pg_bin.clone().unwrap_or(default_bin),
+            );
             config.failsafe = !no_failsafe;
-            let status = up(&dir.dir, config, Duration::from_secs(wait_secs)).await?;
+            let wait = Duration::from_secs(wait_secs);
+            let status = up(&dir.dir, config, pg_bin, wait).await?;
             print_up(&Layout::new(&dir.dir), &status)?;
             Ok(())
         }
@@ -212,14 +221,19 @@ fn check_ports_free(config: &LocalConfig) -> anyhow::Result<()> {
 }
 
 /// Creates (or reuses) the cluster directory, starts the controller in the background and waits
-/// until the cluster is healthy.
-pub async fn up(dir: &Path, requested: LocalConfig, wait: Duration) -> anyhow::Result<LocalStatus> {
+/// until the cluster is healthy. `pg_bin`, when given, replaces an existing cluster's binaries.
+pub async fn up(
+    dir: &Path,
+    requested: LocalConfig,
+    pg_bin: Option<PathBuf>,
+    wait: Duration,
+) -> anyhow::Result<LocalStatus> {
     let layout = Layout::new(dir);
     if layout.dir.exists() && DirLock::is_held(&layout) {
         // Reports the owner's pid; nothing is touched.
         DirLock::acquire(&layout)?;
     }
-    let config = match layout.read_config() {
+    let mut config = match layout.read_config() {
         Ok(existing) => {
             if existing.nodes.len() != requested.nodes.len() || existing.sync != requested.sync {
                 bail!(
@@ -243,6 +257,10 @@ pub async fn up(dir: &Path, requested: LocalConfig, wait: Duration) -> anyhow::R
         }
         Err(other) => return Err(other.into()),
     };
+    if let Some(pg_bin) = pg_bin {
+        config.pg_bin = pg_bin;
+    }
+    layout.check_binaries(&config)?;
     check_ports_free(&config)?;
     layout.create_dirs(&config)?;
     layout.write_config(&config)?;
@@ -322,7 +340,11 @@ fn tail(path: &Path, lines: usize) -> String {
 fn print_up(layout: &Layout, status: &LocalStatus) -> anyhow::Result<()> {
     let config = layout.read_config()?;
     let password = layout.superuser_password();
-    println!("pgrs local cluster is up in {}\n", layout.dir.display());
+    println!("pgrs local cluster is up in {}", layout.dir.display());
+    match crate::postgres::process::detect_major(&config.pg_bin) {
+        Ok(major) => println!("PostgreSQL {major} ({})\n", config.pg_bin.display()),
+        Err(_) => println!(),
+    }
     println!("write endpoint (always the primary, follows failovers):");
     println!(
         "  PGPASSWORD=$(cat {}) psql 'postgresql://{}@127.0.0.1:{}/postgres'",

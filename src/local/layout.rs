@@ -190,6 +190,23 @@ impl Layout {
     pub fn node_dir(&self, name: &str) -> PathBuf {
         self.dir.join("nodes").join(name)
     }
+    /// Refuses, before anything starts, binaries that lack a program the agents need or are of
+    /// an unsupported major, and nodes whose data directory is of another major than the
+    /// binaries (every agent would exit with that error while `up` waited for a healthy
+    /// cluster).
+    pub fn check_binaries(&self, config: &LocalConfig) -> anyhow::Result<()> {
+        use crate::postgres::version;
+        let binaries = crate::postgres::process::PgBinaries::locate(&config.pg_bin)?;
+        for node in &config.nodes {
+            let data_dir = self.data_dir(&node.name);
+            if let Some(data_major) = version::read_data_dir_major(&data_dir)? {
+                let (bin_dir, major) = (binaries.dir(), binaries.major());
+                version::check_data_dir_major(&data_dir, data_major, bin_dir, major)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn data_dir(&self, name: &str) -> PathBuf {
         self.node_dir(name).join("data")
     }

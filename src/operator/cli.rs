@@ -16,14 +16,19 @@ use crate::operator::leader::{self, ElectionSettings, Elector, Leadership};
 
 #[derive(Debug, Args)]
 pub struct OperatorArgs {
-    /// Image of the database pods when a PgReplicaSet sets no `spec.image` (normally the
-    /// operator's own image).
+    /// Image of the database pods when a PgReplicaSet sets no `spec.image` and its
+    /// `postgresVersion` is 15 (normally the operator's own image). For another major without
+    /// `--postgres-image`, this image's tag with `-pg<major>` appended.
     #[arg(
         long,
         env = "PGRS_DEFAULT_IMAGE",
         default_value = "ghcr.io/pgrs-dev/pgrs:latest"
     )]
     pub default_image: String,
+    /// Image of the database pods of one PostgreSQL major, `MAJOR=IMAGE` (repeatable), when a
+    /// PgReplicaSet sets no `spec.image`.
+    #[arg(long = "postgres-image", value_name = "MAJOR=IMAGE", value_parser = parse_postgres_image)]
+    pub postgres_images: Vec<(u32, String)>,
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "PGRS_WATCH_NAMESPACE")]
     pub namespace: Option<String>,
@@ -155,6 +160,29 @@ async fn termination() {
     }
 }
 
+/// `--postgres-image MAJOR=IMAGE`.
+fn parse_postgres_image(text: &str) -> Result<(u32, String), String> {
+    let (major, image) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected MAJOR=IMAGE, got {text:?}"))?;
+    let major: u32 = major
+        .trim()
+        .parse()
+        .map_err(|_| format!("{major:?} is not a PostgreSQL major"))?;
+    crate::postgres::version::check_supported(major, std::path::Path::new(image)).map_err(
+        |_| {
+            format!(
+                "PostgreSQL {major} is not supported (supported: {})",
+                crate::postgres::version::supported_text()
+            )
+        },
+    )?;
+    if image.trim().is_empty() {
+        return Err(format!("no image for PostgreSQL {major}"));
+    }
+    Ok((major, image.trim().to_string()))
+}
+
 pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
@@ -163,6 +191,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         client,
         Settings {
             default_image: args.default_image.clone(),
+            postgres_images: args.postgres_images.iter().cloned().collect(),
             database_as_root: args.database_as_root,
             namespace: args.namespace.clone(),
         },

@@ -1,7 +1,7 @@
 //! The `postgres` layer shared by everything: WAL positions ([`lsn`]), running PostgreSQL
 //! programs as the `postgres` user and reading `pg_controldata` ([`process`]), SQL probes of
 //! roles, positions and replication state ([`probe`]), PostgreSQL's state words typed
-//! ([`states`]). The SQL run on instances, each file with its tests in `tests/postgres_sql.rs`:
+//! ([`states`]), the majors supported and detected ([`version`]). The SQL run on instances, each file with its tests in `tests/postgres_sql.rs`:
 //! replication slots ([`slots`]), the replication role ([`roles`]), promotion, checkpoints and
 //! reloads ([`promote`]), the synchronous standby setting ([`sql`]).
 
@@ -13,3 +13,4 @@ pub mod roles;
 pub mod slots;
 pub mod sql;
 pub mod states;
+pub mod version;

@@ -20,41 +20,88 @@ pub const REQUIRED_TOOLS: [&str; 5] = [
 #[derive(Debug, thiserror::Error)]
 pub enum BinariesError {
     #[error(
-        "failed to find PostgreSQL binaries in {dir}: missing {missing} (install PostgreSQL 15 or pass --pg-bin)"
+        "failed to find PostgreSQL binaries in {dir}: missing {missing} (pass --pg-bin with the server programs of PostgreSQL {}; scripts/install-pg-majors installs 17 and 18)",
+        crate::postgres::version::range_text()
     )]
     Missing { dir: PathBuf, missing: String },
+    #[error("failed to tell the PostgreSQL version of {program}: {cause}")]
+    Version { program: PathBuf, cause: String },
+    #[error(transparent)]
+    Unsupported(#[from] crate::postgres::version::VersionError),
 }
 
-/// The directory of the PostgreSQL binaries, checked to contain every required program.
+/// The directory of the PostgreSQL binaries, checked to contain every required program, and
+/// their major version.
 #[derive(Debug, Clone)]
 pub struct PgBinaries {
     dir: PathBuf,
+    major: u32,
 }
 
 impl PgBinaries {
+    /// Checks that `dir` has every program in [`REQUIRED_TOOLS`] and that they are of a
+    /// supported major (`postgres --version`).
     pub fn locate(dir: impl Into<PathBuf>) -> Result<Self, BinariesError> {
         let dir = dir.into();
-        let missing: Vec<&str> = REQUIRED_TOOLS
-            .iter()
-            .copied()
-            .filter(|tool| !dir.join(tool).is_file())
-            .collect();
+        let missing = missing_tools(&dir);
         if !missing.is_empty() {
             return Err(BinariesError::Missing {
                 dir,
                 missing: missing.join(", "),
             });
         }
-        Ok(PgBinaries { dir })
+        let major = detect_major(&dir)?;
+        crate::postgres::version::check_supported(major, &dir)?;
+        Ok(PgBinaries { dir, major })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// The major version of these binaries (e.g. 17).
+    pub fn major(&self) -> u32 {
+        self.major
+    }
+
     pub fn tool(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+}
+
+/// The programs of [`REQUIRED_TOOLS`] that `dir` lacks.
+pub fn missing_tools(dir: &Path) -> Vec<&'static str> {
+    REQUIRED_TOOLS
+        .iter()
+        .copied()
+        .filter(|tool| !dir.join(tool).is_file())
+        .collect()
+}
+
+/// The major of the `postgres` in `dir`, from `postgres --version` (allowed as root; it runs
+/// nothing else).
+pub fn detect_major(dir: &Path) -> Result<u32, BinariesError> {
+    let program = dir.join("postgres");
+    let failed = |cause: String| BinariesError::Version {
+        program: program.clone(),
+        cause,
+    };
+    let output = std::process::Command::new(&program)
+        .arg("--version")
+        .env("LC_ALL", "C.UTF-8")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|error| failed(error.to_string()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(failed(format!(
+            "{} {}",
+            output.status,
+            tail_lines(&String::from_utf8_lossy(&output.stderr), 3)
+        )));
+    }
+    crate::postgres::version::parse_version_output(&stdout)
+        .ok_or_else(|| failed(format!("unexpected output {:?}", stdout.trim())))
 }
 
 /// The OS identity PostgreSQL programs run as: `postgres` when we are root, else ourselves.
@@ -264,6 +311,13 @@ mod tests {
         let error = PgBinaries::locate("/nonexistent").unwrap_err().to_string();
         assert!(error.contains("/nonexistent"), "{error}");
         assert!(error.contains("postgres, initdb"), "{error}");
+    }
+
+    #[test]
+    fn the_major_is_read_from_the_binaries() {
+        // Debian's PostgreSQL 15, which every machine running the suite has (scripts/setup-debian).
+        let binaries = PgBinaries::locate(crate::postgres::version::debian_bin_dir(15)).unwrap();
+        assert_eq!(binaries.major(), 15);
     }
 
     #[test]

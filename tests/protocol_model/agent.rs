@@ -298,9 +298,7 @@ fn deliver(m: &ProtocolModel, s: &mut State, i: usize) -> bool {
             // `Failsafe::admit_promotion` (after the gate's renewal): not while a confirmation
             // is unexpired.
             if m.config.rules.failsafe_gate
-                && s.inst[i]
-                    .confirmed
-                    .is_some_and(|(_, until)| s.now < until)
+                && s.inst[i].confirmed.is_some_and(|(_, until)| s.now < until)
             {
                 return true;
             }

@@ -6,8 +6,9 @@ use std::path::Path;
 
 use crate::agent::config;
 use crate::postgres::probe::{self, ProbeError};
-use crate::postgres::process::{ToolError, read_controldata, run_tool};
+use crate::postgres::process::{PgBinaries, ToolError, read_controldata, run_tool};
 use crate::postgres::slots;
+use crate::postgres::version::{VersionError, major_of_version_num};
 use crate::protocol::api::Upstream;
 
 use super::{
@@ -69,11 +70,14 @@ pub async fn bootstrap_primary(config: &AgentConfig) -> Result<String, InstanceE
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreparedUpstream {
     pub system_identifier: String,
+    /// The primary's major version (checked to be this instance's).
+    pub server_major: u32,
     /// The slot did not exist and was created now (drop it again if the clone fails).
     pub slot_created: bool,
 }
 
-/// Reads the primary's system identifier and ensures the replica's slot exists on it.
+/// Reads the primary's system identifier and major (refusing a primary of another major than
+/// this instance's binaries) and ensures the replica's slot exists on it.
 pub async fn prepare_upstream(
     config: &AgentConfig,
     upstream: &Upstream,
@@ -86,13 +90,14 @@ pub async fn prepare_upstream(
             port: upstream.port,
             cause: error.cause(),
         })?;
-    prepare_upstream_with(&client, upstream).await
+    prepare_upstream_with(&client, upstream, &config.binaries).await
 }
 
 /// [`prepare_upstream`] on an open superuser session to the primary.
 pub async fn prepare_upstream_with(
     client: &tokio_postgres::Client,
     upstream: &Upstream,
+    binaries: &PgBinaries,
 ) -> Result<PreparedUpstream, InstanceError> {
     let probe_error = |source| InstanceError::Probe {
         host: upstream.host.clone(),
@@ -101,7 +106,8 @@ pub async fn prepare_upstream_with(
     };
     let row = client
         .query_one(
-            "SELECT system_identifier::text FROM pg_control_system()",
+            "SELECT system_identifier::text, current_setting('server_version_num')::int \
+             FROM pg_control_system()",
             &[],
         )
         .await
@@ -112,6 +118,19 @@ pub async fn prepare_upstream_with(
             })
         })?;
     let system_identifier: String = row.get(0);
+    let server_major = major_of_version_num(row.get::<_, i32>(1).max(0) as u32);
+    // pg_basebackup and pg_rewind of one major work on a primary of another only in part, and
+    // postgres would then refuse the copied directory: refuse before anything is copied.
+    if server_major != binaries.major() {
+        return Err(VersionError::UpstreamMismatch {
+            host: upstream.host.clone(),
+            port: upstream.port,
+            upstream_major: server_major,
+            bin_dir: binaries.dir().to_path_buf(),
+            binaries_major: binaries.major(),
+        }
+        .into());
+    }
     let mut slot_created = false;
     if let Some(slot) = &upstream.slot {
         // Reserve WAL now, so nothing the new replica needs is recycled before it connects.
@@ -125,6 +144,7 @@ pub async fn prepare_upstream_with(
     }
     Ok(PreparedUpstream {
         system_identifier,
+        server_major,
         slot_created,
     })
 }
@@ -209,6 +229,7 @@ pub async fn bootstrap_replica(
         });
     }
     if state == DataDirState::Initialized {
+        super::check_data_dir_major(config, data_dir)?;
         // An existing standby must start even when its primary is down (it may be the one to
         // promote); the system identifier is then checked against the cluster marker only.
         // A directory last run as a primary is rewound before it serves (the supervisor's

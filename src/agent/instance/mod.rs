@@ -167,6 +167,8 @@ pub enum InstanceError {
     ControlData(#[from] ControlDataError),
     #[error("failed to render the configuration: {0}")]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Version(#[from] crate::postgres::version::VersionError),
     #[error("failed to query {host}:{port}: {source}")]
     Probe {
         host: String,
@@ -323,14 +325,30 @@ fn write_marker(config: &AgentConfig, data_dir: &Path) -> Result<(), InstanceErr
     )
 }
 
-/// Checks that an initialized data directory belongs to this cluster: its marker names the
-/// cluster and, when `expected_system_identifier` is known (a replica asks its primary), the
-/// control file agrees. Returns the system identifier.
+/// Refuses an initialized data directory of another major than the binaries (never an implicit
+/// upgrade); a directory without `PG_VERSION` passes.
+pub fn check_data_dir_major(config: &AgentConfig, data_dir: &Path) -> Result<(), InstanceError> {
+    use crate::postgres::version;
+    if let Some(data_major) = version::read_data_dir_major(data_dir)? {
+        version::check_data_dir_major(
+            data_dir,
+            data_major,
+            config.binaries.dir(),
+            config.binaries.major(),
+        )?;
+    }
+    Ok(())
+}
+
+/// Checks that an initialized data directory belongs to this cluster: its major is the
+/// binaries', its marker names the cluster and, when `expected_system_identifier` is known (a
+/// replica asks its primary), the control file agrees. Returns the system identifier.
 pub async fn check_identity(
     config: &AgentConfig,
     data_dir: &Path,
     expected_system_identifier: Option<&str>,
 ) -> Result<String, InstanceError> {
+    check_data_dir_major(config, data_dir)?;
     let control = read_controldata(&config.binaries, &config.identity, data_dir).await?;
     if let Some(expected) = expected_system_identifier
         && control.system_identifier != expected

@@ -290,6 +290,8 @@ impl Supervisor {
         let text = render_parameters_include(&parameters);
         // The rendering round-trips through the parser: refuses agent-owned or malformed names.
         parse_parameters_file(&text).map_err(|e| ActionError::Refused(e.to_string()))?;
+        crate::agent::config::check_parameters_for_major(config.binaries.major(), &parameters)
+            .map_err(|e| ActionError::Refused(e.to_string()))?;
         let hash = parameters_hash(&parameters);
         let unchanged = std::fs::read_to_string(&path).is_ok_and(|current| current == text);
         if !unchanged {

@@ -59,7 +59,7 @@ impl Supervisor {
             )
             .await?;
             promote::checkpoint(&primary).await?;
-            prepare_upstream_with(&primary, &upstream).await?;
+            prepare_upstream_with(&primary, &upstream, &config.binaries).await?;
             Ok::<_, ActionError>(probe::probe_instance(&primary).await?.timeline)
         };
         let (stopped, prepared) = tokio::join!(self.stop_postgres(StopMode::Fast), prepare);

@@ -114,6 +114,31 @@ impl Owner {
     }
 }
 
+/// The image of a cluster's pods when `spec.image` is unset: the one configured for `major`
+/// (`--postgres-image`), else `default_image` for the default major (15), else
+/// `default_image`'s tag with `-pg<major>` appended (`repo:1.2` → `repo:1.2-pg17`; an untagged
+/// `repo` counts as `repo:latest`). A digest-pinned default image cannot be derived from: it is
+/// returned as is, and the agent then refuses its binaries naming both majors.
+pub fn default_image_for(
+    major: u32,
+    default_image: &str,
+    postgres_images: &std::collections::BTreeMap<u32, String>,
+) -> String {
+    if let Some(image) = postgres_images.get(&major) {
+        return image.clone();
+    }
+    if major == crate::postgres::version::DEFAULT_MAJOR || default_image.contains('@') {
+        return default_image.to_string();
+    }
+    // A tag is what follows the last ':' after the last '/' (a registry port is not a tag).
+    let name_start = default_image.rfind('/').map_or(0, |i| i + 1);
+    if default_image[name_start..].contains(':') {
+        format!("{default_image}-pg{major}")
+    } else {
+        format!("{default_image}:latest-pg{major}")
+    }
+}
+
 /// Builds every object of `input.cluster`.
 pub fn build(input: &BuildInput<'_>) -> Result<ClusterObjects, BuildError> {
     let owner = Owner::of(input.cluster)?;
@@ -138,4 +163,37 @@ pub fn build(input: &BuildInput<'_>) -> Result<ClusterObjects, BuildError> {
             .collect(),
         pod_disruption_budget: pod_disruption_budget(&owner),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::default_image_for;
+
+    #[test]
+    fn the_image_follows_the_major() {
+        let none = BTreeMap::new();
+        let image = "ghcr.io/pgrs-dev/pgrs:0.1.0";
+        assert_eq!(default_image_for(15, image, &none), image);
+        assert_eq!(
+            default_image_for(17, image, &none),
+            "ghcr.io/pgrs-dev/pgrs:0.1.0-pg17"
+        );
+        assert_eq!(
+            default_image_for(14, "registry:5000/pgrs", &none),
+            "registry:5000/pgrs:latest-pg14"
+        );
+        let pinned = "ghcr.io/pgrs-dev/pgrs@sha256:0123";
+        assert_eq!(default_image_for(18, pinned, &none), pinned);
+        let configured = BTreeMap::from([(18, "example.org/pg18:1".to_string())]);
+        assert_eq!(
+            default_image_for(18, image, &configured),
+            "example.org/pg18:1"
+        );
+        assert_eq!(
+            default_image_for(16, image, &configured),
+            "ghcr.io/pgrs-dev/pgrs:0.1.0-pg16"
+        );
+    }
 }

@@ -44,6 +44,8 @@ pub fn agent_args(cluster: &str, spec: &PgReplicaSetSpec) -> Vec<String> {
         "agent".to_string(),
         format!("--role={}", names::AGENT_STARTUP_ROLE),
         format!("--cluster={cluster}"),
+        // The image's /usr/lib/postgresql/<major>/bin, refused if it is another major.
+        format!("--postgres-version={}", spec.postgres_version),
         format!("--data-dir={}", names::DATA_DIR),
         format!("--run-dir={}", names::RUN_DIR),
         format!("--port={}", names::POSTGRES_PORT),

@@ -101,8 +101,11 @@ impl ReconcileError {
 /// Operator settings (from the command line).
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Image of the database pods when `spec.image` is unset.
+    /// Image of the database pods when `spec.image` is unset, for the default major.
     pub default_image: String,
+    /// Images of the database pods per major when `spec.image` is unset
+    /// (`--postgres-image MAJOR=IMAGE`); see `build::default_image_for`.
+    pub postgres_images: std::collections::BTreeMap<u32, String>,
     /// Drop the pods' `runAsUser`/`fsGroup` (the agent starts as root and runs postgres as the
     /// image's `postgres` user): for runtimes that ignore `fsGroup`, like the test bed.
     pub database_as_root: bool,

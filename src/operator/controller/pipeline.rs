@@ -119,9 +119,15 @@ impl Reconciler<'_> {
         {
             return Ok(());
         }
+        let settings = &self.context.settings;
+        let default_image = build::default_image_for(
+            self.cluster.spec.postgres_version,
+            &settings.default_image,
+            &settings.postgres_images,
+        );
         let mut objects = build::build(&BuildInput {
             cluster: self.cluster,
-            default_image: &self.context.settings.default_image,
+            default_image: &default_image,
             secrets,
         })?;
         // A scale-down keeps the primary's pod until a switchover moved the role away.
