@@ -61,7 +61,7 @@ async fn bad_requests_are_refused_and_nothing_is_disturbed() {
         .collect();
     let lagging = &replicas[0];
     let down = &replicas[1];
-    let receiver = find_walreceiver(lagging).expect("walreceiver process");
+    let receiver = find_walreceiver(&dir, lagging).expect("walreceiver process");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(receiver),
         nix::sys::signal::Signal::SIGSTOP,
@@ -147,7 +147,13 @@ async fn bad_requests_are_refused_and_nothing_is_disturbed() {
 }
 
 /// The pid of `node`'s WAL receiver (its process title names the instance as cluster_name).
-fn find_walreceiver(node: &str) -> Option<i32> {
+/// The WAL receiver of `node`'s postgres in the cluster at `dir`: a child of the postmaster
+/// whose pid its data directory's `postmaster.pid` names (another cluster on this machine may
+/// have a node of the same name).
+fn find_walreceiver(dir: &str, node: &str) -> Option<i32> {
+    let data_dir = pgrs::local::layout::Layout::new(std::path::Path::new(dir)).data_dir(node);
+    let pid_file = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let postmaster: i32 = pid_file.lines().next()?.trim().parse().ok()?;
     for entry in std::fs::read_dir("/proc").ok()? {
         let entry = entry.ok()?;
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -156,8 +162,16 @@ fn find_walreceiver(node: &str) -> Option<i32> {
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
             continue;
         };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`: the fields after the last ')'.
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|ppid| ppid.parse::<i32>().ok());
         let text = String::from_utf8_lossy(&cmdline);
-        if text.contains("walreceiver") && text.contains(&format!("{node}:")) {
+        if text.contains("walreceiver") && parent == Some(postmaster) {
             return Some(pid);
         }
     }
