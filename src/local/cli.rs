@@ -99,6 +99,11 @@ pub enum LocalCommand {
         #[arg(long)]
         purge: bool,
     },
+    /// Upgrade the running cluster to a newer PostgreSQL major with pg_upgrade: `--check`
+    /// first (a refusal changes nothing), then the cluster stops, the primary is upgraded
+    /// (`--link`), starts on the new major and the replicas are re-cloned from it. Prints the
+    /// write downtime. See docs/postgres-versions.md, "Upgrading".
+    Upgrade(crate::local::upgrade::run::UpgradeArgs),
     /// Run failures against the cluster and write a failover report (see docs/failover.md).
     Chaos(crate::local::chaos::ChaosArgs),
     /// The controller process itself (started by `up`).
@@ -193,6 +198,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        LocalCommand::Upgrade(args) => crate::local::upgrade::run::command(args).await,
         LocalCommand::Chaos(args) => crate::local::chaos::run(args).await,
         LocalCommand::RunController { dir } => {
             crate::local::controller::run_controller(&dir.dir).await

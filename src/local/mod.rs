@@ -8,3 +8,4 @@ pub mod controller;
 pub mod forwarder;
 pub mod layout;
 pub mod status;
+pub mod upgrade;

@@ -56,8 +56,13 @@ pub async fn ensure_replication_role(
             RoleChange::Created,
         )
     };
+    // Committed locally: on a sync primary whose standbys are not started yet (a stopped sync
+    // cluster started again, an upgraded primary) waiting for one would hold the agent's start,
+    // and with it the start of those standbys. The next primary start writes it again anyway.
     client
-        .batch_execute(&statement)
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL synchronous_commit = local; {statement}; COMMIT"
+        ))
         .await
         .map_err(|source| RoleError::Write {
             role: role.to_string(),

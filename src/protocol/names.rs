@@ -3,6 +3,22 @@
 
 use std::collections::BTreeMap;
 
+/// File in the data directory naming the pgrs cluster it belongs to (copied to replicas by
+/// pg_basebackup and pg_rewind along with everything else; written by `pgrs local upgrade` into
+/// the upgraded data directory).
+pub const CLUSTER_MARKER: &str = "pgrs.cluster";
+
+/// The options of every `initdb` pgrs runs (besides `-D`, `-U` and `--pwfile`): the agent's
+/// first primary and `pgrs local upgrade`'s new data directory, which pg_upgrade requires to
+/// match the old one (checksums, encoding).
+pub const INITDB_OPTIONS: [&str; 5] = [
+    "--data-checksums",
+    "--auth-local=scram-sha-256",
+    "--auth-host=scram-sha-256",
+    "--encoding=UTF8",
+    "--no-instructions",
+];
+
 /// Parameters the agent sets itself; users cannot override them through `--parameter`.
 pub const AGENT_OWNED_PARAMETERS: &[&str] = &[
     "archive_command",

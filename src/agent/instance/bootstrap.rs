@@ -49,13 +49,7 @@ pub async fn bootstrap_primary(config: &AgentConfig) -> Result<String, InstanceE
         .arg("-U")
         .arg(&config.superuser)
         .arg(format!("--pwfile={}", pwfile.display()))
-        .args([
-            "--data-checksums",
-            "--auth-local=scram-sha-256",
-            "--auth-host=scram-sha-256",
-            "--encoding=UTF8",
-            "--no-instructions",
-        ]);
+        .args(crate::protocol::names::INITDB_OPTIONS);
     tracing::info!(data_dir = %data_dir.display(), "initializing a new cluster with initdb");
     let result = run_tool("initdb", command).await;
     let _ = std::fs::remove_file(&pwfile);

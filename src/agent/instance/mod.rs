@@ -122,9 +122,7 @@ impl AgentConfig {
     }
 }
 
-/// File in the data directory naming the pgrs cluster it belongs to (copied to replicas by
-/// pg_basebackup and pg_rewind along with everything else).
-pub const CLUSTER_MARKER: &str = "pgrs.cluster";
+pub use crate::protocol::names::CLUSTER_MARKER;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
