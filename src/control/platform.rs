@@ -53,10 +53,6 @@ pub trait AgentApi: Send + Sync {
     fn fence<'a>(&'a self, request: &'a FenceRequest) -> Call<'a, ActionResponse>;
     fn follow<'a>(&'a self, request: &'a FollowRequest) -> Call<'a, ActionResponse>;
     fn rejoin<'a>(&'a self, request: &'a RejoinRequest) -> Call<'a, ActionResponse>;
-    /// The agent's base URL, as other agents reach it (the failsafe's member list).
-    fn url(&self) -> Option<String> {
-        None
-    }
     /// Tells the agent the failsafe's switch and members.
     fn failsafe_members<'a>(
         &'a self,
@@ -109,10 +105,6 @@ impl AgentApi for AgentClient {
                 .await
                 .map_err(CallError::from)
         })
-    }
-
-    fn url(&self) -> Option<String> {
-        Some(self.base_url().to_string())
     }
 
     fn failsafe_members<'a>(
@@ -206,6 +198,9 @@ pub trait Platform: Send + Sync {
     fn lease(&self) -> &dyn LeaseStore;
     /// The agent of `instance`; `None` when it has no address (no pod IP yet).
     fn agent(&self, instance: &str) -> Option<Arc<dyn AgentApi>>;
+    /// The base URL of `instance`'s agent as other agents reach it (the failsafe's member
+    /// list); `None` when it has no address.
+    fn agent_url(&self, instance: &str) -> Option<String>;
     /// Where `instance`'s postgres listens for its peers: the upstream a follower is given, and
     /// how a WAL receiver's sender is matched to an instance.
     fn postgres_address(&self, instance: &str) -> Option<(String, u16)>;

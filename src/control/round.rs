@@ -130,7 +130,7 @@ impl ControlLoop {
     /// While the store is unreachable for this observer it may be for the holder too, and the
     /// holder may be serving on its members' confirmations (the failsafe): a lease is expired
     /// only after a full lease duration of reads that saw it unchanged.
-    pub fn lease_unreadable(&mut self) {
+    fn lease_unreadable(&mut self) {
         if self.lease_seen.take().is_some() {
             tracing::info!(
                 "the lease could not be read: its expiry is timed anew from the next read"
@@ -139,12 +139,17 @@ impl ControlLoop {
     }
 
     /// Reads the lease, bounded. A round reads it before anything else: what the pods and
-    /// agents show afterwards is at least as recent as the lease.
-    pub async fn read_lease(lease: &dyn LeaseStore) -> Result<LeaseRecord, RoundError> {
-        tokio::time::timeout(LEASE_READ_TIMEOUT, lease.get())
+    /// agents show afterwards is at least as recent as the lease. A failed read times the
+    /// lease anew ([`ControlLoop::lease_unreadable`]).
+    pub async fn read_lease(&mut self, lease: &dyn LeaseStore) -> Result<LeaseRecord, RoundError> {
+        let result = tokio::time::timeout(LEASE_READ_TIMEOUT, lease.get())
             .await
-            .map_err(|_| RoundError::LeaseTimedOut(LEASE_READ_TIMEOUT))?
-            .map_err(RoundError::Lease)
+            .map_err(|_| RoundError::LeaseTimedOut(LEASE_READ_TIMEOUT))
+            .and_then(|read| read.map_err(RoundError::Lease));
+        if result.is_err() {
+            self.lease_unreadable();
+        }
+        result
     }
 
     /// Times the lease, polls the agents when `poll` (in parallel, each within the platform's
@@ -312,13 +317,7 @@ impl ControlLoop {
         spec: EngineSpec,
         poll: bool,
     ) -> Result<(Observation, Decision, Outcome), RoundError> {
-        let lease = match Self::read_lease(platform.lease()).await {
-            Ok(lease) => lease,
-            Err(error) => {
-                self.lease_unreadable();
-                return Err(error);
-            }
-        };
+        let lease = self.read_lease(platform.lease()).await?;
         let observation = self.observe(platform, lease, instances, spec, poll).await?;
         let decision = engine::decide(&observation.input);
         let outcome = self.act(platform, &observation, &decision).await?;
@@ -334,7 +333,7 @@ impl ControlLoop {
             input.spec.failsafe,
             &instances,
             &observation.addresses,
-            |name| platform.agent(name).and_then(|agent| agent.url()),
+            |name| platform.agent_url(name),
         );
         let targets = {
             let reports = self.shared.reports();

@@ -233,6 +233,12 @@ impl Platform for FakePlatform {
             .map(|a| a.clone() as Arc<dyn AgentApi>)
     }
 
+    fn agent_url(&self, instance: &str) -> Option<String> {
+        self.agents
+            .contains_key(instance)
+            .then(|| format!("http://127.0.0.1:{}", port_of(instance) + 1))
+    }
+
     fn postgres_address(&self, instance: &str) -> Option<(String, u16)> {
         self.agents
             .contains_key(instance)
@@ -334,7 +340,9 @@ impl Cluster {
     }
 
     async fn observe(&mut self) -> Observation {
-        let lease = ControlLoop::read_lease(&self.platform.lease)
+        let lease = self
+            .control
+            .read_lease(&self.platform.lease)
             .await
             .expect("lease");
         self.control

@@ -193,8 +193,11 @@ impl Failsafe {
     }
 
     /// One round: asks every member the lease names (and any this holder may have written),
-    /// in parallel, each within `budget`. `Ok` only when every one confirmed.
+    /// in parallel, within `budget`. `Ok` only when every one confirmed. Each request gets a
+    /// tenth less than the budget, so that a member that does not answer (frozen) is named in
+    /// `last_round_error` before a caller's own bound of `budget` gives up on the round.
     pub async fn ask_members(&self, budget: Duration) -> Result<(), ConfirmError> {
+        let per_request = budget - budget / 10;
         let (targets, me, given) = {
             let inner = self.lock();
             if !inner.given.enabled {
@@ -231,7 +234,7 @@ impl Failsafe {
             let request = &request;
             async move {
                 let url = url.ok_or_else(|| ConfirmError::NoAddress(name.clone()))?;
-                self.ask_one(name, &url, request, budget).await
+                self.ask_one(name, &url, request, per_request).await
             }
         });
         let results = futures::future::join_all(asks).await;

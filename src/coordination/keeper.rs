@@ -19,7 +19,7 @@
 //!   confirms, the round's start proves the lease like a renewal would. The holder writes the
 //!   member list into the lease after a renewal whenever it differs.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -86,7 +86,7 @@ pub struct LeaseKeeper {
     /// while not primary): feeds the out-of-process watchdog, which enforces the deadline even
     /// when this process is frozen.
     armed_until: watch::Sender<Option<FenceInstant>>,
-    failsafe: Mutex<Option<Arc<Failsafe>>>,
+    failsafe: OnceLock<Arc<Failsafe>>,
 }
 
 impl LeaseKeeper {
@@ -112,7 +112,7 @@ impl LeaseKeeper {
             }),
             wake: Notify::new(),
             armed_until: watch::channel(None).0,
-            failsafe: Mutex::new(None),
+            failsafe: OnceLock::new(),
         }))
     }
 
@@ -123,23 +123,19 @@ impl LeaseKeeper {
     }
 
     /// Serve on the members' confirmations while the store is unreachable (see [`Failsafe`]).
+    /// Set once, when the agent starts; a later call changes nothing.
     pub fn set_failsafe(&self, failsafe: Arc<Failsafe>) {
-        *self
-            .failsafe
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(failsafe);
+        let _ = self.failsafe.set(failsafe);
     }
 
     pub fn failsafe(&self) -> Option<Arc<Failsafe>> {
-        self.failsafe
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.failsafe.get().cloned()
     }
 
-    /// The lease was proven held by a request (a renewal, a round of confirmations) that
-    /// started at `started`: the fencing deadline counts from it.
-    fn proven(&self, started: FenceInstant) {
+    /// A request that started at `started` proved this instance the holder (a renewal, a
+    /// round of the members' confirmations, the promotion gate's renewal, the Kubernetes
+    /// start's read): a later activation counts from it, an active keeper's deadline too.
+    pub fn confirm(&self, started: FenceInstant) {
         let mut inner = self.lock();
         if inner.confirmed_at.is_none_or(|c| started.is_after(c)) {
             inner.confirmed_at = Some(started);
@@ -188,7 +184,7 @@ impl LeaseKeeper {
         }
         let started = FenceInstant::now();
         match timeout(budget, failsafe.ask_members(budget)).await {
-            Ok(Ok(())) => self.proven(started),
+            Ok(Ok(())) => self.confirm(started),
             Ok(Err(error)) => {
                 tracing::warn!(identity = %self.identity, %error, "failsafe: not every member confirmed");
             }
@@ -224,12 +220,6 @@ impl LeaseKeeper {
             .start_budget
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = budget;
-    }
-
-    /// A request that started at `at` found this instance the holder (the promotion gate's
-    /// read, the Kubernetes start's read): the proof a later activation counts from.
-    pub fn confirm(&self, at: FenceInstant) {
-        self.proven(at);
     }
 
     /// Whether the lease was ever confirmed held by this instance.
@@ -386,7 +376,7 @@ impl LeaseKeeper {
             let budget = deadline.remaining().min(renew_interval);
             match timeout(budget, self.store.renew(&self.identity)).await {
                 Ok(Ok(_)) => {
-                    self.proven(started);
+                    self.confirm(started);
                     if let Some(failsafe) = self.failsafe() {
                         failsafe.note_renewed();
                         let budget = (started + renew_deadline).remaining().min(renew_interval);

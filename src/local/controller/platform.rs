@@ -27,6 +27,10 @@ impl Platform for Shared {
             .map(|c| c.clone() as Arc<dyn AgentApi>)
     }
 
+    fn agent_url(&self, instance: &str) -> Option<String> {
+        self.clients.get(instance).map(|c| c.base_url().to_string())
+    }
+
     fn postgres_address(&self, instance: &str) -> Option<(String, u16)> {
         self.node(instance)
             .map(|n| ("127.0.0.1".to_string(), n.pg_port))

@@ -102,6 +102,10 @@ impl Platform for KubePlatform<'_> {
         Some(Arc::new(client.with_action_timeout(ACTION_TIMEOUT)))
     }
 
+    fn agent_url(&self, instance: &str) -> Option<String> {
+        self.pods.get(instance).and_then(PodView::agent_url)
+    }
+
     /// A stopping pod's address disappears with it: it may not slow down every round.
     fn poll_bound(&self, instance: &str) -> Duration {
         match self.pods.get(instance) {

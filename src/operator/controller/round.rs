@@ -12,7 +12,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt as _};
 
 use crate::api::{PgReplicaSet, engine_spec, resolve_groups};
-use crate::control::{self, ControlLoop, Report};
+use crate::control::{self, Report};
 use crate::coordination::KubeLeaseStore;
 use crate::engine::{self, ObservedRole};
 use crate::operator::build::{ClusterSecrets, names};
@@ -35,13 +35,11 @@ impl Reconciler<'_> {
     ) -> Result<bool, ReconcileError> {
         let name = self.name();
         let spec = &self.cluster.spec;
-        let lease = match ControlLoop::read_lease(lease_store.as_ref()).await {
-            Ok(lease) => lease,
-            Err(error) => {
-                self.runtime.control.lease_unreadable();
-                return Err(error.into());
-            }
-        };
+        let lease = self
+            .runtime
+            .control
+            .read_lease(lease_store.as_ref())
+            .await?;
         // A scale-down keeps the instances up to the primary until it moved (`rollout`).
         let spec_groups = resolve_groups(&name, spec);
         let groups = rollout::retained_groups(&spec_groups, lease.holder.as_deref());
