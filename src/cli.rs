@@ -24,6 +24,9 @@ pub enum Command {
     Local(crate::local::cli::LocalArgs),
     /// Print the PgReplicaSet CustomResourceDefinition (YAML) to stdout.
     Crd,
+    /// Copy this image's PostgreSQL installation for a major-version upgrade (the init
+    /// container the operator adds while it upgrades a cluster).
+    CopyBinaries(crate::agent::upgrade::CopyBinariesArgs),
     /// Run the PgReplicaSet operator (the Kubernetes controller).
     Operator(crate::operator::cli::OperatorArgs),
 }
@@ -51,6 +54,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => crate::agent::cli::run(args).await,
         Command::Local(args) => crate::local::cli::run(args).await,
         Command::Crd => Ok(crate::api::print_crd()?),
+        Command::CopyBinaries(args) => crate::agent::upgrade::copy_binaries(args).await,
         Command::Operator(args) => crate::operator::cli::run(args).await,
     }
 }

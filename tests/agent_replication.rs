@@ -122,9 +122,12 @@ async fn primary_and_two_replicas_stream() {
     let json = serde_json::to_string(&status).unwrap();
     assert!(!json.contains(common::REPLICATION_PASSWORD));
 
-    // Actions need the token; the status does not.
+    // Actions and the status need the token; the probes do not.
     let anonymous = pgrs::protocol::client::AgentClient::new(b.client.base_url(), None).unwrap();
-    assert!(anonymous.status().await.is_ok());
+    let refused = anonymous.status().await.unwrap_err();
+    assert_eq!(refused.status().map(|s| s.as_u16()), Some(401));
+    assert!(anonymous.healthz().await.is_ok());
+    assert_eq!(anonymous.readyz().await.unwrap().role, Role::Replica);
     let refused = anonymous
         .promote(&PromoteRequest::default())
         .await

@@ -206,7 +206,7 @@ async fn invalid_manifests_are_rejected_with_the_field_named() {
         ),
         (
             json!({"parameters": {"port": "5433"}}),
-            "spec.parameters: these are managed by the agent",
+            "spec.parameters: port cannot be set: the agent sets it itself",
         ),
         (
             json!({"parameters": {"Shared Buffers": "1GB"}}),
@@ -270,11 +270,16 @@ async fn storage_class_is_immutable_and_size_cannot_shrink() {
         .replace("pg", &dry_run(), &grown)
         .await
         .expect("growing the volume is allowed");
-    // No implicit major upgrade: the major of a cluster is fixed (issue 16).
+    // Raising the major is an upgrade (issue 16); a data directory is never downgraded.
     let upgraded = update(&|c| c.spec.postgres_version = 17);
-    let message = rejection(clusters.replace("pg", &dry_run(), &upgraded).await);
+    clusters
+        .replace("pg", &dry_run(), &upgraded)
+        .await
+        .expect("raising postgresVersion is an upgrade");
+    let lowered = update(&|c| c.spec.postgres_version = 14);
+    let message = rejection(clusters.replace("pg", &dry_run(), &lowered).await);
     assert!(
-        message.contains("spec.postgresVersion cannot change"),
+        message.contains("spec.postgresVersion cannot be lowered"),
         "{message}"
     );
     for major in [14, 16, 17, 18] {

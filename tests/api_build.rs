@@ -275,9 +275,17 @@ fn agent_container_runs_with_the_spec_timings_and_probes() {
         .expect("readiness");
     assert_eq!(
         readiness.path.as_deref(),
-        Some(pgrs::protocol::api::STATUS_PATH)
+        Some(pgrs::protocol::api::READYZ_PATH)
     );
-    assert!(container.liveness_probe.is_some());
+    let liveness = container
+        .liveness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .expect("liveness");
+    assert_eq!(
+        liveness.path.as_deref(),
+        Some(pgrs::protocol::api::HEALTHZ_PATH)
+    );
     let env = container.env.clone().expect("env");
     let pod_name = env
         .iter()

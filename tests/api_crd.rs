@@ -273,13 +273,13 @@ fn agent_managed_parameters_are_refused() {
     assert_rejected(
         &object,
         None,
-        "spec.parameters: these are managed by the agent",
+        "spec.parameters: port cannot be set: the agent sets it itself",
     );
     let object = basic_with(json!({"parameters": {"synchronous_standby_names": "*"}}));
     assert_rejected(
         &object,
         None,
-        "spec.parameters: these are managed by the agent",
+        "spec.parameters: synchronous_standby_names cannot be set: the agent sets it itself",
     );
 }
 
@@ -332,4 +332,73 @@ fn storage_may_grow_but_not_shrink() {
     assert_eq!(cel_failures(&grown, Some(&old)), Vec::<String>::new());
     let shrunk = basic_with(json!({"storage": {"size": "5Gi"}}));
     assert_rejected(&shrunk, Some(&old), "spec.storage.size cannot shrink");
+}
+
+#[test]
+fn refused_parameters_are_named_with_their_reason() {
+    for (name, phrase) in [
+        ("ssl_min_protocol_version", "TLS settings"),
+        ("ssl_some_future_setting", "ssl_* cannot be set"),
+        ("archive_cleanup_command", "runs a shell command"),
+        ("recovery_target_lsn", "recovery target"),
+        ("include_if_exists", "include directives"),
+    ] {
+        let object = basic_with(json!({"parameters": {name: "x"}}));
+        assert_rejected(&object, None, phrase);
+    }
+    let object = basic_with(json!({"parameters": {"recovery_target_timeline": "latest"}}));
+    assert_rejected(
+        &object,
+        None,
+        "spec.parameters: recovery_target_timeline cannot be set: the agent sets it itself",
+    );
+}
+
+#[test]
+fn preload_lists_take_allow_listed_libraries() {
+    let ok = basic_with(json!({"parameters": {
+        "shared_preload_libraries": "pg_stat_statements, auto_explain",
+        "session_preload_libraries": "",
+    }}));
+    assert_eq!(cel_failures(&ok, None), Vec::<String>::new());
+    let object =
+        basic_with(json!({"parameters": {"shared_preload_libraries": "pg_stat_statements,evil"}}));
+    assert_rejected(
+        &object,
+        None,
+        "spec.parameters.shared_preload_libraries: every comma-separated entry must be one of",
+    );
+}
+
+#[test]
+fn parameter_values_are_one_line() {
+    let object = basic_with(json!({"parameters": {"work_mem": "1MB\nport = 5433"}}));
+    assert_rejected(
+        &object,
+        None,
+        "values must be one line without NUL characters",
+    );
+}
+
+#[test]
+fn cluster_names_must_fit_their_derived_names() {
+    let mut object = fixture("basic.yaml");
+    object["metadata"]["name"] = json!("pg.prod");
+    assert_rejected(&object, None, "metadata.name must be a DNS-1035 label");
+    object["metadata"]["name"] = json!("a".repeat(53));
+    assert_rejected(&object, None, "metadata.name is too long: at most 52");
+    object["metadata"]["name"] = json!("a".repeat(52));
+    assert_eq!(cel_failures(&object, None), Vec::<String>::new());
+}
+
+#[test]
+fn the_switchover_target_must_be_an_instance() {
+    let object = basic_with(json!({"switchover": {"targetInstance": "other-0"}}));
+    assert_rejected(&object, None, "is not an instance of this cluster");
+    let name = fixture("basic.yaml")["metadata"]["name"].clone();
+    let name = name.as_str().expect("fixture name");
+    let object = basic_with(json!({"switchover": {"targetInstance": format!("{name}-2")}}));
+    assert_eq!(cel_failures(&object, None), Vec::<String>::new());
+    let object = basic_with(json!({"switchover": {"targetInstance": format!("{name}-3")}}));
+    assert_rejected(&object, None, "is not an instance of this cluster");
 }

@@ -78,10 +78,7 @@ async fn run(name: &str, conflict: Conflict) {
         .find(|n| **n != old && **n != target)
         .expect("second replica")
         .clone();
-    let config = cluster.layout().read_config().expect("config");
-    let target_agent =
-        AgentClient::new(config.agent_url(config.node(&target).expect("node")), None)
-            .expect("agent client");
+    let target_agent = cluster.agent_client(&target);
 
     // The probe table (replicated everywhere) and the table the conflict is about.
     let primary = connect(&cluster.node_conninfo(&old)).await;
@@ -162,8 +159,7 @@ async fn run(name: &str, conflict: Conflict) {
     let sampler = start_sampler(
         &cluster,
         vec![old.clone(), target.clone(), third.clone()],
-        AgentClient::new(config.agent_url(config.node(&target).expect("node")), None)
-            .expect("agent client"),
+        cluster.agent_client(&target),
         stop,
     );
     tokio::time::sleep(Duration::from_millis(300)).await;

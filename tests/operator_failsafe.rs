@@ -88,6 +88,8 @@ pub struct Cluster {
     /// Pod name → pod IP.
     pub ips: BTreeMap<String, String>,
     pub password: String,
+    /// The agents' bearer token (their status needs it), read before any outage.
+    pub agent_token: String,
     pub primary: String,
 }
 
@@ -105,6 +107,7 @@ impl Cluster {
         let ips = pod_ips(&client, &ns, CLUSTER).await;
         assert_eq!(ips.len(), 3, "three pods with IPs: {ips:?}");
         let password = superuser_password(&client, &ns, CLUSTER).await;
+        let agent_token = agent_token(&client, &ns).await;
         connect(&ips[&primary], &password)
             .await
             .expect("connect to the primary")
@@ -119,6 +122,7 @@ impl Cluster {
             client,
             ips,
             password,
+            agent_token,
             primary,
         }
     }
@@ -177,7 +181,7 @@ impl Cluster {
         what: &str,
         ok: impl Fn(&BTreeMap<String, AgentStatus>) -> bool,
     ) -> BTreeMap<String, AgentStatus> {
-        let http = agent_http();
+        let http = agent_http(&self.agent_token);
         eventually(what, Duration::from_secs(60), || async {
             let mut statuses = BTreeMap::new();
             for (pod, ip) in &self.ips {
@@ -281,15 +285,32 @@ impl Cluster {
     }
 }
 
-pub fn agent_http() -> reqwest::Client {
+/// The agents' token, from the cluster's Secret.
+async fn agent_token(client: &Client, ns: &str) -> String {
+    let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
+        .get(&names::secret(CLUSTER))
+        .await
+        .expect("read the cluster Secret");
+    let data = secret.data.expect("Secret data");
+    String::from_utf8(data[names::SECRET_AGENT_TOKEN].0.clone()).expect("UTF-8 token")
+}
+
+/// An HTTP client for the agents, sending `token` (the status needs it).
+pub fn agent_http(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let mut bearer = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+        .expect("a token usable in a header");
+    bearer.set_sensitive(true);
+    headers.insert(reqwest::header::AUTHORIZATION, bearer);
     reqwest::Client::builder()
+        .default_headers(headers)
         .no_proxy()
         .timeout(Duration::from_secs(1))
         .build()
         .expect("an HTTP client")
 }
 
-/// `GET http://<ip>:8008/v1/status` from the host.
+/// `GET http://<ip>:8008/v1/status` from the host (with the token, see [`agent_http`]).
 pub async fn agent_status(http: &reqwest::Client, ip: &str) -> Result<AgentStatus, String> {
     let url = format!("http://{ip}:8008/v1/status");
     http.get(&url)
@@ -315,13 +336,14 @@ pub struct AgentWatch {
 }
 
 impl AgentWatch {
-    pub fn start(ips: &BTreeMap<String, String>, start: Instant) -> AgentWatch {
+    pub fn start(ips: &BTreeMap<String, String>, token: &str, start: Instant) -> AgentWatch {
         let stop = Arc::new(AtomicBool::new(false));
         let ips = ips.clone();
+        let token = token.to_string();
         let task = {
             let stop = stop.clone();
             tokio::spawn(async move {
-                let http = agent_http();
+                let http = agent_http(&token);
                 let mut samples = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let asks = ips.iter().map(|(pod, ip)| {

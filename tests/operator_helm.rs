@@ -43,6 +43,17 @@ async fn helm_installed_operator_runs_the_basic_example_under_its_service_accoun
         String::from_utf8_lossy(&lint.stdout)
     );
 
+    // The operator's pod and the database pods pass the `restricted` Pod Security Standard
+    // (the API server's PodSecurity admission refuses them otherwise).
+    kubectl(
+        bed,
+        &[
+            "label",
+            "namespace",
+            &ns_name,
+            "pod-security.kubernetes.io/enforce=restricted",
+        ],
+    );
     let install = bed
         .helm()
         .args([
@@ -53,8 +64,6 @@ async fn helm_installed_operator_runs_the_basic_example_under_its_service_accoun
             &ns_name,
             "--set",
             &format!("watchNamespace={ns_name}"),
-            "--set",
-            "databaseAsRoot=true",
             "--set",
             "image.tag=dev",
             "--set",

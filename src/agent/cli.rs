@@ -14,8 +14,8 @@ use clap::{Args, ValueEnum};
 use crate::agent::config::{PostgresSettings, check_parameters_for_major, parse_parameters};
 use crate::agent::http::{HttpState, router};
 use crate::agent::instance::{
-    AgentConfig, DataDirState, Secret, bootstrap_primary, bootstrap_replica, check_data_dir_major,
-    inspect_data_dir, prepare_run_dir, sibling,
+    AgentConfig, DataDirState, Secret, bootstrap_primary, bootstrap_replica, inspect_data_dir,
+    prepare_run_dir, sibling,
 };
 use crate::agent::supervisor;
 use crate::postgres::process::{OsIdentity, PgBinaries};
@@ -140,6 +140,11 @@ pub struct AgentArgs {
     /// Lease fencing (`--lease-url`, timings): see `coordination::LeaseArgs`.
     #[command(flatten)]
     pub lease: crate::coordination::LeaseArgs,
+    /// A major-version upgrade: the directory where `pgrs copy-binaries` put the old major's
+    /// installation. A data directory of that major is upgraded with pg_upgrade (as the
+    /// primary) or set aside and cloned again (as a replica); any other is refused as always.
+    #[arg(long, env = "PGRS_UPGRADE_FROM")]
+    pub upgrade_from: Option<PathBuf>,
 }
 
 impl AgentArgs {
@@ -275,8 +280,9 @@ async fn termination_signal() -> anyhow::Result<&'static str> {
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let config = Arc::new(args.config()?);
-    // At once, before waiting for a role: a data directory of another major never starts.
-    check_data_dir_major(&config, &config.data_dir)?;
+    // At once, before waiting for a role: a data directory of another major never starts,
+    // unless this start is the upgrade from exactly that major.
+    let upgrade = crate::agent::upgrade::pending(&config, args.upgrade_from.as_deref())?;
     tracing::info!(
         major = config.binaries.major(),
         pg_bin = %config.binaries.dir().display(),
@@ -306,7 +312,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let (intended_role, upstream) = match args.role {
+    let (mut intended_role, mut upstream) = match args.role {
         InitialRole::Wait => match (&kube, &kube_store) {
             (Some(kube), Some(store)) => {
                 kube.wait_for_role(
@@ -314,7 +320,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     config.name(),
                     args.primary_port,
                     args.slot.clone().unwrap_or_else(|| config.default_slot()),
-                    !config.data_dir.join("PG_VERSION").exists(),
+                    !config.data_dir.join("PG_VERSION").exists() || upgrade.is_some(),
                 )
                 .await
             }
@@ -334,8 +340,35 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             (Role::Replica, Some(upstream))
         }
     };
+    let (config, upgraded) = match upgrade {
+        Some(pending) => {
+            let (config, report) =
+                crate::agent::upgrade::run(config, pending, intended_role).await?;
+            (config, Some(report))
+        }
+        None => (config, None),
+    };
+    if upgraded.is_some()
+        && intended_role == Role::Primary
+        && let (Some(kube), Some(store)) = (&kube, &kube_store)
+    {
+        // pg_upgrade took its time: the lease proof must come from a fresh read (the operator
+        // grants the lease again while it waits for the upgraded primary).
+        (intended_role, upstream) = kube
+            .wait_for_role(
+                store.as_ref(),
+                config.name(),
+                args.primary_port,
+                args.slot.clone().unwrap_or_else(|| config.default_slot()),
+                false,
+            )
+            .await;
+    }
     let (handle, supervisor_task) =
         supervisor::spawn(config.clone(), intended_role, upstream.clone());
+    if let Some(report) = &upgraded {
+        supervisor::set_major_upgrade(&handle, report.clone());
+    }
     // The first read is written before postgres starts, so that restart-only parameters
     // count from the first start.
     let parameters_watch = match args.parameters_file.clone() {
@@ -351,15 +384,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let failsafe = fencing
         .as_ref()
         .map(|fencing| fencing.enable_failsafe(token.expose().to_string()));
-    let app = router(HttpState {
+    let (health, health_task) = crate::agent::http::health::spawn(handle.clone());
+    let state = HttpState {
         supervisor: handle.clone(),
         token: Arc::new(token),
         failsafe,
-    });
-    let app = match &fencing {
-        Some(fencing) => fencing.gate_promote(app, crate::protocol::api::PROMOTE_PATH),
-        None => app,
+        health,
     };
+    let app = router(state, |actions| match &fencing {
+        Some(fencing) => fencing.gate_promote(actions, crate::protocol::api::PROMOTE_PATH),
+        None => actions,
+    });
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http_task = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -398,6 +433,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     }
     tracing::info!(name = config.name(), "instance is up");
+    if let Some(report) = &upgraded {
+        crate::agent::upgrade::forget_old(&config.data_dir, report);
+    }
 
     let received = signal.await?;
     tracing::info!(signal = received, "shutting down: fast stop of postgres");
@@ -414,6 +452,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     let _ = stop_http.send(());
     let _ = http_task.await;
+    health_task.abort();
     let _ = supervisor_task.await;
     result.context("failed to stop postgres")?;
     Ok(())

@@ -8,3 +8,4 @@ pub mod http;
 pub mod instance;
 pub mod kube_mode;
 pub mod supervisor;
+pub mod upgrade;

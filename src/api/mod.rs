@@ -5,6 +5,7 @@
 mod engine_spec;
 mod groups;
 pub mod names;
+pub mod parameters;
 mod spec;
 mod status;
 pub mod validation;
@@ -24,7 +25,8 @@ pub use spec::{
     ReplicationMode, ReplicationSpec, StorageSpec, SwitchoverSpec,
 };
 pub use status::{
-    FailoverRecord, InstanceRole, InstanceStatus, PgReplicaSetStatus, Phase, SyncState, condition,
+    FailoverRecord, InstanceRole, InstanceStatus, MajorUpgradePhase, MajorUpgradeStatus,
+    PgReplicaSetStatus, Phase, SyncState, condition,
 };
 pub use validation::{InvalidSpec, validate};
 

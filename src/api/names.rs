@@ -59,8 +59,15 @@ pub const SECRET_VOLUME: &str = "secrets";
 pub const SECRET_MOUNT: &str = "/etc/pgrs/secrets";
 pub const CONFIG_VOLUME: &str = "config";
 pub const CONFIG_MOUNT: &str = "/etc/pgrs/config";
+/// An emptyDir for the agent's run directory. Its root belongs to root (the kubelet creates
+/// it, 0777 with the `fsGroup`), so the agent keeps its private directory below it.
 pub const RUN_VOLUME: &str = "run";
-pub const RUN_DIR: &str = "/var/run/pgrs";
+pub const RUN_MOUNT: &str = "/var/run/pgrs";
+/// The agent's `--run-dir` (socket, passfile; 0700, created by the agent as `postgres`).
+pub const RUN_DIR: &str = "/var/run/pgrs/agent";
+/// An emptyDir at `/tmp`: the root filesystem is read-only.
+pub const TMP_VOLUME: &str = "tmp";
+pub const TMP_MOUNT: &str = "/tmp";
 
 /// Keys of the cluster Secret (file names under [`SECRET_MOUNT`]).
 pub const SECRET_SUPERUSER_PASSWORD: &str = "superuser-password";
@@ -70,6 +77,36 @@ pub const SECRET_AGENT_TOKEN: &str = "agent-token";
 pub const CONFIG_PARAMETERS: &str = "parameters.conf";
 /// Key of the control state (JSON) in [`control_state`]'s ConfigMap.
 pub const CONTROL_STATE_KEY: &str = "state.json";
+
+/// Longest label value, and longest DNS label (Service names, pod hostnames).
+pub const MAX_LABEL_LEN: usize = 63;
+
+/// Longest StatefulSet name. The StatefulSet controller labels every pod
+/// `controller-revision-hash: <statefulset>-<hash>` with a hash of up to 10 characters (a
+/// 32-bit FNV hash in decimal), and a label value has at most 63: a longer StatefulSet creates
+/// no pod at all. Its pods `<statefulset>-<ordinal>` (ordinals below 16) then have at most 55
+/// characters, their slots `pgrs_<pod>` at most 60 (within PostgreSQL's 63).
+pub const MAX_STATEFULSET_NAME_LEN: usize = MAX_LABEL_LEN - 1 - 10;
+
+/// What a cluster name must look like: a DNS-1035 label (a letter first, then lowercase
+/// letters, digits and `-`, no `-` last), since the Services `<name>-rw`, `-ro`, `-r` and
+/// `-instances` must be DNS-1035 labels (the API server allows dots and a leading digit in
+/// `metadata.name`).
+pub const CLUSTER_NAME_PATTERN: &str = "^[a-z]([-a-z0-9]*[a-z0-9])?$";
+
+/// Whether `name` is a DNS-1035 label ([`CLUSTER_NAME_PATTERN`], at most 63 characters).
+pub fn is_dns1035_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let (Some(first), Some(last)) = (bytes.first(), bytes.last()) else {
+        return false;
+    };
+    bytes.len() <= MAX_LABEL_LEN
+        && first.is_ascii_lowercase()
+        && (last.is_ascii_lowercase() || last.is_ascii_digit())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
 
 /// Headless Service of every instance group: pod DNS `<pod>.<name>-instances.<ns>.svc`.
 pub fn headless_service(cluster: &str) -> String {

@@ -25,6 +25,12 @@ use super::status::PgReplicaSetStatus;
     namespaced,
     status = "PgReplicaSetStatus",
     derive = "PartialEq",
+    // Rules relating metadata.name to the spec: only the root sees both.
+    validation = crate::api::validation::name_is_a_label_rule(),
+    validation = crate::api::validation::name_length_rule(),
+    validation = crate::api::validation::name_and_group_length_rule(),
+    validation = crate::api::validation::switchover_target_rule(),
+    validation = crate::api::validation::switchover_target_in_groups_rule(),
     doc = "A PostgreSQL streaming-replication cluster (one primary, hot standbys) with automatic, split-brain-safe failover.",
     printcolumn(
         name = "Primary",
@@ -69,8 +75,8 @@ use super::status::PgReplicaSetStatus;
         "fieldPath": ".groups"
     },
     {
-        "rule": "self.postgresVersion == oldSelf.postgresVersion",
-        "message": "spec.postgresVersion cannot change: major-version upgrades are not supported yet (create a new cluster of the new major)",
+        "rule": "self.postgresVersion >= oldSelf.postgresVersion",
+        "message": "spec.postgresVersion cannot be lowered: a data directory is never downgraded (raise it to upgrade with pg_upgrade)",
         "fieldPath": ".postgresVersion"
     },
     {
@@ -92,7 +98,8 @@ use super::status::PgReplicaSetStatus;
 pub struct PgReplicaSetSpec {
     /// Major version of PostgreSQL: 14 to 18 (default 15). The agent runs the image's
     /// `/usr/lib/postgresql/<postgresVersion>/bin` and refuses binaries or a data directory of
-    /// another major. It cannot change once set: major upgrades are not supported yet.
+    /// another major. Raising it upgrades the running cluster with pg_upgrade
+    /// (`status.majorUpgrade`); lowering it is refused.
     #[serde(default = "default_postgres_version")]
     #[schemars(range(min = 14, max = 18))]
     pub postgres_version: u32,
@@ -118,10 +125,13 @@ pub struct PgReplicaSetSpec {
     pub resources: Option<ResourceRequirements>,
 
     /// PostgreSQL parameters (`postgresql.conf`), name to value, for example
-    /// `shared_buffers: 256MB`. Parameters the agent manages itself (ports, paths, replication
-    /// settings) are refused.
+    /// `shared_buffers: 256MB`. Refused: parameters the agent manages itself (ports, paths,
+    /// replication, archiving), shell commands, `ssl` and `ssl_*`, `full_page_writes`,
+    /// `recovery_target*`, `restart_after_crash`, library paths, file paths, `include*`, and
+    /// preload lists naming a library other than pg_stat_statements, auto_explain and
+    /// pg_prewarm (docs/kubernetes.md). Values are one line of at most 4096 characters.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(transform = super::validation::parameters_rules)]
+    #[schemars(transform = super::parameters::parameters_rules)]
     pub parameters: BTreeMap<String, String>,
 
     /// Streaming replication: asynchronous or synchronous, and how much data a failover may

@@ -2,6 +2,8 @@
 //! subresource). Unknown values are absent, never 0: a standby whose lag cannot be computed has
 //! no `lagBytes`/`lagSeconds`, one that is caught up has 0.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -103,6 +105,60 @@ pub struct PgReplicaSetStatus {
     /// The most recent failover or switchover, with the time of each step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failover: Option<FailoverRecord>,
+
+    /// The PostgreSQL major the cluster runs: `spec.postgresVersion` once an upgrade to it
+    /// completed, the old major while it runs or after it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres_version: Option<u32>,
+
+    /// The last major-version upgrade (raised `spec.postgresVersion`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub major_upgrade: Option<MajorUpgradeStatus>,
+}
+
+/// A major-version upgrade: the primary is upgraded with pg_upgrade while writes stop, then
+/// the replicas are cloned from it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MajorUpgradeStatus {
+    /// The major the cluster ran when the upgrade started.
+    pub from: u32,
+    /// The major of `spec.postgresVersion`.
+    pub to: u32,
+    /// Where the upgrade is.
+    pub phase: MajorUpgradePhase,
+    /// The instance whose data directory is upgraded (the primary when the upgrade started).
+    pub primary: String,
+    /// The image of the old major (its binaries are copied into the upgraded pods).
+    pub from_image: String,
+    /// The pods as they were when the upgrade started (name → UID): each is restarted once.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pods: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When the upgraded primary reported itself up on the new major.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_upgraded_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// Why it failed (pg_upgrade's words), or what it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The value of the annotation `pgrs.dev/retry-upgrade` when it failed: a new value retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_token: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum MajorUpgradePhase {
+    /// Writes are stopped; the primary's pod restarts on the new image and runs pg_upgrade.
+    UpgradingPrimary,
+    /// The primary serves on the new major; the replicas restart and are cloned from it.
+    RecloningReplicas,
+    /// Every instance runs the new major.
+    Completed,
+    /// pg_upgrade refused or failed: the cluster runs the old major, nothing was lost.
+    Failed,
 }
 
 /// The role of an instance as its agent reports it.

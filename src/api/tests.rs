@@ -80,11 +80,82 @@ fn validate_refuses_names_too_long_for_derived_objects() {
         validate(&cluster(&name, spec(3))),
         Err(InvalidSpec::NameTooLong {
             name: name.clone(),
+            statefulset: name.clone(),
             len: name.len()
         })
     );
     let longest = "a".repeat(validation::MAX_CLUSTER_NAME_LEN);
     assert_eq!(validate(&cluster(&longest, spec(3))), Ok(()));
+    // With groups, the longest `<name>-<group>` counts.
+    let mut grouped = spec(3);
+    grouped.groups = vec![group("east", 2, 1), group("longest-zone-15", 1, 1)];
+    let fits = "a".repeat(names::MAX_STATEFULSET_NAME_LEN - "-longest-zone-15".len());
+    assert_eq!(validate(&cluster(&fits, grouped.clone())), Ok(()));
+    let error = validate(&cluster(&format!("{fits}a"), grouped))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("-longest-zone-15\" has 53 characters, at most 52"),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_name_limit_keeps_every_derived_name_a_label() {
+    assert_eq!(names::MAX_STATEFULSET_NAME_LEN, 52);
+    let name = "a".repeat(validation::MAX_CLUSTER_NAME_LEN);
+    let mut derived = vec![
+        names::rw_service(&name),
+        names::ro_service(&name),
+        names::r_service(&name),
+        names::headless_service(&name),
+        // The controller-revision-hash label value: `<statefulset>-<hash>`, hash ≤ 10.
+        format!("{name}-{}", u32::MAX),
+        crate::protocol::names::slot_name_for(&format!("{name}-15")),
+    ];
+    derived.extend(instance_names(&name, &spec(16)));
+    for derived in derived {
+        assert!(derived.len() <= names::MAX_LABEL_LEN, "{derived}");
+        assert!(
+            names::is_dns1035_label(&derived.replace('_', "-")),
+            "{derived}"
+        );
+    }
+}
+
+#[test]
+fn validate_refuses_names_that_are_not_dns_labels() {
+    for name in ["pg.prod", "1pg", "pg-", "Pg"] {
+        let error = validate(&cluster(name, spec(3))).unwrap_err();
+        assert_eq!(
+            error,
+            InvalidSpec::NameNotLabel {
+                name: name.to_string()
+            }
+        );
+        assert!(error.to_string().contains("DNS-1035 label"));
+    }
+    assert!(names::is_dns1035_label("pg-2"));
+    assert!(!names::is_dns1035_label(""));
+}
+
+#[test]
+fn validate_refuses_the_parameters_admission_refuses() {
+    let mut spec = spec(3);
+    spec.parameters.insert("ssl".into(), "on".into());
+    let error = validate(&cluster("pg", spec.clone()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.starts_with("spec.parameters: ssl cannot be set: TLS settings"),
+        "{error}"
+    );
+    spec.parameters.clear();
+    spec.parameters.insert(
+        "shared_preload_libraries".into(),
+        "pg_stat_statements".into(),
+    );
+    assert_eq!(validate(&cluster("pg", spec)), Ok(()));
 }
 
 #[test]

@@ -1,56 +1,42 @@
-//! Validation that is not in the schema's static attributes: the `parameters` CEL rules (built
-//! from the agent's own list of managed parameters, so the two cannot drift) and the checks the
-//! operator runs before building (name lengths the API server cannot see from the spec).
+//! Validation beyond the schema's static attributes: the CEL rules at the root of the CRD (they
+//! relate `metadata.name` to the spec: the names derived from it, the switchover target) and
+//! the operator's own check of the same things, built from the same constants and messages so
+//! that admission and the operator refuse alike. The `spec.parameters` rules live in
+//! [`super::parameters`].
 
-use schemars::Schema;
-use serde_json::json;
+use kube::core::Rule;
 
 use super::PgReplicaSet;
-use crate::protocol::names::AGENT_OWNED_PARAMETERS;
+use super::names::{self, CLUSTER_NAME_PATTERN, MAX_STATEFULSET_NAME_LEN};
+use super::parameters::{self, ParameterError};
 
-/// Longest `metadata.name`: the StatefulSet `<name>-<group>` (group ≤ 15) must leave room for
-/// the `controller-revision-hash` label (≤ 63 with an 11-character suffix), and Services
-/// `<name>-instances` must stay DNS labels.
-pub const MAX_CLUSTER_NAME_LEN: usize = 36;
+/// Longest `metadata.name` of a cluster without `spec.groups` (its StatefulSet is named after
+/// it). With groups, each `<name>-<group>` has at most [`MAX_STATEFULSET_NAME_LEN`] characters.
+pub const MAX_CLUSTER_NAME_LEN: usize = MAX_STATEFULSET_NAME_LEN;
 
-/// At most this many parameters (bounds the CEL cost estimate of the rules below).
-pub const MAX_PARAMETERS: u64 = 256;
+const NAME_LABEL_WHY: &str = "must be a DNS-1035 label (a lowercase letter first, then lowercase letters, digits and '-', not ending in '-'): the Services <name>-rw, <name>-ro, <name>-r and <name>-instances are named after it";
 
-/// `#[schemars(transform)]` of `spec.parameters`: names must be PostgreSQL GUC names and not
-/// managed by the agent.
-pub fn parameters_rules(schema: &mut Schema) {
-    let owned: Vec<String> = AGENT_OWNED_PARAMETERS
-        .iter()
-        .map(|name| format!("'{name}'"))
-        .collect();
-    schema.insert("maxProperties".into(), json!(MAX_PARAMETERS));
-    schema.insert(
-        "x-kubernetes-validations".into(),
-        json!([
-            {
-                "rule": "self.all(name, name.matches('^[a-z][a-z0-9_.]*$'))",
-                "message": "spec.parameters: names must be lowercase PostgreSQL parameter names (letters, digits, '_' and '.')"
-            },
-            {
-                "rule": format!("self.all(name, !(name in [{}]))", owned.join(", ")),
-                "message": format!(
-                    "spec.parameters: these are managed by the agent and cannot be set: {}",
-                    AGENT_OWNED_PARAMETERS.join(", ")
-                )
-            }
-        ]),
-    );
-}
+const REVISION_LABEL_WHY: &str = "must leave room for the controller-revision-hash label of its pods (<statefulset>-<hash>, at most 63 characters)";
 
-/// Why the operator refuses a `PgReplicaSet` that the API server accepted.
+/// Why the operator refuses a `PgReplicaSet` (admission refuses the same, see the rules below).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidSpec {
     #[error("metadata.name is missing")]
     MissingName,
-    #[error("metadata.name {name:?} is too long: {len} characters, at most {MAX_CLUSTER_NAME_LEN}")]
-    NameTooLong { name: String, len: usize },
+    #[error("metadata.name {name:?} {NAME_LABEL_WHY}")]
+    NameNotLabel { name: String },
+    #[error(
+        "metadata.name {name:?} is too long: the StatefulSet {statefulset:?} has {len} characters, at most {MAX_STATEFULSET_NAME_LEN}: it {REVISION_LABEL_WHY}"
+    )]
+    NameTooLong {
+        name: String,
+        statefulset: String,
+        len: usize,
+    },
     #[error("spec.switchover.targetInstance {target:?} is not an instance of this cluster")]
     UnknownSwitchoverTarget { target: String },
+    #[error(transparent)]
+    Parameter(#[from] ParameterError),
     #[error(
         "spec.parameters.{name} does not exist in PostgreSQL {major} (spec.postgresVersion): {why}"
     )]
@@ -61,19 +47,110 @@ pub enum InvalidSpec {
     },
 }
 
-/// Checks the operator needs beyond the schema (the API server cannot relate `metadata.name` to
-/// the names derived from it). Pure: run in the validate step before building.
+/// Root rule: `metadata.name` is a DNS-1035 label. No `fieldPath`: `metadata` is not part of
+/// the structural schema, and the API server refuses `.metadata.name` as a path; the message
+/// names the field instead (the refusal shows `<nil>:` as its path).
+pub fn name_is_a_label_rule() -> Rule {
+    Rule::new(format!(
+        "self.metadata.name.matches('{CLUSTER_NAME_PATTERN}')"
+    ))
+    .message(format!("metadata.name {NAME_LABEL_WHY}").as_str())
+}
+
+/// Root rule: without groups, the StatefulSet `<name>` fits.
+pub fn name_length_rule() -> Rule {
+    Rule::new(format!(
+        "(has(self.spec.groups) && size(self.spec.groups) > 0) || size(self.metadata.name) <= {MAX_CLUSTER_NAME_LEN}"
+    ))
+    .message(
+        format!(
+            "metadata.name is too long: at most {MAX_CLUSTER_NAME_LEN} characters, as the StatefulSet <name> {REVISION_LABEL_WHY}"
+        )
+        .as_str(),
+    )
+}
+
+/// Root rule: with groups, every StatefulSet `<name>-<group>` fits.
+pub fn name_and_group_length_rule() -> Rule {
+    Rule::new(format!(
+        "!has(self.spec.groups) || self.spec.groups.all(g, size(self.metadata.name) + 1 + size(g.name) <= {MAX_STATEFULSET_NAME_LEN})"
+    ))
+    .message(
+        format!(
+            "metadata.name is too long for spec.groups: each StatefulSet <name>-<group> has at most {MAX_STATEFULSET_NAME_LEN} characters, as it {REVISION_LABEL_WHY}"
+        )
+        .as_str(),
+    )
+}
+
+const SWITCHOVER_TARGET_MESSAGE: &str = "spec.switchover.targetInstance is not an instance of this cluster: <name>-<ordinal>, or <name>-<group>-<ordinal> with spec.groups, the ordinal below the replicas";
+
+/// `self.spec.switchover.targetInstance`.
+const TARGET: &str = "self.spec.switchover.targetInstance";
+
+/// The CEL condition "`rest` is an ordinal below `replicas`". Ordinals as literals: a list
+/// lookup is far cheaper for the API server's cost estimate than a regular expression
+/// (replicas are at most 16).
+fn ordinal_below(rest: &str, replicas: &str) -> String {
+    let ordinals: Vec<String> = (0..16).map(|o| format!("'{o}'")).collect();
+    format!(
+        "{rest} in [{}] && int({rest}) < {replicas}",
+        ordinals.join(", ")
+    )
+}
+
+/// Root rule: without groups, `spec.switchover.targetInstance` is `<name>-<ordinal>`.
+pub fn switchover_target_rule() -> Rule {
+    let ordinal = ordinal_below(
+        &format!("{TARGET}.substring(size(self.metadata.name) + 1)"),
+        "self.spec.replicas",
+    );
+    Rule::new(format!(
+        "!has(self.spec.switchover) || (has(self.spec.groups) && size(self.spec.groups) > 0) || ({TARGET}.startsWith(self.metadata.name + '-') && {ordinal})"
+    ))
+    .message(SWITCHOVER_TARGET_MESSAGE)
+    .field_path(".spec.switchover.targetInstance")
+}
+
+/// Root rule: with groups, `spec.switchover.targetInstance` is `<name>-<group>-<ordinal>`.
+/// The cluster name is matched once, outside the loop over groups (its length is unbounded
+/// for the cost estimate).
+pub fn switchover_target_in_groups_rule() -> Rule {
+    let rest = format!("{TARGET}.substring(size(self.metadata.name) + 1)");
+    let ordinal = ordinal_below(
+        &format!("{TARGET}.substring(size(self.metadata.name) + size(g.name) + 2)"),
+        "g.replicas",
+    );
+    Rule::new(format!(
+        "!has(self.spec.switchover) || !has(self.spec.groups) || size(self.spec.groups) == 0 || ({TARGET}.startsWith(self.metadata.name + '-') && self.spec.groups.exists(g, {rest}.startsWith(g.name + '-') && {ordinal}))"
+    ))
+    .message(SWITCHOVER_TARGET_MESSAGE)
+    .field_path(".spec.switchover.targetInstance")
+}
+
+/// The operator's check, before building anything: what admission refuses (a cluster stored
+/// before a rule existed may still break it), and what PostgreSQL would refuse to start with.
+/// Pure.
 pub fn validate(cluster: &PgReplicaSet) -> Result<(), InvalidSpec> {
     let name = cluster
         .metadata
         .name
         .as_deref()
         .ok_or(InvalidSpec::MissingName)?;
-    if name.len() > MAX_CLUSTER_NAME_LEN {
-        return Err(InvalidSpec::NameTooLong {
+    if !names::is_dns1035_label(name) {
+        return Err(InvalidSpec::NameNotLabel {
             name: name.to_string(),
-            len: name.len(),
         });
+    }
+    for group in super::resolve_groups(name, &cluster.spec) {
+        let len = group.statefulset.len();
+        if len > MAX_STATEFULSET_NAME_LEN {
+            return Err(InvalidSpec::NameTooLong {
+                name: name.to_string(),
+                statefulset: group.statefulset,
+                len,
+            });
+        }
     }
     if let Some(switchover) = &cluster.spec.switchover {
         let instances = super::instance_names(name, &cluster.spec);
@@ -83,6 +160,7 @@ pub fn validate(cluster: &PgReplicaSet) -> Result<(), InvalidSpec> {
             });
         }
     }
+    parameters::check(&cluster.spec.parameters)?;
     // postgres would not start with them: every pod would crash-loop on its parameters file.
     let major = cluster.spec.postgres_version;
     for name in cluster.spec.parameters.keys() {

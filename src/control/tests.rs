@@ -78,6 +78,8 @@ fn status(name: &str, role: Role, lsn: u64, upstream: Option<&str>) -> AgentStat
         pending_restart: None,
         pending_restart_running: None,
         failsafe: None,
+        postgres_major: None,
+        major_upgrade: None,
     }
 }
 

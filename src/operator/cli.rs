@@ -35,10 +35,6 @@ pub struct OperatorArgs {
     /// Address of `/healthz`, `/readyz` and `/metrics`.
     #[arg(long, env = "PGRS_HEALTH_LISTEN", default_value = "0.0.0.0:8080")]
     pub health_listen: SocketAddr,
-    /// Run the database pods without `runAsUser`/`fsGroup`: the agent starts as root and runs
-    /// postgres as the `postgres` user. For runtimes without `fsGroup` support (the test bed).
-    #[arg(long, env = "PGRS_DATABASE_AS_ROOT")]
-    pub database_as_root: bool,
     /// Elect a leader among operator replicas on a Lease: only the leader reconciles. With
     /// `--leader-elect=false` this process reconciles at once (one replica only!).
     #[arg(long, env = "PGRS_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
@@ -192,7 +188,6 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         Settings {
             default_image: args.default_image.clone(),
             postgres_images: args.postgres_images.iter().cloned().collect(),
-            database_as_root: args.database_as_root,
             namespace: args.namespace.clone(),
         },
     );

@@ -1,7 +1,8 @@
 //! The `PgReplicaSet` operator: Kubernetes as a platform of the shared control loop
 //! ([`crate::control`]). Reconcile pipeline: validate (pure, [`crate::api::validate`]) → build
 //! (pure, [`build`]) → apply → the control round (observe → engine → persist → act) → labels
-//! ([`labels`]) and status ([`status`]), in [`controller`].
+//! ([`labels`]) and status ([`status`]), in [`controller`]; major-version upgrades
+//! planned in [`upgrade`].
 
 pub mod build;
 pub mod cli;
@@ -12,3 +13,4 @@ pub mod leader;
 pub mod pods;
 pub mod rollout;
 pub mod status;
+pub mod upgrade;

@@ -51,7 +51,13 @@ pub fn format_lag(bytes: Option<u64>, seconds: Option<f64>) -> Option<String> {
     }
 }
 
-fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: i64) -> Condition {
+pub fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: i64,
+) -> Condition {
     Condition {
         type_: type_.to_string(),
         status: if ok { "True" } else { "False" }.to_string(),
@@ -318,6 +324,9 @@ pub fn cluster_status(input: &StatusInput<'_>) -> PgReplicaSetStatus {
         conditions,
         instances,
         last_failover: input.last_failover.clone(),
+        // Set by the controller (`major_upgrade`), which owns them.
+        postgres_version: None,
+        major_upgrade: None,
     }
 }
 

@@ -1,24 +1,39 @@
 //! The agent's HTTP API: paths and JSON bodies. Shared by the agent (server), `AgentClient`,
-//! local mode and the operator, so every field is documented and changes are additive only.
+//! local mode and the operator, so every field is documented and changes to replies are
+//! additive only (request bodies refuse unknown fields: a new request field needs agents that
+//! know it).
 //!
 //! Paths (all JSON):
-//! - `GET  /v1/status`  → [`AgentStatus`]. Not authenticated: it carries no secret, and probes
-//!   and dashboards must read it without credentials.
+//! - `GET  /healthz` → [`ProbeResponse`] or `503`: liveness (the agent's supervisor and its
+//!   status loop run). No token, no SQL: for the kubelet.
+//! - `GET  /readyz`  → [`ProbeResponse`] or `503`: readiness (postgres was up and serving as
+//!   primary or replica when the agent's own loop last looked, at most a few seconds ago). No
+//!   token, no SQL on the request.
+//! - `GET  /v1/status`  → [`AgentStatus`], probed live (SQL on the agent's kept session).
 //! - `POST /v1/promote` [`PromoteRequest`] → [`ActionResponse`]
 //! - `POST /v1/follow`  [`FollowRequest`]  → [`ActionResponse`]
 //! - `POST /v1/rejoin`  [`RejoinRequest`]  → [`ActionResponse`] (with `rejoin`)
 //! - `POST /v1/stop`    [`StopRequest`]    → [`ActionResponse`]
-//! - `POST /v1/start`   (empty body `{}`)  → [`ActionResponse`]
+//! - `POST /v1/start`   (empty body or `{}`) → [`ActionResponse`]
 //! - `POST /v1/fence`   [`FenceRequest`]   → [`ActionResponse`]
-//! - `POST /v1/restart` (empty body `{}`)  → [`ActionResponse`]: fast stop and start in the
+//! - `POST /v1/restart` (empty body or `{}`) → [`ActionResponse`]: fast stop and start in the
 //!   same role (parameters that need a server restart)
 //! - `POST /v1/parameters` [`ParametersRequest`] → [`ActionResponse`]: write the user
 //!   parameters and reload; `pending_restart` in the status tells what still needs a restart
 //!
-//! Every `POST` needs `Authorization: Bearer <token>` (the shared token from the agent's
-//! `--token-file`); a missing or wrong token gets `401` with an [`ErrorResponse`]. A refused or
-//! failed action gets `409` (not allowed in the current role) or `500` (it ran and failed), also
-//! with an [`ErrorResponse`]. Actions are executed one at a time, in arrival order.
+//! `GET /v1/status` and every `POST` need `Authorization: Bearer <token>` (the shared token
+//! from the agent's `--token-file`); a missing or wrong token gets `401` with an
+//! [`ErrorResponse`], before anything else is looked at. Every error reply carries an
+//! [`ErrorResponse`]:
+//! - `400`: the body is not JSON, a field has the wrong type, is missing or unknown, or a value
+//!   is out of its bounds ([`crate::protocol::validate`]); the message names the field and
+//!   nothing was done;
+//! - `413`: the body is over [`MAX_BODY_BYTES`]; `415`: the body is not `application/json`;
+//! - `409`: the action is not allowed in the current role; `500`: it ran and failed;
+//! - `503`: more than the agent's limit of concurrent status and action requests, or a request
+//!   over its time limit (a status read 10 s, an action 600 s).
+//!
+//! Actions are executed one at a time, in arrival order.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -36,6 +51,12 @@ pub const START_PATH: &str = "/v1/start";
 pub const FENCE_PATH: &str = "/v1/fence";
 pub const RESTART_PATH: &str = "/v1/restart";
 pub const PARAMETERS_PATH: &str = "/v1/parameters";
+/// Liveness, for the kubelet: no token, no SQL.
+pub const HEALTHZ_PATH: &str = "/healthz";
+/// Readiness, for the kubelet: no token, no SQL on the request.
+pub const READYZ_PATH: &str = "/readyz";
+/// The largest request body the agent reads.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// What the instance is, as far as its agent knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -122,6 +143,40 @@ pub struct AgentStatus {
     /// The lease-store-outage failsafe on this agent; `None` without lease fencing.
     #[serde(default)]
     pub failsafe: Option<crate::protocol::failsafe::FailsafeStatus>,
+    /// The PostgreSQL major the agent runs postgres with (its binaries' `postgres --version`).
+    #[serde(default)]
+    pub postgres_major: Option<u32>,
+    /// A major-version upgrade this agent ran when it started (`--upgrade-from`).
+    #[serde(default)]
+    pub major_upgrade: Option<MajorUpgradeReport>,
+}
+
+/// What the agent's major-version upgrade of its data directory did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MajorUpgradeReport {
+    pub from: u32,
+    pub to: u32,
+    pub outcome: MajorUpgradeOutcome,
+    /// pg_upgrade's own words when it refused or failed.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// How long pg_upgrade (check and upgrade) took.
+    #[serde(default)]
+    pub seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MajorUpgradeOutcome {
+    /// The primary's data directory was upgraded with pg_upgrade and runs on the new major.
+    Upgraded,
+    /// A replica set its old data directory aside and was cloned from the upgraded primary.
+    Recloned,
+    /// `pg_upgrade --check` refused: nothing was changed; postgres runs on the old major.
+    CheckFailed,
+    /// pg_upgrade failed after its check: the old directory was restored; postgres runs on
+    /// the old major.
+    Failed,
 }
 
 /// Where a replica streams from.
@@ -172,6 +227,7 @@ pub struct RejoinReport {
 /// `POST /v1/promote`: make a replica a primary (`pg_promote`, then a CHECKPOINT so the control
 /// file and `pg_rewind` see the new timeline). Refused (409) unless the role is `replica`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PromoteRequest {
     /// Seconds to wait for the promotion to finish (default 60).
     #[serde(default)]
@@ -183,6 +239,7 @@ pub struct PromoteRequest {
 /// stopped or fenced instance is started as a standby. Refused (409) on a running primary: a
 /// former primary must `rejoin`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FollowRequest {
     pub host: String,
     pub port: u16,
@@ -196,6 +253,7 @@ pub struct FollowRequest {
 /// start as a standby and verify it streams; else re-clone. The response's `rejoin` says which
 /// path ran.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RejoinRequest {
     pub host: String,
     pub port: u16,
@@ -215,6 +273,7 @@ pub enum StopMode {
 
 /// `POST /v1/stop`: stop postgres and keep it stopped (role `stopped`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StopRequest {
     #[serde(default)]
     pub mode: StopMode,
@@ -222,6 +281,7 @@ pub struct StopRequest {
 
 /// `POST /v1/fence`: immediate stop, role `fenced`, no restart until `follow` or `rejoin`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FenceRequest {
     /// Recorded in the status (`fence_reason`) and the logs.
     #[serde(default)]
@@ -231,6 +291,7 @@ pub struct FenceRequest {
 /// `POST /v1/parameters`: the complete set of user parameters (name → value), replacing the
 /// previous set. Agent-owned names are refused (409).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ParametersRequest {
     pub parameters: std::collections::BTreeMap<String, String>,
 }
@@ -247,7 +308,21 @@ pub struct ActionResponse {
     pub status: AgentStatus,
 }
 
-/// Body of every error reply (401, 409, 500).
+/// `GET /healthz` and `GET /readyz` when the answer is yes (a no is `503` with an
+/// [`ErrorResponse`] saying why).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeResponse {
+    /// `ok`.
+    pub status: String,
+    /// The role postgres had at the agent's last look (`starting` while it is not up).
+    pub role: Role,
+    /// The role the agent drives towards.
+    pub intended_role: Role,
+    /// How old that look is, in milliseconds.
+    pub observed_ms_ago: u64,
+}
+
+/// Body of every error reply (400, 401, 409, 413, 415, 500, 503).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorResponse {
     pub error: String,

@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 
 use crate::protocol::api::{
     ActionResponse, AgentStatus, ErrorResponse, FENCE_PATH, FOLLOW_PATH, FenceRequest,
-    FollowRequest, PROMOTE_PATH, PromoteRequest, REJOIN_PATH, RejoinRequest, START_PATH,
-    STATUS_PATH, STOP_PATH, StopRequest,
+    FollowRequest, HEALTHZ_PATH, PROMOTE_PATH, ProbeResponse, PromoteRequest, READYZ_PATH,
+    REJOIN_PATH, RejoinRequest, START_PATH, STATUS_PATH, STOP_PATH, StopRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +38,7 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The HTTP status when the agent answered with an error (401, 409, 500).
+    /// The HTTP status when the agent answered with an error (400, 401, 409, 500, 503, …).
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             ClientError::Api { status, .. } => Some(*status),
@@ -58,7 +58,8 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    /// `base_url` like `http://127.0.0.1:8008`; `token` is sent as a bearer token on actions.
+    /// `base_url` like `http://127.0.0.1:8008`; `token` is sent as a bearer token on the status
+    /// and on actions (without one, only the probes answer).
     pub fn new(base_url: impl Into<String>, token: Option<String>) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
@@ -82,11 +83,34 @@ impl AgentClient {
         &self.base_url
     }
 
-    /// `GET /v1/status`, with a 5 s timeout.
+    /// `GET /v1/status` (with the token, like actions), with a 5 s timeout.
     pub async fn status(&self) -> Result<AgentStatus, ClientError> {
         let url = format!("{}{}", self.base_url, STATUS_PATH);
-        let request = self.http.get(&url).timeout(Duration::from_secs(5));
+        let request = self.authorized(self.http.get(&url).timeout(Duration::from_secs(5)));
         Self::send(url, request).await
+    }
+
+    /// `GET /healthz` (no token), with a 2 s timeout: `Err` with status 503 when not alive.
+    pub async fn healthz(&self) -> Result<ProbeResponse, ClientError> {
+        self.probe(HEALTHZ_PATH).await
+    }
+
+    /// `GET /readyz` (no token), with a 2 s timeout: `Err` with status 503 when not ready.
+    pub async fn readyz(&self) -> Result<ProbeResponse, ClientError> {
+        self.probe(READYZ_PATH).await
+    }
+
+    async fn probe(&self, path: &str) -> Result<ProbeResponse, ClientError> {
+        let url = format!("{}{}", self.base_url, path);
+        let request = self.http.get(&url).timeout(Duration::from_secs(2));
+        Self::send(url, request).await
+    }
+
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
     }
 
     pub async fn promote(&self, request: &PromoteRequest) -> Result<ActionResponse, ClientError> {
@@ -138,14 +162,10 @@ impl AgentClient {
             self.base_url,
             crate::protocol::failsafe::FAILSAFE_MEMBERS_PATH
         );
-        let mut builder = self
-            .http
-            .post(&url)
+        let builder = self
+            .authorized(self.http.post(&url))
             .timeout(self.action_timeout)
             .json(request);
-        if let Some(token) = &self.token {
-            builder = builder.bearer_auth(token);
-        }
         Self::send(url, builder).await
     }
 
@@ -155,10 +175,10 @@ impl AgentClient {
         body: &B,
     ) -> Result<ActionResponse, ClientError> {
         let url = format!("{}{}", self.base_url, path);
-        let mut request = self.http.post(&url).timeout(self.action_timeout).json(body);
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
+        let request = self
+            .authorized(self.http.post(&url))
+            .timeout(self.action_timeout)
+            .json(body);
         Self::send(url, request).await
     }
 

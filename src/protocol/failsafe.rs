@@ -2,7 +2,8 @@
 //! keeps serving only while every other member confirms, over these endpoints, that it still
 //! follows it; a member that confirmed refuses promotion until its confirmation expires.
 //!
-//! Paths (JSON, bearer token like every action):
+//! Paths (JSON, bearer token like every action; unknown fields and values out of bounds are
+//! refused with `400`, see [`crate::protocol::validate`]):
 //! - `POST /v1/failsafe/members` [`FailsafeMembersRequest`] → [`FailsafeStatus`]: the
 //!   controller tells an agent whether the failsafe is on and who the members are.
 //! - `POST /v1/failsafe/confirm` [`ConfirmRequest`] → [`ConfirmResponse`] (409 with an
@@ -15,6 +16,7 @@ pub const FAILSAFE_CONFIRM_PATH: &str = "/v1/failsafe/confirm";
 
 /// One member of the cluster, as the primary must reach it during a lease-store outage.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FailsafeMember {
     /// The instance name (the lease holder identity).
     pub name: String,
@@ -28,6 +30,7 @@ pub struct FailsafeMember {
 
 /// `POST /v1/failsafe/members`: every member of the cluster, this agent included.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FailsafeMembersRequest {
     pub enabled: bool,
     pub members: Vec<FailsafeMember>,
@@ -36,6 +39,7 @@ pub struct FailsafeMembersRequest {
 /// `POST /v1/failsafe/confirm`: "do you still follow me?", from the primary `primary`, whose
 /// postgres is at `host:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ConfirmRequest {
     pub primary: String,
     pub host: String,

@@ -79,7 +79,8 @@ impl Run {
         let config = cluster.layout().read_config().expect("config");
         let agents = (config.nodes.iter())
             .map(|n| {
-                let client = AgentClient::new(config.agent_url(n), None).expect("agent client");
+                let client = AgentClient::new(config.agent_url(n), Some(cluster.token()))
+                    .expect("agent client");
                 (n.name.clone(), client)
             })
             .collect();

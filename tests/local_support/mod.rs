@@ -127,6 +127,22 @@ impl Cluster {
             .to_string()
     }
 
+    /// The cluster's agent token (`secrets/token`): the agents' status and actions need it.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.layout().token())
+            .expect("token")
+            .trim()
+            .to_string()
+    }
+
+    /// A client of `node`'s agent, with the cluster's token.
+    pub fn agent_client(&self, node: &str) -> pgrs::protocol::client::AgentClient {
+        let config = self.layout().read_config().expect("config");
+        let node = config.node(node).expect("node");
+        pgrs::protocol::client::AgentClient::new(config.agent_url(node), Some(self.token()))
+            .expect("agent client")
+    }
+
     pub fn write_conninfo(&self) -> String {
         pgrs::local::chaos::connection_string(
             self.port_base,

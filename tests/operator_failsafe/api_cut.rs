@@ -32,7 +32,7 @@ pub async fn run(cluster: &Cluster) -> String {
     let before = cluster.status().await.expect("the status");
 
     let (start, writers) = cluster.start_writes().await;
-    let agents = AgentWatch::start(&cluster.ips, start);
+    let agents = AgentWatch::start(&cluster.ips, &cluster.agent_token, start);
     let net = cluster
         .bed
         .pod_net(&cluster.ns, &primary)

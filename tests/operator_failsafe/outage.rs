@@ -176,7 +176,7 @@ pub async fn with_failsafe(cluster: &mut Cluster) -> String {
     let before = cluster.status().await.expect("the status");
 
     let (start, writers) = cluster.start_writes().await;
-    let agents = AgentWatch::start(&cluster.ips, start);
+    let agents = AgentWatch::start(&cluster.ips, &cluster.agent_token, start);
     let down = outage(cluster.bed, start, DOWN).await;
     cluster.restart_operator_if_exited();
     let status = cluster
@@ -293,7 +293,7 @@ pub async fn without_failsafe(cluster: &mut Cluster, down_for: Duration) -> Stri
     .unwrap_or_else(|e| panic!("{e}"));
 
     let (start, writers) = cluster.start_writes().await;
-    let agents = AgentWatch::start(&cluster.ips, start);
+    let agents = AgentWatch::start(&cluster.ips, &cluster.agent_token, start);
     let down = outage(cluster.bed, start, down_for).await;
     cluster.restart_operator_if_exited();
     let status = cluster

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pgrs::api::{InstanceRole, InstanceStatus, Phase, condition, names};
 use pgrs::chaos::{FinalState, WriteOutcome, check};
-use pgrs::protocol::api::STATUS_PATH;
+use pgrs::protocol::api::HEALTHZ_PATH;
 use pgrs_testbed::faults::{Direction, Peer};
 
 use crate::operator_report::{Report, Step};
@@ -61,7 +61,7 @@ async fn sample(c: &Cluster, old: &str) -> Result<Sample, String> {
     })
 }
 
-/// Whether the agent at `ip` answers `GET /v1/status` within 1 s, sent from `source`.
+/// Whether the agent at `ip` answers `GET /healthz` within 1 s, sent from `source`.
 async fn agent_answers(ip: &str, source: Option<Ipv4Addr>) -> bool {
     let mut client = reqwest::Client::builder()
         .timeout(Duration::from_secs(1))
@@ -69,7 +69,7 @@ async fn agent_answers(ip: &str, source: Option<Ipv4Addr>) -> bool {
     if let Some(source) = source {
         client = client.local_address(IpAddr::V4(source));
     }
-    let url = format!("http://{ip}:{}{STATUS_PATH}", names::AGENT_PORT);
+    let url = format!("http://{ip}:{}{HEALTHZ_PATH}", names::AGENT_PORT);
     match client.build().expect("http client").get(&url).send().await {
         Ok(response) => response.status().is_success(),
         Err(_) => false,

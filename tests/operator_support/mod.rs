@@ -119,7 +119,6 @@ impl OperatorProcess {
                 namespace,
                 "--default-image",
                 IMAGE,
-                "--database-as-root",
                 "--health-listen",
                 &format!("127.0.0.1:{health_port}"),
             ])

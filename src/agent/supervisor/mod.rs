@@ -77,6 +77,8 @@ pub struct SupervisorState {
     pub promotion_pending: bool,
     /// This agent creates the data directory (initdb of a first primary).
     pub new_data_dir: bool,
+    /// The major-version upgrade run at startup, if any.
+    pub major_upgrade: Option<crate::protocol::api::MajorUpgradeReport>,
 }
 
 impl SupervisorState {
@@ -96,6 +98,7 @@ impl SupervisorState {
             clean_stop: false,
             promotion_pending: false,
             new_data_dir: false,
+            major_upgrade: None,
         }
     }
 }
@@ -192,6 +195,11 @@ impl SupervisorHandle {
     /// A snapshot of the shared state.
     pub fn state(&self) -> SupervisorState {
         lock(&self.state).clone()
+    }
+
+    /// The supervisor task still runs (it ends only after a shutdown, or if it panicked).
+    pub fn is_running(&self) -> bool {
+        !self.commands.is_closed()
     }
 
     /// The last lines postgres wrote to stderr.
@@ -333,6 +341,13 @@ pub fn set_new_data_dir(handle: &SupervisorHandle) {
 /// Records the system identifier found by bootstrap.
 pub fn set_system_identifier(handle: &SupervisorHandle, id: String) {
     lock(&handle.state).system_identifier = Some(id);
+}
+
+pub fn set_major_upgrade(
+    handle: &SupervisorHandle,
+    report: crate::protocol::api::MajorUpgradeReport,
+) {
+    lock(&handle.state).major_upgrade = Some(report);
 }
 
 struct Supervisor {

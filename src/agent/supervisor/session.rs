@@ -1,5 +1,5 @@
-//! The supervisor's kept session to the local postgres: status probes, the timeline a standby
-//! last received, and the settings waiting for a restart.
+//! The supervisor's kept session to the local postgres: status probes, the recovery state for
+//! readiness, the timeline a standby last received, and the settings waiting for a restart.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +37,39 @@ impl SupervisorHandle {
             }
         };
         Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+    }
+
+    /// `pg_is_in_recovery()` on the kept session (retried once on a fresh one when the kept one
+    /// failed): the one query of the agent's readiness loop (`agent::http::health`), so that
+    /// the kubelet's probes never run SQL themselves.
+    pub async fn in_recovery(&self, timeout: Duration) -> Result<bool, ProbeError> {
+        match self.in_recovery_once(timeout).await {
+            Err((error, false)) => {
+                tracing::debug!(%error, "kept postgres session failed; reconnecting");
+                self.in_recovery_once(timeout).await.map_err(|(e, _)| e)
+            }
+            result => result.map_err(|(e, _)| e),
+        }
+    }
+
+    /// Also says whether a failure was on a just-connected session.
+    async fn in_recovery_once(&self, timeout: Duration) -> Result<bool, (ProbeError, bool)> {
+        let (client, fresh) = self.session(timeout).await.map_err(|e| (e, true))?;
+        let query = client.query_one("SELECT pg_is_in_recovery()", &[]);
+        let error = match tokio::time::timeout(timeout, query).await {
+            Ok(Ok(row)) => return Ok(row.get(0)),
+            Ok(Err(source)) => ProbeError::Query {
+                what: "recovery state",
+                source,
+            },
+            // A hung postgres would hang a new session too: no retry.
+            Err(_) => {
+                self.forget_session(&client).await;
+                return Err((ProbeError::QueryTimeout { timeout }, true));
+            }
+        };
+        self.forget_session(&client).await;
+        Err((error, fresh))
     }
 
     pub(super) async fn probe_client(

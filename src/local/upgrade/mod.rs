@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::local::layout::{Layout, LocalConfig};
+pub use crate::postgres::pg_upgrade::TransferMode;
+use crate::postgres::pg_upgrade::{PgUpgrade, PgUpgradeError};
 use crate::postgres::version::{self, SUPPORTED_MAJORS};
 
 /// The programs an upgrade needs from the new major's binaries: the agent's, plus pg_upgrade.
@@ -76,6 +78,8 @@ pub enum UpgradeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Files(#[from] PgUpgradeError),
     #[error("pg_upgrade failed; {rollback}:\n{report}")]
     UpgradeFailed { report: String, rollback: String },
     #[error(
@@ -87,33 +91,6 @@ pub enum UpgradeError {
 pub fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UpgradeError {
     let path = path.to_path_buf();
     move |source| UpgradeError::Io { what, path, source }
-}
-
-/// How pg_upgrade moves the data files into the new directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransferMode {
-    /// Hard links: seconds for any size; the old directory is unusable once the new one started.
-    Link,
-    /// A full copy (the new directory is on another file system than the old one).
-    Copy,
-}
-
-impl TransferMode {
-    /// Links when both directories are on one file system (device), else copies.
-    pub fn choose(old_device: u64, new_parent_device: u64) -> Self {
-        if old_device == new_parent_device {
-            TransferMode::Link
-        } else {
-            TransferMode::Copy
-        }
-    }
-
-    pub fn flag(self) -> &'static str {
-        match self {
-            TransferMode::Link => "--link",
-            TransferMode::Copy => "--copy",
-        }
-    }
 }
 
 /// A node whose data directory is moved aside before the cluster starts on the new major.
@@ -254,29 +231,20 @@ impl UpgradePlan {
     /// the upgrade with `mode`. Sockets go to the work directory (pg_upgrade's servers listen on
     /// no TCP address); `new_port` is a free port for the new cluster's temporary server.
     pub fn pg_upgrade_args(&self, mode: Option<TransferMode>, new_port: u16) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec![
-            "--old-bindir".into(),
-            self.old_bin.clone().into(),
-            "--new-bindir".into(),
-            self.new_bin.clone().into(),
-            "--old-datadir".into(),
-            self.old_data.clone().into(),
-            "--new-datadir".into(),
-            self.new_data.clone().into(),
-            "--old-port".into(),
-            self.old_port.to_string().into(),
-            "--new-port".into(),
-            new_port.to_string().into(),
-            "--username".into(),
-            self.superuser.clone().into(),
-            "--socketdir".into(),
-            self.work_dir.clone().into(),
-        ];
-        match mode {
-            None => args.push("--check".into()),
-            Some(mode) => args.push(mode.flag().into()),
+        self.pg_upgrade().args(mode, new_port)
+    }
+
+    /// The pg_upgrade run of the primary's data directory.
+    pub fn pg_upgrade(&self) -> PgUpgrade {
+        PgUpgrade {
+            old_bin: self.old_bin.clone(),
+            new_bin: self.new_bin.clone(),
+            old_data: self.old_data.clone(),
+            new_data: self.new_data.clone(),
+            work_dir: self.work_dir.clone(),
+            old_port: self.old_port,
+            superuser: self.superuser.clone(),
         }
-        args
     }
 
     /// How to roll back by hand once the directories were swapped.

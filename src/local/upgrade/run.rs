@@ -1,17 +1,14 @@
 //! The IO of `pgrs local upgrade`: the steps of the plan made in [`super`].
 
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::local::cli::{down, fetch_status, is_healthy, up};
 use crate::local::layout::{DirLock, Layout, LocalConfig};
-use crate::postgres::process::{OsIdentity, detect_major, tail_lines};
-use crate::protocol::names::{CLUSTER_MARKER, INITDB_OPTIONS};
+use crate::postgres::pg_upgrade::write_private;
+use crate::postgres::process::{OsIdentity, detect_major};
 
-use super::{
-    NewBinaries, TransferMode, UPGRADE_TOOLS, UpgradeError, UpgradePlan, UpgradeReport, io_error,
-};
+use super::{NewBinaries, UPGRADE_TOOLS, UpgradeError, UpgradePlan, UpgradeReport, io_error};
 
 /// The arguments of `pgrs local upgrade`.
 #[derive(Debug, Clone, clap::Args)]
@@ -127,19 +124,22 @@ pub async fn upgrade(request: &UpgradeArgs) -> Result<UpgradeReport, UpgradeErro
     );
     let password = std::fs::read_to_string(layout.superuser_password())
         .map_err(io_error("read", &layout.superuser_password()))?;
-    if let Err(error) = prepare(&plan, &identity, &config, password.trim()).await {
-        cleanup(&plan);
-        return Err(error);
+    let pg_upgrade = plan.pg_upgrade();
+    if let Err(error) = pg_upgrade
+        .prepare(&identity, password.trim(), &config.cluster)
+        .await
+    {
+        pg_upgrade.cleanup();
+        return Err(error.into());
     }
-    if let Err(report) = run_pg_upgrade(&plan, &identity, None).await {
-        let details = output_reports(&plan.new_data);
-        cleanup(&plan);
+    if let Err(report) = pg_upgrade.run(&identity, None).await {
+        pg_upgrade.cleanup();
         return Err(UpgradeError::CheckFailed {
             to: plan.to,
-            report: format!("{report}{details}"),
+            report,
         });
     }
-    let mode = transfer_mode(&plan)?;
+    let mode = pg_upgrade.transfer_mode()?;
 
     // 2. Writes stop: replicas first, then the primary (which releases its lease).
     println!("stopping the cluster (writes stop now)");
@@ -151,8 +151,7 @@ pub async fn upgrade(request: &UpgradeArgs) -> Result<UpgradeReport, UpgradeErro
     // 3. pg_upgrade proper; a failure puts the old primary back and restarts it.
     println!("upgrading {} with pg_upgrade {}", plan.primary, mode.flag());
     let upgrade_started = Instant::now();
-    if let Err(report) = run_pg_upgrade(&plan, &identity, Some(mode)).await {
-        let details = output_reports(&plan.new_data);
+    if let Err(report) = pg_upgrade.run(&identity, Some(mode)).await {
         let rollback = roll_back_unstarted(
             &plan,
             &layout,
@@ -160,13 +159,10 @@ pub async fn upgrade(request: &UpgradeArgs) -> Result<UpgradeReport, UpgradeErro
             Duration::from_secs(request.wait_secs),
         )
         .await;
-        return Err(UpgradeError::UpgradeFailed {
-            report: format!("{report}{details}"),
-            rollback,
-        });
+        return Err(UpgradeError::UpgradeFailed { report, rollback });
     }
-    let pg_upgrade = upgrade_started.elapsed();
-    tracing::info!(seconds = pg_upgrade.as_secs_f64(), "pg_upgrade done");
+    let pg_upgrade_took = upgrade_started.elapsed();
+    tracing::info!(seconds = pg_upgrade_took.as_secs_f64(), "pg_upgrade done");
 
     // 4. The controller applies its sync quorum to the new primary again rather than trust its
     // record of having done so for the old one. Then swap the directories, record the binaries, start on the new
@@ -244,69 +240,10 @@ pub async fn upgrade(request: &UpgradeArgs) -> Result<UpgradeReport, UpgradeErro
         primary: plan.primary.clone(),
         mode,
         write_downtime,
-        pg_upgrade,
+        pg_upgrade: pg_upgrade_took,
         total: started.elapsed(),
         kept,
     })
-}
-
-/// The work directory (with a password file for pg_upgrade's connections) and the new data
-/// directory, initialised like the agent's first primary.
-async fn prepare(
-    plan: &UpgradePlan,
-    identity: &OsIdentity,
-    config: &LocalConfig,
-    password: &str,
-) -> Result<(), UpgradeError> {
-    let work = &plan.work_dir;
-    std::fs::create_dir_all(work).map_err(io_error("create", work))?;
-    std::fs::set_permissions(work, std::fs::Permissions::from_mode(0o700))
-        .map_err(io_error("chmod", work))?;
-    identity.chown(work).map_err(io_error("chown", work))?;
-    let passfile = work.join("pgpass");
-    write_private(
-        identity,
-        &passfile,
-        &passfile_line(&plan.superuser, password),
-    )?;
-    let pwfile = work.join("initdb.pw");
-    write_private(identity, &pwfile, &format!("{password}\n"))?;
-    let data = &plan.new_data;
-    std::fs::create_dir(data).map_err(io_error("create", data))?;
-    std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))
-        .map_err(io_error("chmod", data))?;
-    identity.chown(data).map_err(io_error("chown", data))?;
-    let mut command = identity.command(plan.new_bin.join("initdb"));
-    command
-        .arg("-D")
-        .arg(&plan.new_data)
-        .arg("-U")
-        .arg(&plan.superuser)
-        .arg(format!("--pwfile={}", pwfile.display()))
-        .args(INITDB_OPTIONS)
-        .current_dir(work);
-    tracing::info!(data_dir = %plan.new_data.display(), major = plan.to, "initdb of the new data directory");
-    let result = crate::postgres::process::run_tool("initdb", command).await;
-    let _ = std::fs::remove_file(&pwfile);
-    result.map_err(|e| UpgradeError::Step {
-        step: "initialise the new data directory",
-        cause: e.to_string(),
-    })?;
-    let marker = plan.new_data.join(CLUSTER_MARKER);
-    write_private(identity, &marker, &format!("cluster={}\n", config.cluster))
-}
-
-/// A libpq password file line for `user` on any host (as the agent writes its own).
-fn passfile_line(user: &str, password: &str) -> String {
-    let escape = |text: &str| text.replace('\\', "\\\\").replace(':', "\\:");
-    format!("*:*:*:{}:{}\n", escape(user), escape(password))
-}
-
-fn write_private(identity: &OsIdentity, path: &Path, text: &str) -> Result<(), UpgradeError> {
-    std::fs::write(path, text).map_err(io_error("write", path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(io_error("chmod", path))?;
-    identity.chown(path).map_err(io_error("chown", path))
 }
 
 /// Drops the controller's record of the `synchronous_standby_names` it applied (`memory.json`),
@@ -327,96 +264,6 @@ fn forget_applied_sync(layout: &Layout) -> Result<(), UpgradeError> {
     std::fs::write(&path, state.to_json()).map_err(io_error("write", &path))
 }
 
-/// Links when the new directory's parent is on the old directory's file system.
-fn transfer_mode(plan: &UpgradePlan) -> Result<TransferMode, UpgradeError> {
-    let old = std::fs::metadata(&plan.old_data).map_err(io_error("stat", &plan.old_data))?;
-    let parent = plan.new_data.parent().unwrap_or(&plan.new_data);
-    let new = std::fs::metadata(parent).map_err(io_error("stat", parent))?;
-    Ok(TransferMode::choose(old.dev(), new.dev()))
-}
-
-/// Runs pg_upgrade as the postgres user in the work directory; `Err` carries its output.
-async fn run_pg_upgrade(
-    plan: &UpgradePlan,
-    identity: &OsIdentity,
-    mode: Option<TransferMode>,
-) -> Result<(), String> {
-    let new_port = free_port().map_err(|e| format!("no free port for pg_upgrade: {e}"))?;
-    let mut command = identity.command(plan.new_bin.join("pg_upgrade"));
-    command
-        .args(plan.pg_upgrade_args(mode, new_port))
-        .env("PGPASSFILE", plan.work_dir.join("pgpass"))
-        .current_dir(&plan.work_dir)
-        .kill_on_drop(true);
-    tracing::info!(check = mode.is_none(), new_port, "running pg_upgrade");
-    let output = command
-        .output()
-        .await
-        .map_err(|e| format!("failed to run pg_upgrade: {e}"))?;
-    if output.status.success() {
-        return Ok(());
-    }
-    let text = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Err(text
-        .lines()
-        .map(str::trim_end)
-        .filter(|l| !l.is_empty())
-        .rev()
-        .take(25)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect::<Vec<_>>()
-        .join("\n"))
-}
-
-/// The reports pg_upgrade wrote (e.g. `tables_using_reg.txt`), which go away with the new
-/// directory: their first lines, for the error message.
-fn output_reports(new_data: &Path) -> String {
-    let mut text = String::new();
-    let header =
-        "\n(pg_upgrade's report files are removed with the new directory; what they said:)";
-    let mut stack = vec![new_data.join("pg_upgrade_output.d")];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "txt") {
-                if text.is_empty() {
-                    text.push_str(header);
-                }
-                let content = std::fs::read_to_string(&path).unwrap_or_default();
-                let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-                text.push_str(&format!(
-                    "\n{}: {}",
-                    name.unwrap_or_default(),
-                    tail_lines(&content, 10)
-                ));
-            }
-        }
-    }
-    text
-}
-
-/// Removes what the check created (the new data directory and the work directory).
-fn cleanup(plan: &UpgradePlan) {
-    for path in [&plan.new_data, &plan.work_dir] {
-        if path.exists()
-            && let Err(error) = std::fs::remove_dir_all(path)
-        {
-            tracing::warn!(path = %path.display(), %error, "failed to remove");
-        }
-    }
-}
-
 /// pg_upgrade failed before the new cluster ever started: the old primary is intact (but for
 /// `pg_control` renamed in link mode), so put it back and start the cluster on the old major.
 async fn roll_back_unstarted(
@@ -425,18 +272,13 @@ async fn roll_back_unstarted(
     config: &LocalConfig,
     wait: Duration,
 ) -> String {
-    let global = plan.old_data.join("global");
-    let (control, renamed) = (global.join("pg_control"), global.join("pg_control.old"));
-    if !control.exists()
-        && renamed.exists()
-        && let Err(error) = std::fs::rename(&renamed, &control)
-    {
+    if let Err(error) = plan.pg_upgrade().restore_old_control() {
         return format!(
             "the old primary could not be restored ({error}); to roll back: {}",
             plan.rollback_text(&layout.dir)
         );
     }
-    cleanup(plan);
+    plan.pg_upgrade().cleanup();
     match up(&layout.dir, config.clone(), None, wait).await {
         Ok(_) => format!(
             "rolled back: the cluster runs PostgreSQL {} again, nothing was changed",
@@ -447,12 +289,6 @@ async fn roll_back_unstarted(
             layout.dir.display()
         ),
     }
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
-        .local_addr()?
-        .port())
 }
 
 async fn connect(port: u16, user: &str, password: &str) -> anyhow::Result<tokio_postgres::Client> {

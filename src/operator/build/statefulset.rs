@@ -16,8 +16,8 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
-    VolumeResourceRequirements, WeightedPodAffinityTerm,
+    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -26,7 +26,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::Owner;
 use super::names;
 use crate::api::{PgReplicaSetSpec, ResolvedGroup};
-use crate::protocol::api::STATUS_PATH;
+use crate::protocol::api::{HEALTHZ_PATH, READYZ_PATH};
 
 /// Time for a stopping pod: a fast shutdown of postgres bounded by the agent's stop timeout,
 /// then the Lease release.
@@ -116,10 +116,16 @@ fn agent_env(cluster: &str) -> Vec<EnvVar> {
     ]
 }
 
-fn agent_probe(period_seconds: i32, timeout_seconds: i32, failure_threshold: i32) -> Probe {
+/// A probe of the agent's `path`: answered from the agent's memory, no SQL, no token.
+fn agent_probe(
+    path: &str,
+    period_seconds: i32,
+    timeout_seconds: i32,
+    failure_threshold: i32,
+) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
-            path: Some(STATUS_PATH.to_string()),
+            path: Some(path.to_string()),
             port: IntOrString::String(names::AGENT_PORT_NAME.to_string()),
             scheme: Some("HTTP".to_string()),
             ..HTTPGetAction::default()
@@ -157,24 +163,29 @@ fn container(cluster: &str, spec: &PgReplicaSetSpec, image: &str) -> Container {
             port(names::POSTGRES_PORT_NAME, names::POSTGRES_PORT),
             port(names::AGENT_PORT_NAME, names::AGENT_PORT),
         ]),
-        // Ready: the agent answers (postgres state is the operator's business: it moves the
-        // role labels). Alive: the agent answers at all; a bootstrap may take long, and the
-        // agent serves HTTP from its first second.
-        readiness_probe: Some(agent_probe(2, 1, 3)),
-        liveness_probe: Some(agent_probe(10, 5, 6)),
+        // Ready (`/readyz`): postgres was up and serving as primary or replica at the agent's
+        // last look (once a second); which pod gets `-rw` is still the operator's label.
+        // Alive (`/healthz`): the agent's supervisor and its loop run; a bootstrap may take
+        // long and is alive. Neither runs SQL nor needs the token, so a flood of requests on
+        // the agent port cannot fail them (the status, `/v1/status`, needs the token).
+        readiness_probe: Some(agent_probe(READYZ_PATH, 2, 1, 3)),
+        liveness_probe: Some(agent_probe(HEALTHZ_PATH, 10, 5, 6)),
         resources: spec.resources.clone(),
         volume_mounts: Some(vec![
             mount(names::DATA_VOLUME, names::DATA_MOUNT, false),
             mount(names::SECRET_VOLUME, names::SECRET_MOUNT, true),
             mount(names::CONFIG_VOLUME, names::CONFIG_MOUNT, true),
-            mount(names::RUN_VOLUME, names::RUN_DIR, false),
+            mount(names::RUN_VOLUME, names::RUN_MOUNT, false),
+            mount(names::TMP_VOLUME, names::TMP_MOUNT, false),
         ]),
+        // The `restricted` Pod Security Standard; everything written is on a volume.
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             capabilities: Some(Capabilities {
                 drop: Some(vec!["ALL".to_string()]),
                 ..Capabilities::default()
             }),
+            read_only_root_filesystem: Some(true),
             ..SecurityContext::default()
         }),
         ..Container::default()
@@ -225,6 +236,11 @@ fn volumes(cluster: &str) -> Vec<Volume> {
         },
         Volume {
             name: names::RUN_VOLUME.to_string(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+        Volume {
+            name: names::TMP_VOLUME.to_string(),
             empty_dir: Some(EmptyDirVolumeSource::default()),
             ..Volume::default()
         },
@@ -305,6 +321,10 @@ pub fn statefulset(
                         fs_group: postgres_id,
                         run_as_non_root: Some(true),
                         fs_group_change_policy: Some("OnRootMismatch".to_string()),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_string(),
+                            ..SeccompProfile::default()
+                        }),
                         ..PodSecurityContext::default()
                     }),
                     node_selector: (!group.node_selector.is_empty())

@@ -13,6 +13,7 @@ mod pipeline;
 mod platform;
 mod rollout;
 mod round;
+mod upgrade;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -78,6 +79,8 @@ pub enum ReconcileError {
     Round(#[from] RoundError),
     #[error("failed to read the control state from ConfigMap {name}: {message}")]
     ControlState { name: String, message: String },
+    #[error("failed to finish {what} within its bound")]
+    Timeout { what: String },
 }
 
 impl ReconcileError {
@@ -94,6 +97,7 @@ impl ReconcileError {
             ReconcileError::Relabel(_) => "RelabelFailed",
             ReconcileError::Round(error) => error.category(),
             ReconcileError::ControlState { .. } => "ControlStateInvalid",
+            ReconcileError::Timeout { .. } => "Timeout",
         }
     }
 }
@@ -106,9 +110,6 @@ pub struct Settings {
     /// Images of the database pods per major when `spec.image` is unset
     /// (`--postgres-image MAJOR=IMAGE`); see `build::default_image_for`.
     pub postgres_images: std::collections::BTreeMap<u32, String>,
-    /// Drop the pods' `runAsUser`/`fsGroup` (the agent starts as root and runs postgres as the
-    /// image's `postgres` user): for runtimes that ignore `fsGroup`, like the test bed.
-    pub database_as_root: bool,
     /// Watch one namespace only.
     pub namespace: Option<String>,
 }
@@ -167,6 +168,8 @@ struct ClusterRuntime {
     lag_high: BTreeSet<String>,
     /// Parameter rollout and scale-down bookkeeping (`rollout` module).
     rollout: RolloutMemory,
+    /// Major-version upgrade bookkeeping (`upgrade` module).
+    upgrade: upgrade::UpgradeMemory,
 }
 
 impl ClusterRuntime {
@@ -181,6 +184,7 @@ impl ClusterRuntime {
             fenced: BTreeSet::new(),
             lag_high: BTreeSet::new(),
             rollout: RolloutMemory::new(previous),
+            upgrade: upgrade::UpgradeMemory::new(previous),
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::coordination::KubeLeaseStore;
 use crate::operator::build::{self, BuildInput, ClusterSecrets, names};
 use crate::operator::pods::PodView;
 use crate::operator::status;
+use crate::operator::upgrade;
 
 use super::{ClusterRuntime, Context, REAPPLY_EVERY, ReconcileError, URGENT_REQUEUE};
 
@@ -49,13 +50,20 @@ impl Reconciler<'_> {
             return Ok(Requeue::await_change());
         }
         let secrets = self.secrets().await?;
-        self.apply(&secrets, generation).await?;
         let lease = Arc::new(KubeLeaseStore::new(
             self.context.client.clone(),
             &self.namespace(),
             &self.name(),
             api::seconds_to_duration(self.cluster.spec.failover.lease_duration_seconds),
         ));
+        // A major-version upgrade may change the pod template and hold the round back.
+        let upgrade = self.major_upgrade(&secrets.agent_token).await?;
+        self.apply(&secrets, generation).await?;
+        let held = self.carry_out_upgrade(&upgrade, &lease, generation).await?;
+        if let Some(status) = held {
+            self.write_status(&status).await?;
+            return Ok(Requeue::requeue(super::upgrade::UPGRADE_POLL));
+        }
         lease
             .create_if_absent()
             .await
@@ -125,11 +133,30 @@ impl Reconciler<'_> {
             &settings.default_image,
             &settings.postgres_images,
         );
-        let mut objects = build::build(&BuildInput {
-            cluster: self.cluster,
-            default_image: &default_image,
-            secrets,
-        })?;
+        let template = self.runtime.upgrade.template.clone();
+        let mut objects = match &template {
+            Some(upgrade::Template::Old { major, image }) => {
+                // A failed upgrade: the old major and its image, whatever the spec says.
+                let mut old = self.cluster.clone();
+                old.spec.postgres_version = *major;
+                old.spec.image = Some(image.clone());
+                build::build(&BuildInput {
+                    cluster: &old,
+                    default_image: &default_image,
+                    secrets,
+                })?
+            }
+            _ => build::build(&BuildInput {
+                cluster: self.cluster,
+                default_image: &default_image,
+                secrets,
+            })?,
+        };
+        if let Some(upgrade::Template::Upgrade { from_image }) = &template {
+            for statefulset in &mut objects.statefulsets {
+                build::with_upgrade_from(statefulset, from_image);
+            }
+        }
         // A scale-down keeps the primary's pod until a switchover moved the role away.
         for statefulset in &mut objects.statefulsets {
             let name = statefulset.metadata.name.clone().unwrap_or_default();
@@ -138,13 +165,6 @@ impl Reconciler<'_> {
             }
         }
         self.runtime.rollout.applied_replicas = Some(retained);
-        if self.context.settings.database_as_root {
-            for statefulset in &mut objects.statefulsets {
-                if let Some(pod) = statefulset.spec.template.spec.as_mut() {
-                    pod.security_context = None;
-                }
-            }
-        }
         let ns = self.namespace();
         let client = &self.context.client;
         apply_one(client, &ns, &objects.service_account).await?;
@@ -185,8 +205,17 @@ impl Reconciler<'_> {
         &self,
         status: &PgReplicaSetStatus,
     ) -> Result<(), ReconcileError> {
-        if self.cluster.status.as_ref() == Some(status) {
-            return Ok(());
+        let mut status = status.clone();
+        let generation = self.cluster.metadata.generation.unwrap_or_default();
+        self.runtime.upgrade.stamp(&mut status, generation);
+        if let Some(previous) = self.cluster.status.as_ref() {
+            crate::operator::status::keep_transition_times(
+                &mut status.conditions,
+                &previous.conditions,
+            );
+            if previous == &status {
+                return Ok(());
+            }
         }
         let api: Api<PgReplicaSet> =
             Api::namespaced(self.context.client.clone(), &self.namespace());

@@ -147,6 +147,36 @@ impl ImageMap {
     }
 }
 
+/// The environment an image sets (its Dockerfile's `ENV`), under the container's own `env`.
+/// The pgrs image of PostgreSQL major N (tag `…-pgN`, else 15) sets `PGRS_PG_BIN` to its
+/// server programs: on the test bed Debian's 15, or the other majors from the cache of
+/// `scripts/install-pg-majors` (`$PGRS_PG_CACHE`, default /var/cache/pgrs-pg).
+pub fn image_env(image: &str) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    if !PGRS_IMAGE_REPOSITORIES.contains(&repository_of(image)) {
+        return env;
+    }
+    let bin = match postgres_major_of(image) {
+        Some(major) if major != 15 => {
+            let cache =
+                std::env::var("PGRS_PG_CACHE").unwrap_or_else(|_| "/var/cache/pgrs-pg".to_string());
+            format!("{cache}/{major}/bin")
+        }
+        _ => "/usr/lib/postgresql/15/bin".to_string(),
+    };
+    env.insert("PGRS_PG_BIN".to_string(), bin);
+    env
+}
+
+/// The major of a `…-pg<major>` tag.
+fn postgres_major_of(image: &str) -> Option<u32> {
+    let without_digest = image.split('@').next().unwrap_or(image);
+    let tag = without_digest
+        .strip_prefix(repository_of(image))?
+        .strip_prefix(':')?;
+    tag.rsplit_once("-pg")?.1.parse().ok()
+}
+
 /// `ghcr.io/pgrs-dev/pgrs:0.1@sha256:..` → `ghcr.io/pgrs-dev/pgrs`.
 pub fn repository_of(image: &str) -> &str {
     let without_digest = image.split('@').next().unwrap_or(image);
@@ -172,6 +202,21 @@ fn profile_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pgrs_image_of_a_major_names_its_server_programs() {
+        assert_eq!(
+            postgres_major_of("ghcr.io/pgrs-dev/pgrs:0.1.0-pg17"),
+            Some(17)
+        );
+        assert_eq!(postgres_major_of("pgrs:dev"), None);
+        assert_eq!(
+            image_env("pgrs:dev").get("PGRS_PG_BIN").map(String::as_str),
+            Some("/usr/lib/postgresql/15/bin")
+        );
+        assert!(image_env("ghcr.io/pgrs-dev/pgrs:1-pg18")["PGRS_PG_BIN"].ends_with("/18/bin"));
+        assert!(image_env("pgrs-testbed/tiny-http:1").is_empty());
+    }
 
     fn map_with(dir: &Path) -> ImageMap {
         let pgrs = dir.join("pgrs");

@@ -5,7 +5,9 @@ pub mod env;
 pub mod images;
 mod pod;
 pub mod probe;
+mod runner;
 pub mod sandbox;
+pub mod security;
 pub mod volumes;
 
 use std::collections::{BTreeSet, HashMap, HashSet};

@@ -4,9 +4,14 @@
 //!   deletion (a StatefulSet pod that comes back finds its data);
 //! - emptyDir: a directory of the pod, removed with the pod;
 //! - configMap, secret, projected (serviceAccountToken, configMap, secret,
-//!   downwardAPI) and downwardAPI: files written once at pod start.
+//!   downwardAPI) and downwardAPI: files written once at pod start, with their `mode` or the
+//!   volume's `defaultMode` (0644 when unset).
+//!
+//! An emptyDir is created world-writable (0777) as by the kubelet. With the pod's `fsGroup`,
+//! every volume is then given to that group (see `security::set_volume_ownership`).
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::authentication::v1::TokenRequest;
@@ -16,6 +21,16 @@ use k8s_openapi::api::core::v1::{
 use kube::Api;
 
 use super::sandbox::Bind;
+use super::security::{OwnershipError, set_volume_ownership};
+
+/// Mode of a file of a ConfigMap/Secret/downwardAPI/projected volume without one.
+const DEFAULT_FILE_MODE: i32 = 0o644;
+/// Mode of an emptyDir, as the kubelet creates it.
+const EMPTY_DIR_MODE: u32 = 0o777;
+
+/// A file of a ConfigMap, Secret, downwardAPI or projected volume: path in the volume,
+/// contents, and its own `mode` if the item has one.
+type VolumeFile = (String, Vec<u8>, Option<i32>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -40,6 +55,13 @@ pub enum VolumeError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("volume {volume:?}: failed to apply fsGroup {group}")]
+    Ownership {
+        volume: String,
+        group: i64,
+        #[source]
+        source: OwnershipError,
     },
 }
 
@@ -91,6 +113,11 @@ pub async fn prepare(
     state: &Path,
 ) -> Result<PodVolumes, VolumeError> {
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let security = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let fs_group = security.and_then(|s| s.fs_group);
+    let on_root_mismatch = security
+        .and_then(|s| s.fs_group_change_policy.as_deref())
+        .is_some_and(|p| p == "OnRootMismatch");
     let mut volumes = PodVolumes::default();
     let empty = Vec::new();
     let spec_volumes: &Vec<Volume> = pod
@@ -106,10 +133,17 @@ pub async fn prepare(
             pod_dir.join("volumes").join(&name)
         };
         mkdir(&name, &dir)?;
-        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-        if volume.persistent_volume_claim.is_some() || volume.empty_dir.is_some() {
-            // A directory is all it takes.
+        let mut files: Vec<VolumeFile> = Vec::new();
+        // Only claims and emptyDirs are writable volumes.
+        let mut read_only = true;
+        let mut default_mode = None;
+        if let Some(pvc) = &volume.persistent_volume_claim {
+            read_only = pvc.read_only.unwrap_or(false);
+        } else if volume.empty_dir.is_some() {
+            read_only = false;
+            set_mode(&name, &dir, EMPTY_DIR_MODE)?;
         } else if let Some(cm) = &volume.config_map {
+            default_mode = cm.default_mode;
             files = config_map_files(
                 client,
                 &namespace,
@@ -120,6 +154,7 @@ pub async fn prepare(
             )
             .await?;
         } else if let Some(secret) = &volume.secret {
+            default_mode = secret.default_mode;
             let secret_name = secret.secret_name.clone().unwrap_or_default();
             files = secret_files(
                 client,
@@ -131,8 +166,10 @@ pub async fn prepare(
             )
             .await?;
         } else if let Some(downward) = &volume.downward_api {
+            default_mode = downward.default_mode;
             files = downward_files(pod, &name, downward.items.as_deref())?;
         } else if let Some(projected) = &volume.projected {
+            default_mode = projected.default_mode;
             for source in projected.sources.iter().flatten() {
                 if let Some(token) = &source.service_account_token {
                     let jwt = service_account_token(
@@ -143,7 +180,7 @@ pub async fn prepare(
                         token.expiration_seconds,
                     )
                     .await?;
-                    files.push((token.path.clone(), jwt.into_bytes()));
+                    files.push((token.path.clone(), jwt.into_bytes(), None));
                 }
                 if let Some(cm) = &source.config_map {
                     files.extend(
@@ -181,7 +218,7 @@ pub async fn prepare(
                 kind: unsupported_kind(volume),
             });
         }
-        for (path, contents) in files {
+        for (path, contents, mode) in files {
             let file = dir.join(&path);
             if let Some(parent) = file.parent() {
                 mkdir(&name, parent)?;
@@ -191,6 +228,18 @@ pub async fn prepare(
                 path: file.clone(),
                 source,
             })?;
+            let mode = mode.or(default_mode).unwrap_or(DEFAULT_FILE_MODE);
+            set_mode(&name, &file, u32::try_from(mode & 0o777).unwrap_or(0o644))?;
+        }
+        if let Some(group) = fs_group {
+            let ownership = u32::try_from(group).map_err(|_| OwnershipError::InvalidGroup);
+            ownership
+                .and_then(|g| set_volume_ownership(&dir, g, read_only, on_root_mismatch))
+                .map_err(|source| VolumeError::Ownership {
+                    volume: name.clone(),
+                    group,
+                    source,
+                })?;
         }
         volumes.dirs.insert(name, dir);
     }
@@ -211,6 +260,16 @@ fn unsupported_kind(volume: &Volume) -> &'static str {
     }
 }
 
+fn set_mode(volume: &str, path: &Path, mode: u32) -> Result<(), VolumeError> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        VolumeError::Write {
+            volume: volume.to_owned(),
+            path: path.to_owned(),
+            source,
+        }
+    })
+}
+
 fn mkdir(volume: &str, dir: &Path) -> Result<(), VolumeError> {
     std::fs::create_dir_all(dir).map_err(|source| VolumeError::Write {
         volume: volume.to_owned(),
@@ -219,14 +278,17 @@ fn mkdir(volume: &str, dir: &Path) -> Result<(), VolumeError> {
     })
 }
 
-/// Selected keys (`items`) or all keys of a map, as (relative path, contents).
-fn select(data: BTreeMap<String, Vec<u8>>, items: Option<&[KeyToPath]>) -> Vec<(String, Vec<u8>)> {
+/// Selected keys (`items`, with their modes) or all keys of a map.
+fn select(data: BTreeMap<String, Vec<u8>>, items: Option<&[KeyToPath]>) -> Vec<VolumeFile> {
     match items {
         Some(items) => items
             .iter()
-            .filter_map(|i| data.get(&i.key).map(|v| (i.path.clone(), v.clone())))
+            .filter_map(|i| {
+                data.get(&i.key)
+                    .map(|v| (i.path.clone(), v.clone(), i.mode))
+            })
             .collect(),
-        None => data.into_iter().collect(),
+        None => data.into_iter().map(|(k, v)| (k, v, None)).collect(),
     }
 }
 
@@ -237,7 +299,7 @@ async fn config_map_files(
     name: &str,
     items: Option<&[KeyToPath]>,
     optional: Option<bool>,
-) -> Result<Vec<(String, Vec<u8>)>, VolumeError> {
+) -> Result<Vec<VolumeFile>, VolumeError> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let cm = api.get_opt(name).await.map_err(|source| VolumeError::Api {
         volume: volume.to_owned(),
@@ -269,7 +331,7 @@ async fn secret_files(
     name: &str,
     items: Option<&[KeyToPath]>,
     optional: Option<bool>,
-) -> Result<Vec<(String, Vec<u8>)>, VolumeError> {
+) -> Result<Vec<VolumeFile>, VolumeError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let secret = api.get_opt(name).await.map_err(|source| VolumeError::Api {
         volume: volume.to_owned(),
@@ -301,7 +363,7 @@ fn missing(
     namespace: &str,
     name: &str,
     optional: Option<bool>,
-) -> Result<Vec<(String, Vec<u8>)>, VolumeError> {
+) -> Result<Vec<VolumeFile>, VolumeError> {
     if optional.unwrap_or(false) {
         Ok(Vec::new())
     } else {
@@ -316,14 +378,14 @@ fn downward_files(
     pod: &Pod,
     volume: &str,
     items: Option<&[DownwardAPIVolumeFile]>,
-) -> Result<Vec<(String, Vec<u8>)>, VolumeError> {
+) -> Result<Vec<VolumeFile>, VolumeError> {
     items
         .unwrap_or_default()
         .iter()
         .filter_map(|item| item.field_ref.as_ref().map(|f| (item, f)))
         .map(|(item, field)| {
             super::env::field_value(pod, &field.field_path)
-                .map(|v| (item.path.clone(), v.into_bytes()))
+                .map(|v| (item.path.clone(), v.into_bytes(), item.mode))
                 .ok_or_else(|| VolumeError::Field {
                     volume: volume.to_owned(),
                     field: field.field_path.clone(),

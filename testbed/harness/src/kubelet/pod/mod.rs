@@ -2,27 +2,28 @@
 //! readiness probes, status, graceful deletion.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Container, Event, ObjectReference, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Api;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{DeleteParams, Preconditions};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+mod status;
+
 use super::Context;
 use super::env::container_env;
-use super::probe::{self, ProbeState};
+use super::probe;
+use super::runner::{Runner, now, spawn, status_signal};
 use super::sandbox::Sandbox;
-use super::volumes;
+use super::{security, volumes};
 use crate::network::PodInterface;
 
 const FIELD_MANAGER: &str = "pgrs-testbed-kubelet";
@@ -36,100 +37,6 @@ const RETRY_PREPARE: Duration = Duration::from_secs(2);
 struct StartFailure {
     reason: &'static str,
     message: String,
-}
-
-/// One container (init or regular) and its process.
-struct Runner {
-    container: Container,
-    program: PathBuf,
-    argv: Vec<String>,
-    env: BTreeMap<String, String>,
-    sandbox: Sandbox,
-    log: PathBuf,
-    init: bool,
-    child: Option<tokio::process::Child>,
-    pid: Option<u32>,
-    started_at: Option<Time>,
-    restart_count: i32,
-    restart_at: Option<Instant>,
-    last_terminated: Option<Value>,
-    /// Set when the container finished and will not be restarted.
-    terminated: Option<Value>,
-    readiness: ProbeSlot,
-    liveness: ProbeSlot,
-    startup: ProbeSlot,
-    /// When a liveness/startup failure asked the process to stop: SIGKILL after this.
-    kill_at: Option<Instant>,
-}
-
-/// One kind of probe of a container: its results and when it runs next.
-#[derive(Debug, Clone)]
-struct ProbeSlot {
-    state: ProbeState,
-    next: Instant,
-}
-
-impl ProbeSlot {
-    /// A fresh slot for a (re)started container: first run after initialDelaySeconds.
-    fn fresh(probe: Option<&k8s_openapi::api::core::v1::Probe>) -> Self {
-        Self {
-            state: ProbeState::default(),
-            next: Instant::now() + probe.map(probe::initial_delay).unwrap_or_default(),
-        }
-    }
-}
-
-impl Runner {
-    /// Running and past its startup probe (if any).
-    fn is_started(&self) -> bool {
-        self.child.is_some() && (self.container.startup_probe.is_none() || self.startup.state.ready)
-    }
-
-    fn is_ready(&self) -> bool {
-        if !self.is_started() {
-            return false;
-        }
-        match &self.container.readiness_probe {
-            Some(_) => self.readiness.state.ready,
-            None => true,
-        }
-    }
-
-    fn reset_probes(&mut self) {
-        self.readiness = ProbeSlot::fresh(self.container.readiness_probe.as_ref());
-        self.liveness = ProbeSlot::fresh(self.container.liveness_probe.as_ref());
-        self.startup = ProbeSlot::fresh(self.container.startup_probe.as_ref());
-        self.kill_at = None;
-    }
-
-    fn status(&self) -> Value {
-        let state = if let Some(t) = &self.terminated {
-            json!({ "terminated": t })
-        } else if self.child.is_some() {
-            json!({ "running": { "startedAt": self.started_at } })
-        } else if self.restart_count > 0 {
-            json!({ "waiting": { "reason": "CrashLoopBackOff", "message": "back-off restarting the container" } })
-        } else {
-            json!({ "waiting": { "reason": "PodInitializing" } })
-        };
-        let mut status = json!({
-            "name": self.container.name,
-            "image": self.container.image,
-            "imageID": "",
-            "ready": self.is_ready(),
-            "started": self.is_started(),
-            "restartCount": self.restart_count,
-            "state": state,
-        });
-        if let Some(last) = &self.last_terminated {
-            status["lastState"] = json!({ "terminated": last });
-        }
-        status
-    }
-}
-
-fn now() -> Time {
-    Time(k8s_openapi::jiff::Timestamp::now())
 }
 
 fn pod_key(pod: &Pod) -> String {
@@ -319,9 +226,29 @@ impl PodRun {
             "KUBERNETES_SERVICE_PORT_HTTPS".to_owned(),
             self.ctx.config.api_port.to_string(),
         );
-        let security = spec.security_context.clone().unwrap_or_default();
+        // The kubelet's `format.Pod`: name_namespace(uid).
+        let pod_label = format!(
+            "{}_{}({})",
+            self.name(),
+            self.namespace(),
+            self.pod.metadata.uid.as_deref().unwrap_or_default()
+        );
         for (container, init, program, argv) in resolved {
-            let env = container_env(&self.ctx.client, &self.pod, &container, base.clone())
+            let settings = security::effective(
+                spec.security_context.as_ref(),
+                container.security_context.as_ref(),
+            );
+            let security =
+                security::resolve(&settings, &pod_label, &container.name, security::host_user)
+                    .map_err(|e| StartFailure {
+                        reason: "CreateContainerConfigError",
+                        message: e.to_string(),
+                    })?;
+            let mut image_base = base.clone();
+            image_base.extend(super::images::image_env(
+                container.image.as_deref().unwrap_or_default(),
+            ));
+            let env = container_env(&self.ctx.client, &self.pod, &container, image_base)
                 .await
                 .map_err(|e| StartFailure {
                     reason: "CreateContainerConfigError",
@@ -334,47 +261,22 @@ impl PodRun {
                     reason: "CreateContainerConfigError",
                     message: format!("container {:?}: {e}", container.name),
                 })?;
-            let context = container.security_context.clone().unwrap_or_default();
-            let uid = context
-                .run_as_user
-                .or(security.run_as_user)
-                .and_then(|u| u32::try_from(u).ok());
-            let gid = context
-                .run_as_group
-                .or(security.run_as_group)
-                .and_then(|g| u32::try_from(g).ok());
             let workdir = container.working_dir.clone().map(PathBuf::from);
             if let Some(dir) = &workdir {
                 let _ = std::fs::create_dir_all(dir);
             }
             let log = logs.join(format!("{}.log", container.name));
-            self.runners.push(Runner {
-                sandbox: Sandbox::Container {
-                    netns: netns.clone(),
-                    hostname: hostname.clone(),
-                    binds,
-                    workdir,
-                    uid,
-                    gid,
-                },
-                container,
-                program,
-                argv,
-                env,
-                log,
-                init,
-                child: None,
-                pid: None,
-                started_at: None,
-                restart_count: 0,
-                restart_at: Some(Instant::now()),
-                last_terminated: None,
-                terminated: None,
-                readiness: ProbeSlot::fresh(None),
-                liveness: ProbeSlot::fresh(None),
-                startup: ProbeSlot::fresh(None),
-                kill_at: None,
-            });
+            let sandbox = Sandbox::Container {
+                netns: netns.clone(),
+                hostname: hostname.clone(),
+                binds,
+                workdir,
+                keep_visible: vec![program.clone()],
+                security,
+            };
+            self.runners.push(Runner::new(
+                container, init, program, argv, env, sandbox, log,
+            ));
         }
         Ok(())
     }
@@ -677,133 +579,6 @@ impl PodRun {
         }
     }
 
-    /// Writes the status when it differs from what was last written.
-    async fn patch_status(&mut self, phase: &str) {
-        let ip = self.iface.as_ref().map(|i| i.ip.to_string());
-        let node_ip = self.ctx.config.node_ip.to_string();
-        let main: Vec<&Runner> = self.runners.iter().filter(|r| !r.init).collect();
-        let initialized = self
-            .runners
-            .iter()
-            .filter(|r| r.init)
-            .all(|r| r.terminated.as_ref().is_some_and(|t| t["exitCode"] == 0));
-        let ready = !main.is_empty() && main.iter().all(|r| r.is_ready()) && phase == "Running";
-        if ready != self.last_ready {
-            self.last_ready = ready;
-            self.ready_since = now();
-        }
-        let bool_str = |b: bool| if b { "True" } else { "False" };
-        let conditions = vec![
-            json!({"type": "PodReadyToStartContainers", "status": bool_str(ip.is_some()), "lastTransitionTime": self.start_time}),
-            json!({"type": "Initialized", "status": bool_str(initialized), "lastTransitionTime": self.start_time}),
-            json!({"type": "ContainersReady", "status": bool_str(ready), "lastTransitionTime": self.ready_since}),
-            json!({"type": "Ready", "status": bool_str(ready), "lastTransitionTime": self.ready_since}),
-        ];
-        let mut status = json!({
-            "phase": phase,
-            "hostIP": node_ip,
-            "hostIPs": [{"ip": node_ip}],
-            "startTime": self.start_time,
-            "conditions": conditions,
-            "containerStatuses": main.iter().map(|r| r.status()).collect::<Vec<_>>(),
-            // Clear a start failure reported earlier.
-            "reason": null,
-            "message": null,
-        });
-        if let Some(ip) = &ip {
-            status["podIP"] = json!(ip);
-            status["podIPs"] = json!([{"ip": ip}]);
-        }
-        let init: Vec<Value> = self
-            .runners
-            .iter()
-            .filter(|r| r.init)
-            .map(Runner::status)
-            .collect();
-        if !init.is_empty() {
-            status["initContainerStatuses"] = json!(init);
-        }
-        if status == self.last_patch {
-            return;
-        }
-        let patch = json!({ "status": status });
-        match self
-            .api
-            .patch_status(
-                &self.name(),
-                &PatchParams::apply(FIELD_MANAGER),
-                &Patch::Strategic(&patch),
-            )
-            .await
-        {
-            Ok(_) => self.last_patch = status,
-            Err(e) => tracing::warn!(pod = %self.key, error = %e, "failed to write pod status"),
-        }
-    }
-
-    async fn report_failure(&mut self, failure: &StartFailure) {
-        let waiting: Vec<Value> = self
-            .pod
-            .spec
-            .iter()
-            .flat_map(|s| s.containers.iter())
-            .map(|c| {
-                json!({
-                    "name": c.name,
-                    "image": c.image,
-                    "imageID": "",
-                    "ready": false,
-                    "restartCount": 0,
-                    "state": {"waiting": {"reason": failure.reason, "message": failure.message}},
-                })
-            })
-            .collect();
-        let patch = json!({"status": {
-            "phase": "Pending",
-            "startTime": self.start_time,
-            "message": failure.message,
-            "reason": failure.reason,
-            "containerStatuses": waiting,
-        }});
-        if let Err(e) = self
-            .api
-            .patch_status(
-                &self.name(),
-                &PatchParams::apply(FIELD_MANAGER),
-                &Patch::Strategic(&patch),
-            )
-            .await
-        {
-            tracing::warn!(pod = %self.key, error = %e, "failed to write pod status");
-        }
-        let events: Api<Event> = Api::namespaced(self.ctx.client.clone(), &self.namespace());
-        let event = Event {
-            metadata: ObjectMeta {
-                generate_name: Some(format!("{}.", self.name())),
-                ..Default::default()
-            },
-            involved_object: ObjectReference {
-                api_version: Some("v1".to_owned()),
-                kind: Some("Pod".to_owned()),
-                name: Some(self.name()),
-                namespace: Some(self.namespace()),
-                uid: self.pod.metadata.uid.clone(),
-                ..Default::default()
-            },
-            reason: Some(failure.reason.to_owned()),
-            message: Some(failure.message.clone()),
-            type_: Some("Warning".to_owned()),
-            reporting_component: Some(FIELD_MANAGER.to_owned()),
-            reporting_instance: Some(self.ctx.config.node_name.clone()),
-            event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
-            action: Some("StartPod".to_owned()),
-            ..Default::default()
-        };
-        if let Err(e) = events.create(&PostParams::default(), &event).await {
-            tracing::warn!(pod = %self.key, error = %e, "failed to record event");
-        }
-    }
-
     /// Waits until the pod is deleted (then finishes the deletion and returns false),
     /// or until `retry_after` has passed (returns true: try to start again).
     async fn wait_for_deletion(
@@ -853,36 +628,6 @@ impl PodRun {
         let _ = std::fs::remove_dir_all(self.pod_dir().join("volumes"));
         tracing::info!(pod = %self.key, "pod removed from the node");
     }
-}
-
-fn status_signal(status: &std::process::ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    status.signal().unwrap_or(0)
-}
-
-fn spawn(runner: &Runner) -> Result<tokio::process::Child, String> {
-    let open = || {
-        File::options()
-            .create(true)
-            .append(true)
-            .open(&runner.log)
-            .map_err(|e| format!("failed to open {}: {e}", runner.log.display()))
-    };
-    let mut command = tokio::process::Command::new(&runner.program);
-    command
-        .args(&runner.argv)
-        .env_clear()
-        .envs(&runner.env)
-        .stdin(Stdio::null())
-        .stdout(open()?)
-        .stderr(open()?);
-    runner
-        .sandbox
-        .apply(&mut command)
-        .map_err(|e| e.to_string())?;
-    command
-        .spawn()
-        .map_err(|e| format!("failed to start {}: {e}", runner.program.display()))
 }
 
 /// Removes the pod object for good (what the kubelet does once containers are gone).

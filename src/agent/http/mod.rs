@@ -1,30 +1,46 @@
-//! The agent's HTTP server (axum): `GET /v1/status` open to all, every action behind the
-//! bearer token. Paths and bodies are in [`crate::protocol::api`].
+//! The agent's HTTP server (axum). Paths and bodies are in [`crate::protocol::api`].
+//!
+//! - `GET /healthz`, `GET /readyz` ([`health`]): the kubelet's probes, open, answered from the
+//!   agent's last look at postgres (no SQL per request), 2 s limit.
+//! - `GET /v1/status` ([`status`]): behind the bearer token, probed live, at most
+//!   [`guard::MAX_CONCURRENT_STATUS`] at once (more get `503` at once), 10 s limit.
+//! - every action (`POST`): behind the token, its body checked ([`guard::check_body`]: JSON,
+//!   no unknown field, every value in bounds) before the promotion gate or the supervisor see
+//!   it, at most [`guard::MAX_CONCURRENT_ACTIONS`] at once, 600 s limit.
+//!
+//! The token is checked first: a request without it costs a header comparison, whatever it
+//! asks. Bodies are read up to [`MAX_BODY_BYTES`]. Every error is an [`ErrorResponse`].
 
-use std::path::Path;
+mod guard;
+#[cfg(test)]
+mod guard_tests;
+pub mod health;
+mod status;
+
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::Utc;
 
 use crate::agent::instance::Secret;
-use crate::agent::supervisor::{ActionError, ActionOutcome, Phase, SupervisorHandle};
+use crate::agent::supervisor::{ActionError, ActionOutcome, SupervisorHandle};
 use crate::coordination::Failsafe;
 use crate::protocol::api::{
-    ActionResponse, AgentStatus, DataDirHealth, ErrorResponse, FENCE_PATH, FOLLOW_PATH,
-    FenceRequest, FollowRequest, PROMOTE_PATH, PromoteRequest, REJOIN_PATH, RejoinRequest, Role,
-    START_PATH, STATUS_PATH, STOP_PATH, StopRequest, Upstream,
+    ActionResponse, AgentStatus, ErrorResponse, FENCE_PATH, FOLLOW_PATH, FenceRequest,
+    FollowRequest, HEALTHZ_PATH, MAX_BODY_BYTES, PARAMETERS_PATH, PROMOTE_PATH, ParametersRequest,
+    PromoteRequest, READYZ_PATH, REJOIN_PATH, RESTART_PATH, RejoinRequest, Role, START_PATH,
+    STATUS_PATH, STOP_PATH, StopRequest, Upstream,
 };
 use crate::protocol::failsafe::{
     ConfirmRequest, ConfirmResponse, FAILSAFE_CONFIRM_PATH, FAILSAFE_MEMBERS_PATH,
     FailsafeMembersRequest, FailsafeStatus,
 };
+use guard::{ApiJson, Limit, NoBody};
+pub use status::build_status;
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -32,9 +48,29 @@ pub struct HttpState {
     pub token: Arc<Secret>,
     /// With lease fencing: the lease-store-outage failsafe.
     pub failsafe: Option<Arc<Failsafe>>,
+    /// The agent's last look at postgres, kept by [`health::spawn`]'s loop.
+    pub health: health::Health,
 }
 
-pub fn router(state: HttpState) -> Router {
+/// The agent's router. `gate` wraps the action routes (inside the token and body checks):
+/// lease fencing's promotion gate, or nothing.
+pub fn router(state: HttpState, gate: impl FnOnce(Router) -> Router) -> Router {
+    let limit = |limit| middleware::from_fn_with_state(limit, guard::time_limit);
+    let token = || middleware::from_fn_with_state(state.clone(), require_token);
+    let probes = Router::new()
+        .route(HEALTHZ_PATH, get(health::healthz))
+        .route(READYZ_PATH, get(health::readyz))
+        .with_state(state.clone())
+        .layer(limit(guard::PROBE_TIMEOUT));
+    let status = Router::new()
+        .route(STATUS_PATH, get(status::status))
+        .with_state(state.clone())
+        .layer(middleware::from_fn_with_state(
+            Limit::new("status", guard::MAX_CONCURRENT_STATUS),
+            guard::concurrency_limit,
+        ))
+        .layer(token())
+        .layer(limit(guard::STATUS_TIMEOUT));
     let actions = Router::new()
         .route(PROMOTE_PATH, post(promote))
         .route(FOLLOW_PATH, post(follow))
@@ -42,18 +78,37 @@ pub fn router(state: HttpState) -> Router {
         .route(STOP_PATH, post(stop))
         .route(START_PATH, post(start))
         .route(FENCE_PATH, post(fence))
-        .route(crate::protocol::api::RESTART_PATH, post(restart))
-        .route(crate::protocol::api::PARAMETERS_PATH, post(parameters))
+        .route(RESTART_PATH, post(restart))
+        .route(PARAMETERS_PATH, post(parameters))
         .route(FAILSAFE_MEMBERS_PATH, post(failsafe_members))
         .route(FAILSAFE_CONFIRM_PATH, post(failsafe_confirm))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .with_state(state.clone());
+    let actions = gate(actions)
+        .layer(middleware::from_fn(guard::check_body))
+        .layer(middleware::from_fn_with_state(
+            Limit::new("action", guard::MAX_CONCURRENT_ACTIONS),
+            guard::concurrency_limit,
+        ))
+        .layer(token())
+        .layer(limit(guard::ACTION_TIMEOUT));
     Router::new()
-        .route(STATUS_PATH, get(status))
+        .merge(probes)
+        .merge(status)
         .merge(actions)
-        .with_state(state)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 
-struct ApiError(StatusCode, String);
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no such path: {}", uri.path()),
+    )
+}
+
+/// An error reply: the status and the [`ErrorResponse`] message.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -106,94 +161,6 @@ async fn require_token(
     }
 }
 
-fn data_dir_health(path: &Path) -> DataDirHealth {
-    let free_bytes = nix::sys::statvfs::statvfs(path)
-        .ok()
-        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()));
-    DataDirHealth {
-        path: path.display().to_string(),
-        exists: path.is_dir(),
-        initialized: path.join("PG_VERSION").is_file(),
-        pg_version: std::fs::read_to_string(path.join("PG_VERSION"))
-            .ok()
-            .map(|v| v.trim().to_string()),
-        standby_signal: path.join("standby.signal").is_file(),
-        free_bytes,
-    }
-}
-
-/// Builds the status document, probing postgres live when it should be running.
-pub async fn build_status(supervisor: &SupervisorHandle) -> AgentStatus {
-    let state = supervisor.state();
-    let config = supervisor.config();
-    let mut status = AgentStatus {
-        name: config.name().to_string(),
-        cluster: config.cluster.clone(),
-        role: match state.phase {
-            Phase::Fenced => Role::Fenced,
-            Phase::Stopped => Role::Stopped,
-            Phase::Starting | Phase::Running => Role::Starting,
-        },
-        intended_role: state.intended_role,
-        postgres_up: false,
-        postgres_pid: state.pid,
-        postgres_port: config.settings.port,
-        system_identifier: state.system_identifier.clone(),
-        timeline: None,
-        in_recovery: None,
-        current_lsn: None,
-        receive_lsn: None,
-        replay_lsn: None,
-        last_replay_timestamp: None,
-        replication: Vec::new(),
-        wal_receiver: None,
-        upstream: state.upstream.clone(),
-        data_dir: data_dir_health(&config.data_dir),
-        crash_restarts: state.crash_restarts,
-        last_rejoin: state.last_rejoin.clone(),
-        fence_reason: state.fence_reason.clone(),
-        last_error: state.last_error.clone(),
-        probe_error: None,
-        observed_at: Utc::now(),
-        parameters_hash: state.parameters_hash.clone(),
-        pending_restart: None,
-        pending_restart_running: None,
-        failsafe: None,
-    };
-    if state.phase != Phase::Running {
-        return status;
-    }
-    match supervisor.probe(Duration::from_secs(2)).await {
-        Ok(probe) => {
-            status.postgres_up = true;
-            status.role = if probe.in_recovery {
-                Role::Replica
-            } else {
-                Role::Primary
-            };
-            status.system_identifier = Some(probe.system_identifier);
-            status.timeline = probe.timeline;
-            status.in_recovery = Some(probe.in_recovery);
-            status.current_lsn = probe.current_lsn;
-            status.receive_lsn = probe.receive_lsn;
-            status.replay_lsn = probe.replay_lsn;
-            status.last_replay_timestamp = probe.last_replay_timestamp;
-            status.replication = probe.replication;
-            status.wal_receiver = probe.wal_receiver;
-            if let Ok(pending) = supervisor.pending_restart(Duration::from_secs(2)).await {
-                status.pending_restart = Some(pending.iter().map(|(n, _)| n.clone()).collect());
-                status.pending_restart_running = Some(pending.into_iter().collect());
-            }
-        }
-        Err(error) => status.probe_error = Some(error.to_string()),
-    }
-    status
-}
-
-async fn status(State(state): State<HttpState>) -> Json<AgentStatus> {
-    Json(state.status().await)
-}
-
 impl HttpState {
     async fn status(&self) -> AgentStatus {
         let mut status = build_status(&self.supervisor).await;
@@ -214,7 +181,7 @@ impl HttpState {
 /// The controller's member list and switch.
 async fn failsafe_members(
     State(state): State<HttpState>,
-    Json(request): Json<FailsafeMembersRequest>,
+    ApiJson(request): ApiJson<FailsafeMembersRequest>,
 ) -> Result<Json<FailsafeStatus>, ApiError> {
     Ok(Json(state.failsafe()?.set_members(request)))
 }
@@ -222,7 +189,7 @@ async fn failsafe_members(
 /// A primary serving while the lease store is unreachable asks whether this member follows it.
 async fn failsafe_confirm(
     State(state): State<HttpState>,
-    Json(request): Json<ConfirmRequest>,
+    ApiJson(request): ApiJson<ConfirmRequest>,
 ) -> Result<Json<ConfirmResponse>, ApiError> {
     let failsafe = state.failsafe()?;
     let follows = follows(&state.supervisor.state(), &request);
@@ -268,16 +235,17 @@ async fn respond(
 
 async fn promote(
     State(state): State<HttpState>,
-    Json(request): Json<PromoteRequest>,
+    ApiJson(request): ApiJson<PromoteRequest>,
 ) -> Result<Json<ActionResponse>, ApiError> {
-    let wait = Duration::from_secs(request.wait_seconds.unwrap_or(60));
+    // Bounded by `PromoteRequest::validate` (at most an hour).
+    let wait = std::time::Duration::from_secs(request.wait_seconds.unwrap_or(60));
     let result = state.supervisor.promote(wait).await;
     respond(&state, result).await
 }
 
 async fn follow(
     State(state): State<HttpState>,
-    Json(request): Json<FollowRequest>,
+    ApiJson(request): ApiJson<FollowRequest>,
 ) -> Result<Json<ActionResponse>, ApiError> {
     let upstream = Upstream {
         host: request.host,
@@ -290,7 +258,7 @@ async fn follow(
 
 async fn rejoin(
     State(state): State<HttpState>,
-    Json(request): Json<RejoinRequest>,
+    ApiJson(request): ApiJson<RejoinRequest>,
 ) -> Result<Json<ActionResponse>, ApiError> {
     let upstream = Upstream {
         host: request.host,
@@ -303,20 +271,23 @@ async fn rejoin(
 
 async fn stop(
     State(state): State<HttpState>,
-    Json(request): Json<StopRequest>,
+    ApiJson(request): ApiJson<StopRequest>,
 ) -> Result<Json<ActionResponse>, ApiError> {
     let result = state.supervisor.stop(request.mode).await;
     respond(&state, result).await
 }
 
-async fn start(State(state): State<HttpState>) -> Result<Json<ActionResponse>, ApiError> {
+async fn start(
+    State(state): State<HttpState>,
+    _: NoBody,
+) -> Result<Json<ActionResponse>, ApiError> {
     let result = state.supervisor.start().await;
     respond(&state, result).await
 }
 
 async fn fence(
     State(state): State<HttpState>,
-    Json(request): Json<FenceRequest>,
+    ApiJson(request): ApiJson<FenceRequest>,
 ) -> Result<Json<ActionResponse>, ApiError> {
     let reason = request
         .reason
@@ -325,14 +296,17 @@ async fn fence(
     respond(&state, result).await
 }
 
-async fn restart(State(state): State<HttpState>) -> Result<Json<ActionResponse>, ApiError> {
+async fn restart(
+    State(state): State<HttpState>,
+    _: NoBody,
+) -> Result<Json<ActionResponse>, ApiError> {
     let result = state.supervisor.restart().await;
     respond(&state, result).await
 }
 
 async fn parameters(
     State(state): State<HttpState>,
-    Json(request): Json<crate::protocol::api::ParametersRequest>,
+    ApiJson(request): ApiJson<ParametersRequest>,
 ) -> Result<Json<ActionResponse>, ApiError> {
     let result = state.supervisor.apply_parameters(request.parameters).await;
     respond(&state, result).await
