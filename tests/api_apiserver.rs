@@ -318,6 +318,7 @@ async fn built_objects_pass_server_side_validation() {
         superuser_password: "s".repeat(24),
         replication_password: "r".repeat(24),
         agent_token: "t".repeat(32),
+        app_password: "a".repeat(32),
     };
     for name in ["basic.yaml", "geo.yaml"] {
         let object: PgReplicaSet =
@@ -338,6 +339,7 @@ async fn built_objects_pass_server_side_validation() {
         dry_create(&client, namespace, &objects.role).await;
         dry_create(&client, namespace, &objects.role_binding).await;
         dry_create(&client, namespace, &objects.secret).await;
+        dry_create(&client, namespace, &objects.app_secret).await;
         dry_create(&client, namespace, &objects.config_map).await;
         for service in &objects.services {
             dry_create(&client, namespace, service).await;

@@ -19,6 +19,7 @@ fn secrets() -> ClusterSecrets {
         superuser_password: "superuser-secret".to_string(),
         replication_password: "replication-secret".to_string(),
         agent_token: "agent-token-secret".to_string(),
+        app_password: "app-secret".to_string(),
     }
 }
 
@@ -55,6 +56,7 @@ fn render(objects: &ClusterObjects) -> String {
     push_doc(&mut out, &objects.role);
     push_doc(&mut out, &objects.role_binding);
     push_doc(&mut out, &objects.secret);
+    push_doc(&mut out, &objects.app_secret);
     push_doc(&mut out, &objects.config_map);
     for service in &objects.services {
         push_doc(&mut out, service);
@@ -167,12 +169,13 @@ fn every_object_is_owned_by_the_cluster() {
         &objects.role.metadata,
         &objects.role_binding.metadata,
         &objects.secret.metadata,
+        &objects.app_secret.metadata,
         &objects.config_map.metadata,
         &objects.pod_disruption_budget.metadata,
     ];
     metas.extend(objects.services.iter().map(|s| &s.metadata));
     metas.extend(objects.statefulsets.iter().map(|s| &s.metadata));
-    assert_eq!(metas.len(), 6 + 4 + 3);
+    assert_eq!(metas.len(), 7 + 4 + 3);
     for meta in metas {
         let owners = meta.owner_references.as_ref().expect("owner references");
         assert_eq!(owners.len(), 1, "{:?}", meta.name);
@@ -262,11 +265,9 @@ fn agent_container_runs_with_the_spec_timings_and_probes() {
         );
     }
     // No secret and no parameter on the command line: they are files.
-    assert!(
-        !args
-            .iter()
-            .any(|a| a.contains("secret") && !a.contains(names::SECRET_MOUNT))
-    );
+    assert!(!args.iter().any(|a| a.contains("secret")
+        && !a.contains(names::SECRET_MOUNT)
+        && !a.contains(names::APP_SECRET_MOUNT)));
     assert!(!args.iter().any(|a| a.starts_with("--parameter")));
     let readiness = container
         .readiness_probe
@@ -455,5 +456,58 @@ fn agent_parses_the_built_arguments() {
         if let Err(error) = pgrs::cli::Cli::try_parse_from(&argv) {
             panic!("pgrs agent refuses {argv:?}: {error}");
         }
+    }
+}
+
+#[test]
+fn app_secret_holds_the_connection_strings_of_the_rw_service() {
+    let objects = built("basic");
+    let secret = &objects.app_secret;
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/basic-auth"));
+    let data = secret.data.clone().expect("data");
+    let name = secret.metadata.name.clone().expect("name");
+    let namespace = secret.metadata.namespace.clone().expect("namespace");
+    let cluster = name.strip_suffix("-app").expect("named <cluster>-app");
+    let value = |key: &str| String::from_utf8(data.get(key).expect(key).0.clone()).expect("UTF-8");
+    assert_eq!(value(names::APP_USERNAME), "app");
+    assert_eq!(value(names::APP_PASSWORD), "app-secret");
+    assert_eq!(value(names::APP_DBNAME), "app");
+    assert_eq!(value(names::APP_HOST), format!("{cluster}-rw"));
+    assert_eq!(value(names::APP_PORT), "5432");
+    let host = format!("{cluster}-rw.{namespace}");
+    assert_eq!(
+        value(names::APP_URI),
+        format!("postgresql://app:app-secret@{host}:5432/app")
+    );
+    assert_eq!(
+        value(names::APP_JDBC_URI),
+        format!("jdbc:postgresql://{host}:5432/app?password=app-secret&user=app")
+    );
+    assert_eq!(
+        value(names::APP_PGPASS),
+        format!("{host}:5432:app:app:app-secret\n")
+    );
+    // The pods mount its password only, and the agent is told where.
+    let template = objects.statefulsets[0]
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .expect("pod spec");
+    let volume = template
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == names::APP_SECRET_VOLUME)
+        .and_then(|v| v.secret.as_ref())
+        .expect("app secret volume");
+    assert_eq!(volume.secret_name.as_deref(), Some(name.as_str()));
+    let args = template.containers[0].args.clone().expect("args");
+    for expected in [
+        "--app-owner=app".to_string(),
+        "--app-database=app".to_string(),
+        format!("--app-password-file={}/password", names::APP_SECRET_MOUNT),
+    ] {
+        assert!(args.contains(&expected), "{expected} missing from {args:?}");
     }
 }

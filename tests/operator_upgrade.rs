@@ -7,6 +7,7 @@
 //! 2. The column dropped and the retry annotation set: the primary is upgraded with pg_upgrade,
 //!    the replicas are cloned from it, every instance answers on 17, every acknowledged write is
 //!    there, and the write downtime is reported.
+//! 3. A synchronous cluster on 17 raised to 18: the same checks, no acknowledged write lost.
 //!
 //! The pods' images are `…-pg17` for 17: on the test bed their PostgreSQL is the cache of
 //! `scripts/install-pg-majors 17`. Needs the test-bed binaries (`testbed/build.sh`).
@@ -28,6 +29,19 @@ metadata:
 spec:
   postgresVersion: 15
   replicas: 3
+  storage:
+    size: 1Gi
+";
+const SYNC_MANIFEST: &str = "apiVersion: pgrs.dev/v1alpha1
+kind: PgReplicaSet
+metadata:
+  name: pg
+spec:
+  postgresVersion: 17
+  replicas: 3
+  replication:
+    mode: sync
+    syncReplicas: 1
   storage:
     size: 1Gi
 ";
@@ -60,6 +74,18 @@ async fn wait_upgrade(
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Waits until `writer` has 10 more acknowledged writes than `before` (up to 60 s).
+async fn wait_more_writes(writer: &WriteLoad, before: usize, what: &str) {
+    eventually(what, Duration::from_secs(60), || async {
+        let count = writer.acked().await.len();
+        (count >= before + 10)
+            .then_some(())
+            .ok_or(format!("{count} acknowledged, {before} before"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The longest gap between two consecutive acknowledged writes after `since`.
@@ -107,7 +133,13 @@ async fn raising_postgres_version_upgrades_the_cluster_and_a_refused_check_chang
         "the status names the cause: {message}"
     );
     assert_eq!(failed.postgres_version, Some(15));
-    writer.wait_writes_flow().await;
+    let before = writer.acked().await.len();
+    wait_more_writes(
+        &writer,
+        before,
+        "writes resume on 15 after the refused check",
+    )
+    .await;
     let current = failed.current_primary.clone().expect("a primary");
     let ips = pod_ips(&client, &ns_name, CLUSTER).await;
     assert_eq!(server_major(&ips[&current], &password).await, Ok(15));
@@ -128,6 +160,24 @@ async fn raising_postgres_version_upgrades_the_cluster_and_a_refused_check_chang
             "pgrs.dev/retry-upgrade=1",
         ],
     );
+    verify_upgrade(&client, &ns_name, &password, writer, retried_at, 15, 17).await;
+    drop(operator);
+}
+
+/// Waits for the upgrade to `to` to complete, then checks every instance runs `to`, every row
+/// and every acknowledged write is there, and both replicas are ready; prints the figures.
+async fn verify_upgrade(
+    client: &kube::Client,
+    ns_name: &str,
+    password: &str,
+    writer: WriteLoad,
+    upgrade_asked: Instant,
+    from: u32,
+    to: u32,
+) {
+    let client = client.clone();
+    let ns_name = ns_name.to_string();
+    let password = password.to_string();
     let done = wait_upgrade(
         &client,
         &ns_name,
@@ -135,11 +185,12 @@ async fn raising_postgres_version_upgrades_the_cluster_and_a_refused_check_chang
         Duration::from_secs(300),
     )
     .await;
-    let upgraded_in = retried_at.elapsed();
-    assert_eq!(done.postgres_version, Some(17));
-    writer.wait_writes_flow().await;
+    let upgraded_in = upgrade_asked.elapsed();
+    assert_eq!(done.postgres_version, Some(to));
+    let before = writer.acked().await.len();
+    wait_more_writes(&writer, before, "writes resume on the new major").await;
     let acked = writer.finish().await;
-    let downtime = longest_gap(&acked, retried_at);
+    let downtime = longest_gap(&acked, upgrade_asked);
 
     let ips = pod_ips(&client, &ns_name, CLUSTER).await;
     for (pod, ip) in &ips {
@@ -148,7 +199,7 @@ async fn raising_postgres_version_upgrades_the_cluster_and_a_refused_check_chang
         })
         .await
         .unwrap_or_else(|e| panic!("{pod}: {e}"));
-        assert_eq!(major, 17, "{pod} runs PostgreSQL 17");
+        assert_eq!(major, to, "{pod} runs PostgreSQL {to}");
     }
     let primary = done.current_primary.clone().expect("a primary");
     let db = connect(&ips[&primary], &password).await.expect("connect");
@@ -180,7 +231,7 @@ async fn raising_postgres_version_upgrades_the_cluster_and_a_refused_check_chang
     assert_eq!(streaming, 2, "both replicas ready: {:?}", done.instances);
     let upgrade = done.major_upgrade.expect("majorUpgrade");
     eprintln!(
-        "operator upgrade 15 -> 17 (20000 rows): write downtime {:.1} s, completed after {:.1} s, {} writes acknowledged, 0 lost; started {:?} primary upgraded {:?} finished {:?}",
+        "operator upgrade {from} -> {to} (20000 rows): write downtime {:.1} s, completed after {:.1} s, {} writes acknowledged, 0 lost; started {:?} primary upgraded {:?} finished {:?}",
         downtime.as_secs_f64(),
         upgraded_in.as_secs_f64(),
         acked.len(),
@@ -188,5 +239,28 @@ async fn raising_postgres_version_upgrades_the_cluster_and_a_refused_check_chang
         upgrade.primary_upgraded_at,
         upgrade.finished_at
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_cluster_is_upgraded_from_17_to_18_without_losing_a_write() {
+    let (bed, _ns, ns_name, client) = operator_test_namespace("op-upgrade-sync").await;
+    let operator = OperatorProcess::start(bed, &ns_name);
+    apply_manifest_text(bed, &ns_name, SYNC_MANIFEST);
+    let primary = wait_three_ready_healthy(&client, &ns_name, CLUSTER, "sync cluster on 17").await;
+    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    let ips = pod_ips(&client, &ns_name, CLUSTER).await;
+    assert_eq!(server_major(&ips[&primary], &password).await, Ok(17));
+    let db = connect(&ips[&primary], &password).await.expect("connect");
+    db.batch_execute(
+        "CREATE TABLE data AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g",
+    )
+    .await
+    .expect("create data");
+    drop(db);
+    let writer =
+        WriteLoad::start_on_new_table(&client, &ns_name, CLUSTER, &ips[&primary], &password).await;
+    let asked = Instant::now();
+    merge_patch_spec(bed, &ns_name, CLUSTER, r#"{"postgresVersion":18}"#);
+    verify_upgrade(&client, &ns_name, &password, writer, asked, 17, 18).await;
     drop(operator);
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{AgentProcess, TestEnv};
 use pgrs::postgres::promote::{self, PromoteError};
-use pgrs::postgres::roles::{RoleChange, ensure_replication_role};
+use pgrs::postgres::roles::{AppChange, RoleChange, ensure_app_access, ensure_replication_role};
 use pgrs::postgres::slots::{create_physical_slot, drop_inactive_slot, drop_stale_slots};
 use pgrs::protocol::api::Role;
 
@@ -40,13 +40,23 @@ async fn primary_and_replica(env: &TestEnv) -> (AgentProcess, AgentProcess) {
 
 /// Connects over TCP as `user` with `password` (the error text when refused).
 async fn login(port: u16, user: &str, password: &str) -> Result<tokio_postgres::Client, String> {
+    login_to(port, user, password, "postgres").await
+}
+
+/// [`login`] to the database `dbname`.
+async fn login_to(
+    port: u16,
+    user: &str,
+    password: &str,
+    dbname: &str,
+) -> Result<tokio_postgres::Client, String> {
     let mut config = tokio_postgres::Config::new();
     config
         .host("127.0.0.1")
         .port(port)
         .user(user)
         .password(password)
-        .dbname("postgres")
+        .dbname(dbname)
         .connect_timeout(Duration::from_secs(5));
     let (client, connection) = config
         .connect(tokio_postgres::NoTls)
@@ -173,6 +183,79 @@ async fn replication_role_is_created_then_updated_and_logs_in() {
         "{refused}"
     );
     login(port, "sql test role", "second-pw").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_role_and_database_are_created_once_and_the_owner_writes() {
+    let env = TestEnv::new("sqlapp");
+    let mut a = env.agent("a").spawn();
+    a.wait_role(Role::Primary, BOOT).await;
+    let sql = a.sql().await;
+    let port = a.spec.pg_port;
+
+    assert_eq!(
+        ensure_app_access(&sql, "shop_owner", "shop", "first-pw")
+            .await
+            .unwrap(),
+        AppChange {
+            role: RoleChange::Created,
+            database_created: true
+        }
+    );
+    let row = sql
+        .query_one(
+            "SELECT a.rolcanlogin, a.rolsuper, a.rolpassword, pg_get_userbyid(d.datdba)::text \
+             FROM pg_authid a, pg_database d \
+             WHERE a.rolname = 'shop_owner' AND d.datname = 'shop'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0) && !row.get::<_, bool>(1));
+    let stored: String = row.get(2);
+    assert!(stored.starts_with("SCRAM-SHA-256$"), "{stored}");
+    assert_eq!(row.get::<_, String>(3), "shop_owner");
+    // The owner creates and writes a table of its database over TCP (pg_hba: scram).
+    let app = login_to(port, "shop_owner", "first-pw", "shop")
+        .await
+        .unwrap();
+    app.batch_execute("CREATE TABLE orders (id int); INSERT INTO orders VALUES (1)")
+        .await
+        .unwrap();
+
+    // Again (a restart, a promotion): nothing is created, the password is set again.
+    assert_eq!(
+        ensure_app_access(&sql, "shop_owner", "shop", "second-pw")
+            .await
+            .unwrap(),
+        AppChange {
+            role: RoleChange::Updated,
+            database_created: false
+        }
+    );
+    let refused = login_to(port, "shop_owner", "first-pw", "shop")
+        .await
+        .unwrap_err();
+    assert!(
+        refused.contains("password authentication failed"),
+        "{refused}"
+    );
+    let app = login_to(port, "shop_owner", "second-pw", "shop")
+        .await
+        .unwrap();
+    let count: i64 = app
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1, "the existing database was kept");
+    // The superuser session is left as it was (it may serve status probes afterwards).
+    let commit: String = sql
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(commit, "on");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,8 +14,8 @@ use clap::{Args, ValueEnum};
 use crate::agent::config::{PostgresSettings, check_parameters_for_major, parse_parameters};
 use crate::agent::http::{HttpState, router};
 use crate::agent::instance::{
-    AgentConfig, DataDirState, Secret, bootstrap_primary, bootstrap_replica, inspect_data_dir,
-    prepare_run_dir, sibling,
+    AgentConfig, AppAccess, DataDirState, Secret, bootstrap_primary, bootstrap_replica,
+    inspect_data_dir, prepare_run_dir, sibling,
 };
 use crate::agent::supervisor;
 use crate::postgres::process::{OsIdentity, PgBinaries};
@@ -90,6 +90,16 @@ pub struct AgentArgs {
     pub replication_password_file: PathBuf,
     #[arg(long, default_value = "replicator")]
     pub replication_user: String,
+    /// Application role (`LOGIN`, owner of `--app-database`) the primary creates; its password
+    /// is in `--app-password-file`.
+    #[arg(long, requires_all = ["app_database", "app_password_file"])]
+    pub app_owner: Option<String>,
+    /// Application database the primary creates, owned by `--app-owner`.
+    #[arg(long, requires = "app_owner")]
+    pub app_database: Option<String>,
+    /// File holding the password of `--app-owner`.
+    #[arg(long, env = "PGRS_APP_PASSWORD_FILE", requires = "app_owner")]
+    pub app_password_file: Option<PathBuf>,
     #[arg(long, default_value_t = 10)]
     pub max_wal_senders: u32,
     #[arg(long, default_value_t = 10)]
@@ -155,6 +165,21 @@ impl AgentArgs {
         })
     }
 
+    /// `--app-owner`, `--app-database` and the password of `--app-password-file` (clap
+    /// requires all three together).
+    fn app_access(&self) -> anyhow::Result<Option<AppAccess>> {
+        let (Some(owner), Some(database), Some(password_file)) =
+            (&self.app_owner, &self.app_database, &self.app_password_file)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(AppAccess {
+            owner: owner.clone(),
+            database: database.clone(),
+            password: Secret::from_file(password_file)?,
+        }))
+    }
+
     fn config(&self) -> anyhow::Result<AgentConfig> {
         let binaries = PgBinaries::locate(self.pg_bin_dir())?;
         if let Some(expected) = self.postgres_version
@@ -202,6 +227,7 @@ impl AgentArgs {
             superuser_password: Secret::from_file(&self.superuser_password_file)?,
             replication_user: self.replication_user.clone(),
             replication_password: Secret::from_file(&self.replication_password_file)?,
+            app: self.app_access()?,
             primary_timeout: Duration::from_secs(self.primary_timeout_secs),
             start_timeout: Duration::from_secs(self.start_timeout_secs),
             stop_timeout: Duration::from_secs(self.stop_timeout_secs),

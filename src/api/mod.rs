@@ -21,8 +21,8 @@ use kube::CustomResourceExt as _;
 pub use engine_spec::{engine_spec, seconds_to_duration};
 pub use groups::{DEFAULT_GROUP, ResolvedGroup, instance_names, resolve_groups};
 pub use spec::{
-    DataDurability, FailoverSpec, InstanceGroup, MonitoringSpec, PgReplicaSet, PgReplicaSetSpec,
-    ReplicationMode, ReplicationSpec, StorageSpec, SwitchoverSpec,
+    BootstrapSpec, DataDurability, FailoverSpec, InstanceGroup, MonitoringSpec, PgReplicaSet,
+    PgReplicaSetSpec, ReplicationMode, ReplicationSpec, StorageSpec, SwitchoverSpec,
 };
 pub use status::{
     FailoverRecord, InstanceRole, InstanceStatus, MajorUpgradePhase, MajorUpgradeStatus,

@@ -73,6 +73,18 @@ pub const TMP_MOUNT: &str = "/tmp";
 pub const SECRET_SUPERUSER_PASSWORD: &str = "superuser-password";
 pub const SECRET_REPLICATION_PASSWORD: &str = "replication-password";
 pub const SECRET_AGENT_TOKEN: &str = "agent-token";
+/// The application Secret `<name>-app`, mounted (its password only) at [`APP_SECRET_MOUNT`].
+pub const APP_SECRET_VOLUME: &str = "app";
+pub const APP_SECRET_MOUNT: &str = "/etc/pgrs/app";
+/// Keys of the application Secret ([`app_secret`]), CloudNativePG's names.
+pub const APP_USERNAME: &str = "username";
+pub const APP_PASSWORD: &str = "password";
+pub const APP_DBNAME: &str = "dbname";
+pub const APP_HOST: &str = "host";
+pub const APP_PORT: &str = "port";
+pub const APP_URI: &str = "uri";
+pub const APP_JDBC_URI: &str = "jdbc-uri";
+pub const APP_PGPASS: &str = "pgpass";
 /// Key of the parameters ConfigMap (file name under [`CONFIG_MOUNT`]), `postgresql.conf` syntax.
 pub const CONFIG_PARAMETERS: &str = "parameters.conf";
 /// Key of the control state (JSON) in [`control_state`]'s ConfigMap.
@@ -135,6 +147,12 @@ pub fn lease(cluster: &str) -> String {
 
 pub fn secret(cluster: &str) -> String {
     format!("{cluster}-secrets")
+}
+
+/// The application's credentials and connection strings (role and database of
+/// `spec.bootstrap`).
+pub fn app_secret(cluster: &str) -> String {
+    format!("{cluster}-app")
 }
 
 pub fn config_map(cluster: &str) -> String {

@@ -158,6 +158,60 @@ pub struct PgReplicaSetSpec {
     /// `pgrs.dev/switchover-to=<instance>` does the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover: Option<SwitchoverSpec>,
+
+    /// Application access, created on the primary at bootstrap: a `LOGIN` role `owner` and a
+    /// database `database` it owns, with their credentials and connection strings in the
+    /// Secret `<name>-app`. Immutable after creation.
+    #[serde(default)]
+    pub bootstrap: BootstrapSpec,
+}
+
+/// The application's role and database (CloudNativePG's `initdb.database`/`initdb.owner`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self == oldSelf",
+        "message": "spec.bootstrap is immutable: the role and database exist already (rename them in PostgreSQL instead)"
+    },
+    {
+        "rule": "!(self.owner in ['postgres', 'replicator']) && !self.owner.startsWith('pg_')",
+        "message": "spec.bootstrap.owner must not be the superuser (postgres), the replication role (replicator) or a reserved pg_* name",
+        "fieldPath": ".owner"
+    },
+    {
+        "rule": "!(self.database in ['postgres', 'template0', 'template1'])",
+        "message": "spec.bootstrap.database must not be postgres, template0 or template1",
+        "fieldPath": ".database"
+    }
+]))]
+pub struct BootstrapSpec {
+    /// Name of the application database (default `app`): a lowercase PostgreSQL identifier
+    /// (a letter or `_` first, then lowercase letters, digits and `_`; at most 63 characters),
+    /// not `postgres`, `template0` or `template1`.
+    #[serde(default = "default_app_name")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z_][a-z0-9_]*$"))]
+    pub database: String,
+
+    /// Name of the role owning it, with `LOGIN` and the password of the Secret `<name>-app`
+    /// (default `app`): a lowercase PostgreSQL identifier, not `postgres`, `replicator` or
+    /// `pg_*`.
+    #[serde(default = "default_app_name")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z_][a-z0-9_]*$"))]
+    pub owner: String,
+}
+
+impl Default for BootstrapSpec {
+    fn default() -> Self {
+        BootstrapSpec {
+            database: default_app_name(),
+            owner: default_app_name(),
+        }
+    }
+}
+
+fn default_app_name() -> String {
+    "app".to_string()
 }
 
 fn default_postgres_version() -> u32 {

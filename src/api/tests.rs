@@ -24,6 +24,7 @@ fn spec(replicas: u32) -> PgReplicaSetSpec {
         groups: Vec::new(),
         monitoring: MonitoringSpec::default(),
         switchover: None,
+        bootstrap: BootstrapSpec::default(),
     }
 }
 
@@ -71,6 +72,39 @@ fn named_groups_prefix_their_statefulsets() {
 #[test]
 fn validate_accepts_a_plain_cluster() {
     assert_eq!(validate(&cluster("pg", spec(3))), Ok(()));
+}
+
+#[test]
+fn validate_refuses_bootstrap_names_that_are_not_plain_or_are_reserved() {
+    let with = |database: &str, owner: &str| {
+        let mut spec = spec(3);
+        spec.bootstrap = BootstrapSpec {
+            database: database.to_string(),
+            owner: owner.to_string(),
+        };
+        validate(&cluster("pg", spec))
+    };
+    assert_eq!(with("orders_2", "_shop"), Ok(()));
+    for (database, owner, field) in [
+        ("App", "app", "database"),
+        ("app", "1app", "owner"),
+        ("a-b", "app", "database"),
+        ("app", "", "owner"),
+        ("app", &"x".repeat(64), "owner"),
+        ("app", "pg_app", "owner"),
+        ("app", "postgres", "owner"),
+        ("app", "replicator", "owner"),
+        ("template1", "app", "database"),
+        ("postgres", "app", "database"),
+    ] {
+        let error = with(database, owner).expect_err(owner);
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("spec.bootstrap.{field} ")),
+            "{error}"
+        );
+    }
 }
 
 #[test]

@@ -35,6 +35,16 @@ pub enum InvalidSpec {
     },
     #[error("spec.switchover.targetInstance {target:?} is not an instance of this cluster")]
     UnknownSwitchoverTarget { target: String },
+    #[error(
+        "spec.bootstrap.{field} {value:?} is not a lowercase PostgreSQL identifier (a letter or '_' first, then lowercase letters, digits and '_', at most 63 characters)"
+    )]
+    BootstrapNotIdentifier { field: &'static str, value: String },
+    #[error("spec.bootstrap.{field} {value:?} is reserved: {why}")]
+    BootstrapReserved {
+        field: &'static str,
+        value: String,
+        why: &'static str,
+    },
     #[error(transparent)]
     Parameter(#[from] ParameterError),
     #[error(
@@ -160,6 +170,7 @@ pub fn validate(cluster: &PgReplicaSet) -> Result<(), InvalidSpec> {
             });
         }
     }
+    check_bootstrap(&cluster.spec.bootstrap)?;
     parameters::check(&cluster.spec.parameters)?;
     // postgres would not start with them: every pod would crash-loop on its parameters file.
     let major = cluster.spec.postgres_version;
@@ -171,6 +182,64 @@ pub fn validate(cluster: &PgReplicaSet) -> Result<(), InvalidSpec> {
                 why,
             });
         }
+    }
+    Ok(())
+}
+
+/// Whether `name` is a lowercase PostgreSQL identifier that needs no quoting: `[a-z_]` first,
+/// then `[a-z0-9_]`, at most 63 bytes (the schema's pattern of `spec.bootstrap`).
+pub fn is_plain_identifier(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let Some(first) = bytes.first() else {
+        return false;
+    };
+    bytes.len() <= 63
+        && (first.is_ascii_lowercase() || *first == b'_')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
+}
+
+/// `spec.bootstrap`: plain identifiers, and none of the names pgrs or PostgreSQL own.
+fn check_bootstrap(bootstrap: &super::BootstrapSpec) -> Result<(), InvalidSpec> {
+    for (field, value) in [
+        ("database", &bootstrap.database),
+        ("owner", &bootstrap.owner),
+    ] {
+        if !is_plain_identifier(value) {
+            return Err(InvalidSpec::BootstrapNotIdentifier {
+                field,
+                value: value.clone(),
+            });
+        }
+    }
+    let reserved = |field: &'static str, value: &String, why: &'static str| {
+        Err(InvalidSpec::BootstrapReserved {
+            field,
+            value: value.clone(),
+            why,
+        })
+    };
+    if ["postgres", "replicator"].contains(&bootstrap.owner.as_str()) {
+        return reserved(
+            "owner",
+            &bootstrap.owner,
+            "the superuser and the replication role belong to pgrs",
+        );
+    }
+    if bootstrap.owner.starts_with("pg_") {
+        return reserved(
+            "owner",
+            &bootstrap.owner,
+            "PostgreSQL reserves role names starting with pg_",
+        );
+    }
+    if ["postgres", "template0", "template1"].contains(&bootstrap.database.as_str()) {
+        return reserved(
+            "database",
+            &bootstrap.database,
+            "postgres, template0 and template1 exist in every cluster",
+        );
     }
     Ok(())
 }

@@ -358,6 +358,10 @@ fn print_up(layout: &Layout, status: &LocalStatus) -> anyhow::Result<()> {
         config.superuser,
         config.write_port
     );
+    println!(
+        "  application (role app, database app): psql \"$(cat {})\"",
+        layout.app_uri().display()
+    );
     println!("\nnodes (direct):");
     for node in &config.nodes {
         let role = status

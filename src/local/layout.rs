@@ -187,6 +187,14 @@ impl Layout {
     pub fn replication_password(&self) -> PathBuf {
         self.secrets().join("replication.pw")
     }
+    /// Password of the application role [`APP_OWNER`].
+    pub fn app_password(&self) -> PathBuf {
+        self.secrets().join("app.pw")
+    }
+    /// The application's libpq URI, through the write endpoint.
+    pub fn app_uri(&self) -> PathBuf {
+        self.secrets().join("app.uri")
+    }
     pub fn node_dir(&self, name: &str) -> PathBuf {
         self.dir.join("nodes").join(name)
     }
@@ -262,11 +270,18 @@ impl Layout {
             self.token(),
             self.superuser_password(),
             self.replication_password(),
+            self.app_password(),
         ] {
             if !path.exists() {
                 write_secret(&path, &random_secret())?;
             }
         }
+        let password = std::fs::read_to_string(self.app_password())
+            .map_err(io_error("read", &self.app_password()))?;
+        write_secret(
+            &self.app_uri(),
+            &app_uri(password.trim_end(), config.write_port),
+        )?;
         Ok(())
     }
 
@@ -289,6 +304,16 @@ fn random_secret() -> String {
             chars[rng.random_range(0..chars.len())] as char
         })
         .collect()
+}
+
+/// Role and database of the application in local mode (the Kubernetes default).
+pub const APP_OWNER: &str = "app";
+pub const APP_DATABASE: &str = "app";
+
+/// `postgresql://app:<password>@127.0.0.1:<write port>/app`: the write endpoint follows the
+/// primary. The password is alphanumeric (generated).
+pub fn app_uri(password: &str, write_port: u16) -> String {
+    format!("postgresql://{APP_OWNER}:{password}@127.0.0.1:{write_port}/{APP_DATABASE}\n")
 }
 
 fn write_secret(path: &Path, value: &str) -> Result<(), LayoutError> {
@@ -347,6 +372,14 @@ impl DirLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn app_uri_goes_through_the_write_endpoint() {
+        assert_eq!(
+            app_uri("pw", 5400),
+            "postgresql://app:pw@127.0.0.1:5400/app\n"
+        );
+    }
 
     #[test]
     fn ports_are_laid_out_from_the_base() {

@@ -1,5 +1,6 @@
-//! The replication role: created or updated with a SCRAM-SHA-256 verifier computed here, so the
-//! password itself never travels in SQL text (server logs, `pg_stat_activity`).
+//! The replication role and the application's owner role and database: roles created or
+//! updated with a SCRAM-SHA-256 verifier computed here, so the password itself never travels in
+//! SQL text (server logs, `pg_stat_activity`).
 
 use tokio_postgres::Client;
 
@@ -14,6 +15,24 @@ pub enum RoleError {
     #[error("failed to create or alter replication role {role}: {source}")]
     Write {
         role: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("failed to create or alter the application role {role}: {source}")]
+    AppRole {
+        role: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("failed to look up the application database {database}: {source}")]
+    DatabaseLookup {
+        database: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("failed to create the application database {database}: {source}")]
+    CreateDatabase {
+        database: String,
         #[source]
         source: tokio_postgres::Error,
     },
@@ -70,4 +89,106 @@ pub async fn ensure_replication_role(
         })?;
     tracing::debug!(role, ?change, "replication role in place");
     Ok(change)
+}
+
+/// What [`ensure_app_access`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppChange {
+    pub role: RoleChange,
+    /// The database did not exist and was created.
+    pub database_created: bool,
+}
+
+/// Creates the application's `owner` role (`LOGIN`, `password` sent as a SCRAM verifier; an
+/// existing role gets `LOGIN` and the password again) and the database `database` it owns,
+/// unless it exists (its owner is then left as it is). Needs a superuser session on a primary.
+pub async fn ensure_app_access(
+    client: &Client,
+    owner: &str,
+    database: &str,
+    password: &str,
+) -> Result<AppChange, RoleError> {
+    let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+    let role_identifier = postgres_protocol::escape::escape_identifier(owner);
+    let literal = postgres_protocol::escape::escape_literal(&verifier);
+    let role_exists = client
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&owner])
+        .await
+        .map_err(|source| RoleError::Lookup {
+            role: owner.to_string(),
+            source,
+        })?
+        .is_some();
+    let (statement, role) = if role_exists {
+        (
+            format!("ALTER ROLE {role_identifier} WITH LOGIN PASSWORD {literal}"),
+            RoleChange::Updated,
+        )
+    } else {
+        (
+            format!("CREATE ROLE {role_identifier} WITH LOGIN PASSWORD {literal}"),
+            RoleChange::Created,
+        )
+    };
+    // Committed locally, as the replication role (see there).
+    client
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL synchronous_commit = local; {statement}; COMMIT"
+        ))
+        .await
+        .map_err(|source| RoleError::AppRole {
+            role: owner.to_string(),
+            source,
+        })?;
+    let database_exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
+        .await
+        .map_err(|source| RoleError::DatabaseLookup {
+            database: database.to_string(),
+            source,
+        })?
+        .is_some();
+    if !database_exists {
+        create_database(client, database, &role_identifier).await?;
+    }
+    let change = AppChange {
+        role,
+        database_created: !database_exists,
+    };
+    tracing::info!(
+        owner,
+        database,
+        ?change,
+        "application role and database in place"
+    );
+    Ok(change)
+}
+
+/// `CREATE DATABASE` cannot run in a transaction block: the session's `synchronous_commit` is
+/// set around it, and reset even when it fails (the session may serve status probes after).
+async fn create_database(
+    client: &Client,
+    database: &str,
+    owner_identifier: &str,
+) -> Result<(), RoleError> {
+    let identifier = postgres_protocol::escape::escape_identifier(database);
+    let error = |source| RoleError::CreateDatabase {
+        database: database.to_string(),
+        source,
+    };
+    client
+        .batch_execute("SET synchronous_commit = local")
+        .await
+        .map_err(error)?;
+    let created = client
+        .batch_execute(&format!(
+            "CREATE DATABASE {identifier} OWNER {owner_identifier}"
+        ))
+        .await
+        .map_err(error);
+    client
+        .batch_execute("RESET synchronous_commit")
+        .await
+        .map_err(error)?;
+    created
 }

@@ -61,6 +61,14 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// The application's owner role (with its password) and database.
+#[derive(Debug, Clone)]
+pub struct AppAccess {
+    pub owner: String,
+    pub database: String,
+    pub password: Secret,
+}
+
 /// Everything the agent needs to know about its instance (resolved from the command line).
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -76,6 +84,9 @@ pub struct AgentConfig {
     pub superuser_password: Secret,
     pub replication_user: String,
     pub replication_password: Secret,
+    /// The application's role and database, ensured whenever this instance starts or becomes
+    /// primary.
+    pub app: Option<AppAccess>,
     /// Connection timeout when reaching a primary.
     pub primary_timeout: Duration,
     /// How long postgres may take to accept connections after a start.

@@ -230,6 +230,7 @@ impl Supervisor {
             config.replication_password.expose(),
         )
         .await?;
+        super::ensure_app_access(&client, &config).await?;
         Ok(())
     }
 

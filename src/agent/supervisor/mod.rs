@@ -292,6 +292,23 @@ impl SupervisorHandle {
     }
 }
 
+/// The application's role and database (`--app-owner`), on a primary's superuser session.
+async fn ensure_app_access(
+    client: &tokio_postgres::Client,
+    config: &AgentConfig,
+) -> Result<(), RoleError> {
+    if let Some(app) = &config.app {
+        crate::postgres::roles::ensure_app_access(
+            client,
+            &app.owner,
+            &app.database,
+            app.password.expose(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()

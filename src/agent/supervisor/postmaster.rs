@@ -109,6 +109,7 @@ impl Supervisor {
                 config.replication_password.expose(),
             )
             .await?;
+            super::ensure_app_access(&client, &config).await?;
         }
         // The first status probe needs no handshake of its own.
         *self.handle.status_session.lock().await = Some(Arc::new(client));

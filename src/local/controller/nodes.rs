@@ -49,6 +49,13 @@ fn agent_command(
         .arg(layout.superuser_password())
         .arg("--replication-password-file")
         .arg(layout.replication_password())
+        .arg(format!("--app-owner={}", crate::local::layout::APP_OWNER))
+        .arg(format!(
+            "--app-database={}",
+            crate::local::layout::APP_DATABASE
+        ))
+        .arg("--app-password-file")
+        .arg(layout.app_password())
         .arg(format!("--superuser={}", config.superuser))
         // A rejoined former primary falls back to re-clone if it does not stream quickly.
         .arg("--verify-timeout-secs=20")

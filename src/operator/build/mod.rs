@@ -4,6 +4,7 @@
 //! controller owner reference to the `PgReplicaSet`, so deleting it deletes them all.
 
 mod access;
+mod app;
 mod config;
 mod disruption;
 pub use crate::api::names;
@@ -21,6 +22,7 @@ use kube::Resource as _;
 use crate::api::{PgReplicaSet, ResolvedGroup, resolve_groups};
 
 pub use access::{agent_role, agent_role_binding, agent_service_account};
+pub use app::{AppConnection, app_secret};
 pub use config::{control_state_config_map, parameters_config_map, render_parameters, secret};
 pub use disruption::pod_disruption_budget;
 pub use services::{headless_service, r_service, ro_service, rw_service};
@@ -35,6 +37,8 @@ pub struct ClusterSecrets {
     pub replication_password: String,
     /// Bearer token of the agents' HTTP actions.
     pub agent_token: String,
+    /// Password of the application owner (`spec.bootstrap.owner`), in the Secret `<name>-app`.
+    pub app_password: String,
 }
 
 impl std::fmt::Debug for ClusterSecrets {
@@ -60,6 +64,8 @@ pub struct ClusterObjects {
     pub role: Role,
     pub role_binding: RoleBinding,
     pub secret: Secret,
+    /// `<name>-app`: the application's credentials and connection strings.
+    pub app_secret: Secret,
     pub config_map: ConfigMap,
     pub services: Vec<Service>,
     pub statefulsets: Vec<StatefulSet>,
@@ -152,6 +158,7 @@ pub fn build(input: &BuildInput<'_>) -> Result<ClusterObjects, BuildError> {
         role: agent_role(&owner, &groups),
         role_binding: agent_role_binding(&owner),
         secret: secret(&owner, input.secrets),
+        app_secret: app_secret(&owner, &spec.bootstrap, &input.secrets.app_password),
         config_map: parameters_config_map(&owner, spec),
         services: vec![
             headless_service(&owner),

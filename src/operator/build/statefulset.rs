@@ -14,7 +14,7 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
+    EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
     PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
     VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
@@ -58,6 +58,14 @@ pub fn agent_args(cluster: &str, spec: &PgReplicaSetSpec) -> Vec<String> {
         format!(
             "--replication-password-file={}",
             secret_file(names::SECRET_REPLICATION_PASSWORD)
+        ),
+        // The application role and database of spec.bootstrap, ensured by the primary.
+        format!("--app-owner={}", spec.bootstrap.owner),
+        format!("--app-database={}", spec.bootstrap.database),
+        format!(
+            "--app-password-file={}/{}",
+            names::APP_SECRET_MOUNT,
+            names::APP_PASSWORD
         ),
         format!(
             "--lease-duration-ms={}",
@@ -174,6 +182,7 @@ fn container(cluster: &str, spec: &PgReplicaSetSpec, image: &str) -> Container {
         volume_mounts: Some(vec![
             mount(names::DATA_VOLUME, names::DATA_MOUNT, false),
             mount(names::SECRET_VOLUME, names::SECRET_MOUNT, true),
+            mount(names::APP_SECRET_VOLUME, names::APP_SECRET_MOUNT, true),
             mount(names::CONFIG_VOLUME, names::CONFIG_MOUNT, true),
             mount(names::RUN_VOLUME, names::RUN_MOUNT, false),
             mount(names::TMP_VOLUME, names::TMP_MOUNT, false),
@@ -222,6 +231,21 @@ fn volumes(cluster: &str) -> Vec<Volume> {
             secret: Some(SecretVolumeSource {
                 secret_name: Some(names::secret(cluster)),
                 default_mode: Some(SECRET_FILE_MODE),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        // Only the password of `<name>-app`: the agent needs nothing else from it.
+        Volume {
+            name: names::APP_SECRET_VOLUME.to_string(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(names::app_secret(cluster)),
+                default_mode: Some(SECRET_FILE_MODE),
+                items: Some(vec![KeyToPath {
+                    key: names::APP_PASSWORD.to_string(),
+                    path: names::APP_PASSWORD.to_string(),
+                    ..KeyToPath::default()
+                }]),
                 ..SecretVolumeSource::default()
             }),
             ..Volume::default()

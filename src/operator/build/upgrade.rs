@@ -10,8 +10,8 @@ use k8s_openapi::api::core::v1::{
 /// The emptyDir holding the old binaries.
 const VOLUME: &str = "pgrs-upgrade";
 const MOUNT: &str = "/pgrs-upgrade";
-/// Startup probe failures allowed while the agent upgrades (× the liveness period, 10 s).
-const STARTUP_FAILURES: i32 = 360;
+/// Startup probe failures allowed while the agent upgrades (one a second: an hour).
+const STARTUP_FAILURES: i32 = 3600;
 /// The init container's name.
 pub const INIT_CONTAINER: &str = "copy-binaries";
 
@@ -48,6 +48,7 @@ pub fn with_upgrade_from(statefulset: &mut StatefulSet, from_image: &str) {
         // The agent serves HTTP only after pg_upgrade: the liveness probe waits for it (an
         // hour at most) rather than restart the container in the middle of the upgrade.
         container.startup_probe = container.liveness_probe.clone().map(|probe| Probe {
+            period_seconds: Some(1),
             failure_threshold: Some(STARTUP_FAILURES),
             ..probe
         });

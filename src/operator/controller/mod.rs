@@ -64,6 +64,10 @@ pub enum ReconcileError {
     },
     #[error("failed to read the Secret {name}: key {key} is missing or not UTF-8")]
     SecretKey { name: String, key: &'static str },
+    #[error(
+        "failed to read the Secret {name}: it is missing on a bootstrapped cluster; it is not generated again (the database holds its password): recreate it with the current password"
+    )]
+    SecretMissing { name: String },
     #[error("failed to read or create the lease: {0}")]
     Lease(#[source] crate::coordination::LeaseError),
     #[error("failed to write the status: {source}")]
@@ -91,6 +95,7 @@ impl ReconcileError {
             ReconcileError::Apply { .. } => "ApplyFailed",
             ReconcileError::Read { .. } => "ReadFailed",
             ReconcileError::SecretKey { .. } => "SecretInvalid",
+            ReconcileError::SecretMissing { .. } => "SecretMissing",
             ReconcileError::Lease(_) => "LeaseFailed",
             ReconcileError::Status { .. } => "StatusWriteFailed",
             ReconcileError::Act(error) => error.category(),

@@ -2,10 +2,11 @@
 //! first reconcile) → apply (server-side apply of every child) → the control round
 //! ([`super::round`]) → status.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
@@ -79,38 +80,60 @@ impl Reconciler<'_> {
         }))
     }
 
-    /// The cluster's credentials: read back from its Secret, generated on first reconcile.
+    /// The cluster's credentials: read back from its Secrets, generated on first reconcile.
     async fn secrets(&self) -> Result<ClusterSecrets, ReconcileError> {
         let name = names::secret(&self.name());
+        let app_password = self.app_password().await?;
+        let Some(data) = self.read_secret(&name).await? else {
+            return Ok(ClusterSecrets {
+                superuser_password: random_secret(),
+                replication_password: random_secret(),
+                agent_token: random_secret(),
+                app_password,
+            });
+        };
+        Ok(ClusterSecrets {
+            superuser_password: secret_key(&data, &name, names::SECRET_SUPERUSER_PASSWORD)?,
+            replication_password: secret_key(&data, &name, names::SECRET_REPLICATION_PASSWORD)?,
+            agent_token: secret_key(&data, &name, names::SECRET_AGENT_TOKEN)?,
+            app_password,
+        })
+    }
+
+    /// The application owner's password from `<name>-app`, generated before the first
+    /// bootstrap only: once a primary ran, the role has a password, and a new one would
+    /// silently lock the application out.
+    async fn app_password(&self) -> Result<String, ReconcileError> {
+        let name = names::app_secret(&self.name());
+        match self.read_secret(&name).await? {
+            Some(data) => secret_key(&data, &name, names::APP_PASSWORD),
+            None if self.bootstrapped() => Err(ReconcileError::SecretMissing { name }),
+            None => Ok(random_secret()),
+        }
+    }
+
+    /// Whether a primary has run: the roles and passwords exist in PostgreSQL.
+    fn bootstrapped(&self) -> bool {
+        self.cluster
+            .status
+            .as_ref()
+            .is_some_and(|status| status.current_primary.is_some())
+    }
+
+    /// The data of the Secret `name`, `None` when it does not exist.
+    async fn read_secret(
+        &self,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, ByteString>>, ReconcileError> {
         let api: Api<Secret> = Api::namespaced(self.context.client.clone(), &self.namespace());
         let existing = api
-            .get_opt(&name)
+            .get_opt(name)
             .await
             .map_err(|source| ReconcileError::Read {
                 what: format!("Secret {name}"),
                 source,
             })?;
-        let Some(secret) = existing else {
-            return Ok(ClusterSecrets {
-                superuser_password: random_secret(),
-                replication_password: random_secret(),
-                agent_token: random_secret(),
-            });
-        };
-        let data = secret.data.unwrap_or_default();
-        let read = |key: &'static str| {
-            data.get(key)
-                .and_then(|v| String::from_utf8(v.0.clone()).ok())
-                .ok_or(ReconcileError::SecretKey {
-                    name: name.clone(),
-                    key,
-                })
-        };
-        Ok(ClusterSecrets {
-            superuser_password: read(names::SECRET_SUPERUSER_PASSWORD)?,
-            replication_password: read(names::SECRET_REPLICATION_PASSWORD)?,
-            agent_token: read(names::SECRET_AGENT_TOKEN)?,
-        })
+        Ok(existing.map(|secret| secret.data.unwrap_or_default()))
     }
 
     /// Server-side apply of every child, when the spec changed or every [`REAPPLY_EVERY`].
@@ -171,6 +194,7 @@ impl Reconciler<'_> {
         apply_one(client, &ns, &objects.role).await?;
         apply_one(client, &ns, &objects.role_binding).await?;
         apply_one(client, &ns, &objects.secret).await?;
+        apply_one(client, &ns, &objects.app_secret).await?;
         apply_one(client, &ns, &objects.config_map).await?;
         for service in &objects.services {
             apply_one(client, &ns, service).await?;
@@ -233,6 +257,20 @@ impl Reconciler<'_> {
         .map_err(|source| ReconcileError::Status { source })?;
         Ok(())
     }
+}
+
+/// The UTF-8 value of `key` in the Secret `name`.
+fn secret_key(
+    data: &BTreeMap<String, ByteString>,
+    name: &str,
+    key: &'static str,
+) -> Result<String, ReconcileError> {
+    data.get(key)
+        .and_then(|v| String::from_utf8(v.0.clone()).ok())
+        .ok_or(ReconcileError::SecretKey {
+            name: name.to_string(),
+            key,
+        })
 }
 
 fn random_secret() -> String {
