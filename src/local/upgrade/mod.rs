@@ -71,13 +71,6 @@ pub enum UpgradeError {
     CheckFailed { to: u32, report: String },
     #[error("failed to {step}: {cause}")]
     Step { step: &'static str, cause: String },
-    #[error("failed to {what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error(transparent)]
     Files(#[from] PgUpgradeError),
     #[error("pg_upgrade failed; {rollback}:\n{report}")]
@@ -89,8 +82,8 @@ pub enum UpgradeError {
 }
 
 pub fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UpgradeError {
-    let path = path.to_path_buf();
-    move |source| UpgradeError::Io { what, path, source }
+    let error = crate::postgres::pg_upgrade::io_error(what, path);
+    move |source| UpgradeError::Files(error(source))
 }
 
 /// A node whose data directory is moved aside before the cluster starts on the new major.
