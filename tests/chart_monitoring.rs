@@ -4,76 +4,18 @@
 //! dashboard appear only when asked for, and every metric their expressions use is one the code
 //! exports (`pgrs::metrics::names`). No API server is needed.
 
+mod chart_support;
+
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 
-use pgrs_testbed::bins::Binaries;
-use serde::Deserialize as _;
+use chart_support::{chart, find, helm, kinds, template};
 
 const ALL_ON: &[&str] = &[
     "monitoring.serviceMonitor.enabled=true",
     "monitoring.prometheusRule.enabled=true",
     "monitoring.grafanaDashboard.enabled=true",
 ];
-
-fn helm(args: &[&str]) -> String {
-    let binaries = Binaries::locate()
-        .unwrap_or_else(|e| panic!("the test bed's helm is missing ({e}); run testbed/build.sh"));
-    let home = tempfile::tempdir().expect("temp dir");
-    let output = Command::new(binaries.helm())
-        .args(args)
-        .env("HELM_CACHE_HOME", home.path().join("cache"))
-        .env("HELM_CONFIG_HOME", home.path().join("config"))
-        .env("HELM_DATA_HOME", home.path().join("data"))
-        .output()
-        .expect("run helm");
-    assert!(
-        output.status.success(),
-        "helm {args:?} failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn chart() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("charts/pgrs")
-        .display()
-        .to_string()
-}
-
-/// `helm template` with `--set` values, as parsed YAML documents.
-fn template(values: &[&str]) -> Vec<serde_yaml::Value> {
-    let chart = chart();
-    let mut args = vec!["template", "release", chart.as_str(), "-n", "pgrs-system"];
-    for value in values {
-        args.extend(["--set", value]);
-    }
-    let text = helm(&args);
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|document| serde_yaml::Value::deserialize(document).expect("rendered YAML parses"))
-        .filter(|document| !document.is_null())
-        .collect()
-}
-
-fn kinds(documents: &[serde_yaml::Value]) -> BTreeSet<String> {
-    documents
-        .iter()
-        .map(|d| {
-            format!(
-                "{}/{}",
-                d["kind"].as_str().unwrap_or_default(),
-                d["metadata"]["name"].as_str().unwrap_or_default()
-            )
-        })
-        .collect()
-}
-
-fn find<'a>(documents: &'a [serde_yaml::Value], kind: &str) -> Option<&'a serde_yaml::Value> {
-    documents.iter().find(|d| d["kind"].as_str() == Some(kind))
-}
 
 /// The `pgrs_*` names an expression uses (PromQL: a name is followed by `{`, `[`, `)`, a space…).
 fn metric_names(expression: &str) -> Vec<String> {

@@ -1,6 +1,9 @@
 //! The chart on the test bed: `helm install charts/pgrs` runs the operator as a pod under the
 //! chart's ServiceAccount (so the chart's RBAC is what is tested), and `examples/basic.yaml`
 //! becomes Healthy with one primary, two streaming standbys and `-rw` on the primary's pod IP.
+//! The install is the namespaced mode (`watchNamespace`: a Role, no ClusterRole, so no
+//! cluster-scoped call is possible) with the NetworkPolicy on (the API server accepts it; the
+//! bed's network does not enforce NetworkPolicies).
 //!
 //! Needs the test-bed binaries (`testbed/build.sh`).
 
@@ -68,6 +71,8 @@ async fn helm_installed_operator_runs_the_basic_example_under_its_service_accoun
             "image.tag=dev",
             "--set",
             "logFormat=text",
+            "--set",
+            "networkPolicy.enabled=true",
             "--wait",
             "--timeout",
             "120s",
@@ -97,6 +102,65 @@ async fn helm_installed_operator_runs_the_basic_example_under_its_service_accoun
         .as_ref()
         .and_then(|s| s.service_account_name.clone());
     assert_eq!(account.as_deref(), Some(format!("{release}-pgrs").as_str()));
+
+    // Namespaced mode: the operator's rules are a Role in the watched namespace, no ClusterRole.
+    let fullname = format!("{release}-pgrs");
+    let roles = kubectl(
+        bed,
+        &["get", "role,rolebinding", "-n", &ns_name, "-o", "name"],
+    );
+    for expected in [
+        format!("role.rbac.authorization.k8s.io/{fullname}"),
+        format!("rolebinding.rbac.authorization.k8s.io/{fullname}"),
+    ] {
+        assert!(roles.contains(&expected), "{expected} missing:\n{roles}");
+    }
+    let cluster_roles = kubectl(
+        bed,
+        &["get", "clusterrole,clusterrolebinding", "-o", "name"],
+    );
+    assert!(
+        !cluster_roles.contains(&format!("/{fullname}\n")),
+        "a ClusterRole or ClusterRoleBinding {fullname} exists in namespaced mode"
+    );
+    kubectl(
+        bed,
+        &[
+            "get",
+            "networkpolicy",
+            &format!("{fullname}-database"),
+            "-n",
+            &ns_name,
+        ],
+    );
+    // A policy with configured clients is accepted by the API server too.
+    let rendered = bed
+        .helm()
+        .args([
+            "template",
+            &release,
+            &chart.to_string_lossy(),
+            "-n",
+            &ns_name,
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "networkPolicy.clients[0].podSelector.matchLabels.app=shop",
+            "--set",
+            "networkPolicy.clients[1].namespaceSelector.matchLabels.team=shop",
+            "--show-only",
+            "templates/networkpolicy.yaml",
+        ])
+        .output()
+        .expect("run helm template");
+    assert!(rendered.status.success(), "helm template failed");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, &rendered.stdout).expect("write the policy");
+    kubectl(
+        bed,
+        &["apply", "--dry-run=server", "-f", &policy.to_string_lossy()],
+    );
 
     let example = repo_path("examples/basic.yaml");
     kubectl(

@@ -17,6 +17,7 @@ use crate::agent::instance::{
     AgentConfig, AppAccess, DataDirState, Secret, bootstrap_primary, bootstrap_replica,
     inspect_data_dir, prepare_run_dir, sibling,
 };
+use crate::agent::rotation::RotatingSecret;
 use crate::agent::supervisor;
 use crate::postgres::process::{OsIdentity, PgBinaries};
 use crate::postgres::version::{self, VersionError};
@@ -176,7 +177,7 @@ impl AgentArgs {
         Ok(Some(AppAccess {
             owner: owner.clone(),
             database: database.clone(),
-            password: Secret::from_file(password_file)?,
+            password: RotatingSecret::new(Secret::from_file(password_file)?),
         }))
     }
 
@@ -224,9 +225,13 @@ impl AgentArgs {
             binaries,
             identity,
             superuser: self.superuser.clone(),
-            superuser_password: Secret::from_file(&self.superuser_password_file)?,
+            superuser_password: RotatingSecret::new(Secret::from_file(
+                &self.superuser_password_file,
+            )?),
             replication_user: self.replication_user.clone(),
-            replication_password: Secret::from_file(&self.replication_password_file)?,
+            replication_password: RotatingSecret::new(Secret::from_file(
+                &self.replication_password_file,
+            )?),
             app: self.app_access()?,
             primary_timeout: Duration::from_secs(self.primary_timeout_secs),
             start_timeout: Duration::from_secs(self.start_timeout_secs),
@@ -314,7 +319,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         pg_bin = %config.binaries.dir().display(),
         "PostgreSQL binaries"
     );
-    let token = Secret::from_file(&args.token_file)?;
+    let token = RotatingSecret::new(Secret::from_file(&args.token_file)?);
     prepare_run_dir(&config)?;
     let listener = tokio::net::TcpListener::bind(args.http_listen)
         .await
@@ -409,11 +414,27 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         crate::agent::fencing::start_fencing(&args.lease, &config, &handle, kube_store.zip(kube))?;
     let failsafe = fencing
         .as_ref()
-        .map(|fencing| fencing.enable_failsafe(token.expose().to_string()));
+        .map(|fencing| fencing.enable_failsafe(token.current().expose().to_string()));
+    // Rotation: the secret files are read again every few seconds (see `secret_watch`).
+    let secret_watch = tokio::spawn(
+        crate::agent::secret_watch::SecretWatch {
+            files: crate::agent::secret_watch::SecretFiles {
+                token: args.token_file.clone(),
+                superuser_password: args.superuser_password_file.clone(),
+                replication_password: args.replication_password_file.clone(),
+                app_password: args.app_password_file.clone(),
+            },
+            config: config.clone(),
+            token: token.clone(),
+            failsafe: failsafe.clone(),
+            handle: handle.clone(),
+        }
+        .run(),
+    );
     let (health, health_task) = crate::agent::http::health::spawn(handle.clone());
     let state = HttpState {
         supervisor: handle.clone(),
-        token: Arc::new(token),
+        token,
         failsafe,
         health,
     };
@@ -476,6 +497,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(watch) = &parameters_watch {
         watch.abort();
     }
+    secret_watch.abort();
     let _ = stop_http.send(());
     let _ = http_task.await;
     health_task.abort();

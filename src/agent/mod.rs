@@ -7,5 +7,7 @@ pub mod fencing;
 pub mod http;
 pub mod instance;
 pub mod kube_mode;
+pub mod rotation;
+pub mod secret_watch;
 pub mod supervisor;
 pub mod upgrade;

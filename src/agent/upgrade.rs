@@ -187,7 +187,7 @@ pub async fn run(
         upgrade
             .prepare(
                 &config.identity,
-                config.superuser_password.expose(),
+                config.superuser_password.current().expose(),
                 &config.cluster,
             )
             .await

@@ -62,7 +62,8 @@ pub struct Failsafe {
     identity: String,
     timings: LeaseTimings,
     http: reqwest::Client,
-    token: String,
+    /// Replaced when the token file changes ([`Failsafe::set_token`]).
+    token: Mutex<String>,
     inner: Mutex<Inner>,
 }
 
@@ -77,9 +78,24 @@ impl Failsafe {
             identity: identity.to_string(),
             timings,
             http: reqwest::Client::new(),
-            token,
+            token: Mutex::new(token),
             inner: Mutex::new(inner),
         }
+    }
+
+    /// The agent token changed (a rotation): the next confirmations carry the new one.
+    pub fn set_token(&self, token: String) {
+        *self
+            .token
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = token;
+    }
+
+    fn token(&self) -> String {
+        self.token
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -274,7 +290,7 @@ impl Failsafe {
         let response = self
             .http
             .post(url)
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token())
             .timeout(budget)
             .json(request)
             .send()

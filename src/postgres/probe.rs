@@ -16,6 +16,8 @@ pub struct ConnectTarget {
     pub port: u16,
     pub user: String,
     pub password: String,
+    /// Tried when `password` is refused: the previous value during a password rotation.
+    pub fallback_password: Option<String>,
     pub dbname: String,
 }
 
@@ -55,6 +57,16 @@ pub enum ProbeError {
 }
 
 impl ProbeError {
+    /// The server refused the password (SQLSTATE 28P01).
+    pub fn is_wrong_password(&self) -> bool {
+        match self {
+            ProbeError::Connect { source, .. } => {
+                source.code() == Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD)
+            }
+            _ => false,
+        }
+    }
+
     /// The server's message (e.g. "password authentication failed for user ...") when there is
     /// one, else the client-side cause.
     pub fn cause(&self) -> String {
@@ -72,13 +84,33 @@ impl ProbeError {
     }
 }
 
+/// Connects with `target.password` and, when the server refuses it as a wrong password, with
+/// `target.fallback_password` (a rotation in progress).
 pub async fn connect(target: &ConnectTarget, timeout: Duration) -> Result<Client, ProbeError> {
+    let refused = match connect_with(target, &target.password, timeout).await {
+        Ok(client) => return Ok(client),
+        Err(error) => error,
+    };
+    match &target.fallback_password {
+        Some(fallback) if refused.is_wrong_password() => {
+            tracing::debug!(host = %target.host, user = %target.user, "password refused; trying the previous one of a rotation");
+            connect_with(target, fallback, timeout).await
+        }
+        _ => Err(refused),
+    }
+}
+
+async fn connect_with(
+    target: &ConnectTarget,
+    password: &str,
+    timeout: Duration,
+) -> Result<Client, ProbeError> {
     let mut config = tokio_postgres::Config::new();
     config
         .host(&target.host)
         .port(target.port)
         .user(&target.user)
-        .password(&target.password)
+        .password(password)
         .dbname(&target.dbname)
         .application_name("pgrs-agent")
         .connect_timeout(timeout);

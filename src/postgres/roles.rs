@@ -24,6 +24,12 @@ pub enum RoleError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error("failed to change the password of role {role}: {source}")]
+    Password {
+        role: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("failed to look up the application database {database}: {source}")]
     DatabaseLookup {
         database: String,
@@ -89,6 +95,25 @@ pub async fn ensure_replication_role(
         })?;
     tracing::debug!(role, ?change, "replication role in place");
     Ok(change)
+}
+
+/// Sets the password of the existing `role` (a rotation), sent as a SCRAM verifier and
+/// committed locally (as [`ensure_replication_role`]). Needs a superuser session on a primary.
+pub async fn set_password(client: &Client, role: &str, password: &str) -> Result<(), RoleError> {
+    let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+    let identifier = postgres_protocol::escape::escape_identifier(role);
+    let literal = postgres_protocol::escape::escape_literal(&verifier);
+    client
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL synchronous_commit = local; ALTER ROLE {identifier} WITH PASSWORD {literal}; COMMIT"
+        ))
+        .await
+        .map_err(|source| RoleError::Password {
+            role: role.to_string(),
+            source,
+        })?;
+    tracing::info!(role, "role password changed");
+    Ok(())
 }
 
 /// What [`ensure_app_access`] did.

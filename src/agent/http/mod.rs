@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use crate::agent::instance::Secret;
+use crate::agent::rotation::RotatingSecret;
 use crate::agent::supervisor::{ActionError, ActionOutcome, SupervisorHandle};
 use crate::coordination::Failsafe;
 use crate::protocol::api::{
@@ -45,7 +45,9 @@ pub use status::build_status;
 #[derive(Clone)]
 pub struct HttpState {
     pub supervisor: SupervisorHandle,
-    pub token: Arc<Secret>,
+    /// The bearer token: the current one, or the previous one for
+    /// [`crate::agent::rotation::ROTATION_WINDOW`] after a rotation.
+    pub token: RotatingSecret,
     /// With lease fencing: the lease-store-outage failsafe.
     pub failsafe: Option<Arc<Failsafe>>,
     /// The agent's last look at postgres, kept by [`health::spawn`]'s loop.
@@ -127,18 +129,6 @@ impl From<ActionError> for ApiError {
     }
 }
 
-/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
-fn tokens_match(given: &[u8], expected: &[u8]) -> bool {
-    if given.len() != expected.len() {
-        return false;
-    }
-    given
-        .iter()
-        .zip(expected)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
-}
-
 async fn require_token(
     State(state): State<HttpState>,
     headers: HeaderMap,
@@ -150,9 +140,7 @@ async fn require_token(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "));
     match given {
-        Some(token) if tokens_match(token.as_bytes(), state.token.expose().as_bytes()) => {
-            next.run(request).await
-        }
+        Some(token) if state.token.accepts(token.as_bytes()) => next.run(request).await,
         _ => ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token".into(),
@@ -310,16 +298,4 @@ async fn parameters(
 ) -> Result<Json<ActionResponse>, ApiError> {
     let result = state.supervisor.apply_parameters(request.parameters).await;
     respond(&state, result).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_comparison() {
-        assert!(tokens_match(b"abc", b"abc"));
-        assert!(!tokens_match(b"abd", b"abc"));
-        assert!(!tokens_match(b"ab", b"abc"));
-    }
 }

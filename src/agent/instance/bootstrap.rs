@@ -40,7 +40,7 @@ pub async fn bootstrap_primary(config: &AgentConfig) -> Result<String, InstanceE
     write_private_file(
         &config.identity,
         &pwfile,
-        &format!("{}\n", config.superuser_password.expose()),
+        &format!("{}\n", config.superuser_password.current().expose()),
     )?;
     let mut command = config.identity.command(config.binaries.tool("initdb"));
     command

@@ -21,6 +21,7 @@ use crate::agent::config::{
     self, ConfigError, PostgresSettings, StandbySettings, passfile_line, render_pg_hba,
     render_postgresql_conf,
 };
+use crate::agent::rotation::RotatingSecret;
 use crate::postgres::probe::{ConnectTarget, ProbeError};
 use crate::postgres::process::{
     ControlDataError, OsIdentity, PgBinaries, ToolError, read_controldata,
@@ -66,7 +67,8 @@ impl std::fmt::Debug for Secret {
 pub struct AppAccess {
     pub owner: String,
     pub database: String,
-    pub password: Secret,
+    /// Rotated in place when its file changes ([`crate::agent::secret_watch`]).
+    pub password: RotatingSecret,
 }
 
 /// Everything the agent needs to know about its instance (resolved from the command line).
@@ -81,9 +83,12 @@ pub struct AgentConfig {
     pub binaries: PgBinaries,
     pub identity: OsIdentity,
     pub superuser: String,
-    pub superuser_password: Secret,
+    /// Rotated in place when its file changes ([`crate::agent::secret_watch`]); connections
+    /// fall back to the previous value while the role's password is being changed.
+    pub superuser_password: RotatingSecret,
     pub replication_user: String,
-    pub replication_password: Secret,
+    /// Rotated in place when its file changes; the passfile is written again then.
+    pub replication_password: RotatingSecret,
     /// The application's role and database, ensured whenever this instance starts or becomes
     /// primary.
     pub app: Option<AppAccess>,
@@ -116,7 +121,11 @@ impl AgentConfig {
             host: self.run_dir.to_string_lossy().into_owned(),
             port: self.settings.port,
             user: self.superuser.clone(),
-            password: self.superuser_password.expose().to_string(),
+            password: self.superuser_password.current().expose().to_string(),
+            fallback_password: self
+                .superuser_password
+                .previous()
+                .map(|previous| previous.expose().to_string()),
             dbname: "postgres".into(),
         }
     }
@@ -127,7 +136,11 @@ impl AgentConfig {
             host: host.to_string(),
             port,
             user: self.superuser.clone(),
-            password: self.superuser_password.expose().to_string(),
+            password: self.superuser_password.current().expose().to_string(),
+            fallback_password: self
+                .superuser_password
+                .previous()
+                .map(|previous| previous.expose().to_string()),
             dbname: "postgres".into(),
         }
     }
@@ -258,15 +271,28 @@ fn write_private_file(
 /// Creates the run directory and the libpq passfile (both users' passwords; 0600, postgres).
 pub fn prepare_run_dir(config: &AgentConfig) -> Result<(), InstanceError> {
     create_private_dir(&config.identity, &config.run_dir)?;
+    write_passfile(config)
+}
+
+/// Writes the libpq passfile with the current passwords. libpq reads it at each connection
+/// (`primary_conninfo`'s `passfile`, pg_basebackup, pg_rewind): a rotated password is used from
+/// the next connection on. Written beside and renamed, so a reader never sees half a file.
+pub fn write_passfile(config: &AgentConfig) -> Result<(), InstanceError> {
     let contents = format!(
         "{}{}",
-        passfile_line(&config.superuser, config.superuser_password.expose()),
+        passfile_line(
+            &config.superuser,
+            config.superuser_password.current().expose()
+        ),
         passfile_line(
             &config.replication_user,
-            config.replication_password.expose()
+            config.replication_password.current().expose()
         )
     );
-    write_private_file(&config.identity, &config.passfile(), &contents)
+    let path = config.passfile();
+    let staged = config.run_dir.join("pgpass.new");
+    write_private_file(&config.identity, &staged, &contents)?;
+    std::fs::rename(&staged, &path).map_err(io_error("rename the passfile to", &path))
 }
 
 /// Renders the configuration into `data_dir`: postgresql.conf, pg_hba.conf, an empty

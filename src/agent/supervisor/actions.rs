@@ -227,7 +227,7 @@ impl Supervisor {
         roles::ensure_replication_role(
             &client,
             &config.replication_user,
-            config.replication_password.expose(),
+            config.replication_password.current().expose(),
         )
         .await?;
         super::ensure_app_access(&client, &config).await?;

@@ -302,7 +302,7 @@ async fn ensure_app_access(
             client,
             &app.owner,
             &app.database,
-            app.password.expose(),
+            app.password.current().expose(),
         )
         .await?;
     }

@@ -164,6 +164,7 @@ pub(super) fn session_pool(
                         port: node.pg_port,
                         user: config.superuser.clone(),
                         password: password.to_string(),
+                        fallback_password: None,
                         dbname: "postgres".to_string(),
                     },
                 )

@@ -175,6 +175,9 @@ struct ClusterRuntime {
     rollout: RolloutMemory,
     /// Major-version upgrade bookkeeping (`upgrade` module).
     upgrade: upgrade::UpgradeMemory,
+    /// The superuser password of the Secret and, for a while after it changed, the previous
+    /// one: the sessions fall back to it until the primary's agent has changed the role.
+    superuser_password: Option<crate::agent::rotation::Rotation>,
 }
 
 impl ClusterRuntime {
@@ -190,6 +193,7 @@ impl ClusterRuntime {
             lag_high: BTreeSet::new(),
             rollout: RolloutMemory::new(previous),
             upgrade: upgrade::UpgradeMemory::new(previous),
+            superuser_password: None,
         }
     }
 }

@@ -80,11 +80,18 @@ impl Reconciler<'_> {
         }))
     }
 
-    /// The cluster's credentials: read back from its Secrets, generated on first reconcile.
+    /// The cluster's credentials: read back from its Secrets (every reconcile: a rotated
+    /// password or token is used from the next reconcile on, nothing is cached), generated
+    /// before the first bootstrap only. Missing once a primary ran, `<name>-secrets` is an
+    /// error, never regenerated: the database holds its passwords and the running agents its
+    /// token.
     async fn secrets(&self) -> Result<ClusterSecrets, ReconcileError> {
         let name = names::secret(&self.name());
         let app_password = self.app_password().await?;
         let Some(data) = self.read_secret(&name).await? else {
+            if self.bootstrapped() {
+                return Err(ReconcileError::SecretMissing { name });
+            }
             return Ok(ClusterSecrets {
                 superuser_password: random_secret(),
                 replication_password: random_secret(),
@@ -118,6 +125,28 @@ impl Reconciler<'_> {
             .status
             .as_ref()
             .is_some_and(|status| status.current_primary.is_some())
+    }
+
+    /// Notes the Secret's superuser password and returns the previous one while a rotation
+    /// is recent ([`crate::agent::rotation::ROTATION_WINDOW`]): the role keeps the old password
+    /// until the primary's agent sees the new file.
+    pub(super) fn superuser_fallback(&mut self, password: &str) -> Option<String> {
+        use crate::agent::instance::Secret;
+        let now = Instant::now();
+        let cluster = self.name();
+        let rotation = self
+            .runtime
+            .superuser_password
+            .get_or_insert_with(|| crate::agent::rotation::Rotation::new(Secret::new(password)));
+        if rotation.rotate(Secret::new(password), now) {
+            tracing::info!(
+                %cluster,
+                "superuser password changed in the Secret: the previous one is kept as a fallback for the rotation window"
+            );
+        }
+        rotation
+            .previous(now)
+            .map(|previous| previous.expose().to_string())
     }
 
     /// The data of the Secret `name`, `None` when it does not exist.

@@ -62,9 +62,13 @@ impl KubePlatform<'_> {
 }
 
 /// Superuser targets of the instances that have a pod IP.
+/// `fallback` is the superuser's previous password during a rotation: the primary's agent
+/// changes the role's password only when its kubelet has refreshed the Secret volume, so the
+/// operator, which reads the Secret each reconcile, falls back to the old one until then.
 pub(super) fn superuser_targets(
     pods: &HashMap<String, PodView>,
     password: &str,
+    fallback: Option<&str>,
 ) -> HashMap<String, ConnectTarget> {
     pods.values()
         .filter_map(|pod| {
@@ -75,6 +79,7 @@ pub(super) fn superuser_targets(
                     port: names::POSTGRES_PORT,
                     user: "postgres".to_string(),
                     password: password.to_string(),
+                    fallback_password: fallback.map(str::to_string),
                     dbname: "postgres".to_string(),
                 },
             ))

@@ -46,11 +46,13 @@ impl Reconciler<'_> {
         let instances: Vec<String> = groups.iter().flat_map(|g| g.instance_names()).collect();
         self.forget_removed(&instances);
         let pods = self.pods().await?;
+        let fallback = self.superuser_fallback(&secrets.superuser_password);
         self.runtime
             .sessions
             .set_targets(platform::superuser_targets(
                 &pods,
                 &secrets.superuser_password,
+                fallback.as_deref(),
             ));
         let platform = KubePlatform {
             client: &self.context.client,
