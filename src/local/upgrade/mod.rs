@@ -101,16 +101,9 @@ pub struct UpgradePlan {
     pub from: u32,
     pub to: u32,
     pub primary: String,
-    pub old_bin: PathBuf,
-    pub new_bin: PathBuf,
-    /// The primary's data directory (upgraded from).
-    pub old_data: PathBuf,
-    /// The new major's data directory, beside the old one until the swap.
-    pub new_data: PathBuf,
-    /// pg_upgrade's working directory (its sockets, logs and password file); removed at the end.
-    pub work_dir: PathBuf,
-    pub old_port: u16,
-    pub superuser: String,
+    /// The pg_upgrade of the primary's data directory (`new_data` beside it until the swap,
+    /// `work_dir` removed at the end).
+    pub pg_upgrade: PgUpgrade,
     /// The primary first, then the replicas (re-cloned from the upgraded primary).
     pub set_aside: Vec<SetAside>,
 }
@@ -208,13 +201,15 @@ pub fn plan(
         from,
         to,
         primary: primary.to_string(),
-        old_bin: config.pg_bin.clone(),
-        new_bin: binaries.dir.clone(),
-        old_data,
-        new_data,
-        work_dir,
-        old_port,
-        superuser: config.superuser.clone(),
+        pg_upgrade: PgUpgrade {
+            old_bin: config.pg_bin.clone(),
+            new_bin: binaries.dir.clone(),
+            old_data,
+            new_data,
+            work_dir,
+            old_port,
+            superuser: config.superuser.clone(),
+        },
         set_aside,
     })
 }
@@ -224,20 +219,7 @@ impl UpgradePlan {
     /// the upgrade with `mode`. Sockets go to the work directory (pg_upgrade's servers listen on
     /// no TCP address); `new_port` is a free port for the new cluster's temporary server.
     pub fn pg_upgrade_args(&self, mode: Option<TransferMode>, new_port: u16) -> Vec<OsString> {
-        self.pg_upgrade().args(mode, new_port)
-    }
-
-    /// The pg_upgrade run of the primary's data directory.
-    pub fn pg_upgrade(&self) -> PgUpgrade {
-        PgUpgrade {
-            old_bin: self.old_bin.clone(),
-            new_bin: self.new_bin.clone(),
-            old_data: self.old_data.clone(),
-            new_data: self.new_data.clone(),
-            work_dir: self.work_dir.clone(),
-            old_port: self.old_port,
-            superuser: self.superuser.clone(),
-        }
+        self.pg_upgrade.args(mode, new_port)
     }
 
     /// How to roll back by hand once the directories were swapped.
@@ -252,12 +234,12 @@ impl UpgradePlan {
         }
         steps.push(format!(
             "mv {d}/global/pg_control.old {d}/global/pg_control (only if it exists)",
-            d = self.old_data.display()
+            d = self.pg_upgrade.old_data.display()
         ));
         steps.push(format!(
             "pgrs local up --dir {} --pg-bin {}",
             dir.display(),
-            self.old_bin.display()
+            self.pg_upgrade.old_bin.display()
         ));
         steps.join("; ")
     }
@@ -319,12 +301,15 @@ mod tests {
             |_| false,
         )
         .expect("plan");
-        assert_eq!(plan.old_data, PathBuf::from("/c/nodes/node1/data"));
         assert_eq!(
-            plan.new_data,
+            plan.pg_upgrade.old_data,
+            PathBuf::from("/c/nodes/node1/data")
+        );
+        assert_eq!(
+            plan.pg_upgrade.new_data,
             PathBuf::from("/c/nodes/node1/data.pgrs-upgrade-17")
         );
-        assert_eq!(plan.old_port, 20012);
+        assert_eq!(plan.pg_upgrade.old_port, 20012);
         let order: Vec<&str> = plan.set_aside.iter().map(|s| s.node.as_str()).collect();
         assert_eq!(order, ["node1", "node0", "node2"]);
         assert_eq!(

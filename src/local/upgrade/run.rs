@@ -115,7 +115,7 @@ pub async fn upgrade(request: &UpgradeArgs) -> Result<UpgradeReport, UpgradeErro
         step: "find the postgres user",
         cause: e.to_string(),
     })?;
-    tracing::info!(from, to = plan.to, primary = %plan.primary, new_bin = %plan.new_bin.display(), "upgrade planned");
+    tracing::info!(from, to = plan.to, primary = %plan.primary, new_bin = %plan.pg_upgrade.new_bin.display(), "upgrade planned");
 
     // 1. The check, against the running primary; a refusal removes what it created.
     println!(
@@ -124,7 +124,7 @@ pub async fn upgrade(request: &UpgradeArgs) -> Result<UpgradeReport, UpgradeErro
     );
     let password = std::fs::read_to_string(layout.superuser_password())
         .map_err(io_error("read", &layout.superuser_password()))?;
-    let pg_upgrade = plan.pg_upgrade();
+    let pg_upgrade = &plan.pg_upgrade;
     if let Err(error) = pg_upgrade
         .prepare(&identity, password.trim(), &config.cluster)
         .await
@@ -171,15 +171,19 @@ pub async fn upgrade(request: &UpgradeArgs) -> Result<UpgradeReport, UpgradeErro
     // The agent keeps `synchronous_standby_names` of postgresql.auto.conf (and only that): carried
     // over, a sync primary is synchronous from its first write on the new major.
     let auto_conf = "postgresql.auto.conf";
-    if let Ok(old_auto) = std::fs::read_to_string(plan.old_data.join(auto_conf)) {
-        write_private(&identity, &plan.new_data.join(auto_conf), &old_auto)?;
+    if let Ok(old_auto) = std::fs::read_to_string(plan.pg_upgrade.old_data.join(auto_conf)) {
+        write_private(
+            &identity,
+            &plan.pg_upgrade.new_data.join(auto_conf),
+            &old_auto,
+        )?;
     }
     for set in &plan.set_aside {
         std::fs::rename(&set.data, &set.aside).map_err(io_error("move aside", &set.data))?;
     }
-    std::fs::rename(&plan.new_data, &plan.old_data)
-        .map_err(io_error("move into place", &plan.new_data))?;
-    config.pg_bin = plan.new_bin.clone();
+    std::fs::rename(&plan.pg_upgrade.new_data, &plan.pg_upgrade.old_data)
+        .map_err(io_error("move into place", &plan.pg_upgrade.new_data))?;
+    config.pg_bin = plan.pg_upgrade.new_bin.clone();
     layout
         .write_config(&config)
         .map_err(|e| UpgradeError::Step {
@@ -233,7 +237,7 @@ pub async fn upgrade(request: &UpgradeArgs) -> Result<UpgradeReport, UpgradeErro
             kept.push(set.aside.clone());
         }
     }
-    let _ = std::fs::remove_dir_all(&plan.work_dir);
+    let _ = std::fs::remove_dir_all(&plan.pg_upgrade.work_dir);
     Ok(UpgradeReport {
         from,
         to: plan.to,
@@ -272,13 +276,13 @@ async fn roll_back_unstarted(
     config: &LocalConfig,
     wait: Duration,
 ) -> String {
-    if let Err(error) = plan.pg_upgrade().restore_old_control() {
+    if let Err(error) = plan.pg_upgrade.restore_old_control() {
         return format!(
             "the old primary could not be restored ({error}); to roll back: {}",
             plan.rollback_text(&layout.dir)
         );
     }
-    plan.pg_upgrade().cleanup();
+    plan.pg_upgrade.cleanup();
     match up(&layout.dir, config.clone(), None, wait).await {
         Ok(_) => format!(
             "rolled back: the cluster runs PostgreSQL {} again, nothing was changed",
