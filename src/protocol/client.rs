@@ -52,6 +52,9 @@ impl ClientError {
 pub struct AgentClient {
     base_url: String,
     token: Option<String>,
+    /// The token before a rotation: tried once when the agent answers 401 to `token` (its
+    /// Secret volume may not show the new token yet).
+    fallback_token: Option<String>,
     http: reqwest::Client,
     /// Long actions (rejoin with a re-clone) need a longer timeout than a status read.
     action_timeout: Duration,
@@ -68,9 +71,16 @@ impl AgentClient {
         Ok(AgentClient {
             base_url: base_url.into().trim_end_matches('/').to_string(),
             token,
+            fallback_token: None,
             http,
             action_timeout: Duration::from_secs(600),
         })
+    }
+
+    /// The previous token, tried once on a 401 (a token rotation in progress).
+    pub fn with_fallback_token(mut self, previous: Option<String>) -> Self {
+        self.fallback_token = previous;
+        self
     }
 
     /// Overrides the timeout of action requests (default 600 s).
@@ -86,8 +96,10 @@ impl AgentClient {
     /// `GET /v1/status` (with the token, like actions), with a 5 s timeout.
     pub async fn status(&self) -> Result<AgentStatus, ClientError> {
         let url = format!("{}{}", self.base_url, STATUS_PATH);
-        let request = self.authorized(self.http.get(&url).timeout(Duration::from_secs(5)));
-        Self::send(url, request).await
+        self.send_authorized(url.clone(), || {
+            self.http.get(&url).timeout(Duration::from_secs(5))
+        })
+        .await
     }
 
     /// `GET /healthz` (no token), with a 2 s timeout: `Err` with status 503 when not alive.
@@ -106,10 +118,22 @@ impl AgentClient {
         Self::send(url, request).await
     }
 
-    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match &self.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
+    /// Sends `build()` with the token; on a 401, once more with the fallback token.
+    async fn send_authorized<T: DeserializeOwned>(
+        &self,
+        url: String,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let with = |token: Option<&String>| match token {
+            Some(token) => build().bearer_auth(token),
+            None => build(),
+        };
+        let first = Self::send(url.clone(), with(self.token.as_ref())).await;
+        match (&first, &self.fallback_token) {
+            (Err(error), Some(previous)) if error.status() == Some(StatusCode::UNAUTHORIZED) => {
+                Self::send(url, with(Some(previous))).await
+            }
+            _ => first,
         }
     }
 
@@ -162,11 +186,13 @@ impl AgentClient {
             self.base_url,
             crate::protocol::failsafe::FAILSAFE_MEMBERS_PATH
         );
-        let builder = self
-            .authorized(self.http.post(&url))
-            .timeout(self.action_timeout)
-            .json(request);
-        Self::send(url, builder).await
+        self.send_authorized(url.clone(), || {
+            self.http
+                .post(&url)
+                .timeout(self.action_timeout)
+                .json(request)
+        })
+        .await
     }
 
     async fn post<B: Serialize + ?Sized>(
@@ -175,11 +201,10 @@ impl AgentClient {
         body: &B,
     ) -> Result<ActionResponse, ClientError> {
         let url = format!("{}{}", self.base_url, path);
-        let request = self
-            .authorized(self.http.post(&url))
-            .timeout(self.action_timeout)
-            .json(body);
-        Self::send(url, request).await
+        self.send_authorized(url.clone(), || {
+            self.http.post(&url).timeout(self.action_timeout).json(body)
+        })
+        .await
     }
 
     async fn send<T: DeserializeOwned>(
@@ -209,5 +234,62 @@ impl AgentClient {
             .json::<T>()
             .await
             .map_err(|source| ClientError::Decode { url, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderMap;
+
+    /// An agent whose Secret volume still shows the old token: only `old` is accepted.
+    async fn agent_with_old_token() -> String {
+        let app = axum::Router::new().route(
+            crate::protocol::api::START_PATH,
+            axum::routing::post(|headers: HeaderMap| async move {
+                let authorized = headers.get("authorization").and_then(|v| v.to_str().ok())
+                    == Some("Bearer old");
+                if authorized {
+                    (StatusCode::OK, axum::Json(serde_json::json!({"ok": true})))
+                } else {
+                    (
+                        StatusCode::UNAUTHORIZED,
+                        axum::Json(serde_json::json!({"error": "wrong token"})),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{address}")
+    }
+
+    #[tokio::test]
+    async fn a_401_to_the_new_token_is_retried_once_with_the_previous_one() {
+        let url = agent_with_old_token().await;
+        let rotated = AgentClient::new(&url, Some("new".into())).expect("client");
+        let refused = rotated
+            .start()
+            .await
+            .expect_err("the agent knows only the old token");
+        assert_eq!(refused.status(), Some(StatusCode::UNAUTHORIZED));
+        let with_fallback = rotated.with_fallback_token(Some("old".into()));
+        // The mock answers 200 with a body that is no ActionResponse: a decode error (not a
+        // 401) shows that the retry with the previous token was let in.
+        let answered = with_fallback.start().await.expect_err("mock body");
+        assert!(
+            matches!(answered, ClientError::Decode { .. }),
+            "the previous token is accepted: {answered}"
+        );
+        let wrong = AgentClient::new(&url, Some("new".into()))
+            .expect("client")
+            .with_fallback_token(Some("older".into()));
+        assert_eq!(
+            wrong.start().await.expect_err("neither").status(),
+            Some(StatusCode::UNAUTHORIZED)
+        );
     }
 }

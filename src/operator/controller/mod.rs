@@ -178,6 +178,8 @@ struct ClusterRuntime {
     /// The superuser password of the Secret and, for a while after it changed, the previous
     /// one: the sessions fall back to it until the primary's agent has changed the role.
     superuser_password: Option<crate::agent::rotation::Rotation>,
+    /// The agent token as last read, with the previous one during a rotation.
+    agent_token: Option<crate::agent::rotation::Rotation>,
 }
 
 impl ClusterRuntime {
@@ -194,6 +196,7 @@ impl ClusterRuntime {
             rollout: RolloutMemory::new(previous),
             upgrade: upgrade::UpgradeMemory::new(previous),
             superuser_password: None,
+            agent_token: None,
         }
     }
 }

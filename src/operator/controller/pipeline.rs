@@ -131,22 +131,25 @@ impl Reconciler<'_> {
     /// is recent ([`crate::agent::rotation::ROTATION_WINDOW`]): the role keeps the old password
     /// until the primary's agent sees the new file.
     pub(super) fn superuser_fallback(&mut self, password: &str) -> Option<String> {
-        use crate::agent::instance::Secret;
-        let now = Instant::now();
         let cluster = self.name();
-        let rotation = self
-            .runtime
-            .superuser_password
-            .get_or_insert_with(|| crate::agent::rotation::Rotation::new(Secret::new(password)));
-        if rotation.rotate(Secret::new(password), now) {
-            tracing::info!(
-                %cluster,
-                "superuser password changed in the Secret: the previous one is kept as a fallback for the rotation window"
-            );
-        }
-        rotation
-            .previous(now)
-            .map(|previous| previous.expose().to_string())
+        fallback(
+            &mut self.runtime.superuser_password,
+            password,
+            &cluster,
+            "superuser password",
+        )
+    }
+
+    /// The same for the agent token: an agent whose Secret volume is not refreshed yet answers
+    /// the new token 401, the previous one is tried then.
+    pub(super) fn token_fallback(&mut self, token: &str) -> Option<String> {
+        let cluster = self.name();
+        fallback(
+            &mut self.runtime.agent_token,
+            token,
+            &cluster,
+            "agent token",
+        )
     }
 
     /// The data of the Secret `name`, `None` when it does not exist.
@@ -342,4 +345,27 @@ fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
         std::borrow::Cow::Borrowed(kind) => kind,
         std::borrow::Cow::Owned(_) => "object",
     }
+}
+
+/// Notes `value` in `slot` and returns the previous value while its rotation is recent.
+fn fallback(
+    slot: &mut Option<crate::agent::rotation::Rotation>,
+    value: &str,
+    cluster: &str,
+    what: &str,
+) -> Option<String> {
+    use crate::agent::instance::Secret;
+    let now = Instant::now();
+    let rotation =
+        slot.get_or_insert_with(|| crate::agent::rotation::Rotation::new(Secret::new(value)));
+    if rotation.rotate(Secret::new(value), now) {
+        tracing::info!(
+            %cluster,
+            what,
+            "changed in the Secret: the previous value is kept as a fallback for the rotation window"
+        );
+    }
+    rotation
+        .previous(now)
+        .map(|previous| previous.expose().to_string())
 }

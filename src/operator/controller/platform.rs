@@ -40,6 +40,8 @@ pub(super) struct KubePlatform<'a> {
     pub cluster: &'a PgReplicaSet,
     pub pods: &'a HashMap<String, PodView>,
     pub token: &'a str,
+    /// The token before a rotation, tried on a 401.
+    pub previous_token: Option<String>,
     pub lease: Arc<KubeLeaseStore>,
     pub sessions: SessionPool,
     pub events: Mutex<Vec<PendingEvent>>,
@@ -103,7 +105,9 @@ impl Platform for KubePlatform<'_> {
 
     fn agent(&self, instance: &str) -> Option<Arc<dyn AgentApi>> {
         let url = self.pods.get(instance).and_then(PodView::agent_url)?;
-        let client = AgentClient::new(url, Some(self.token.to_string())).ok()?;
+        let client = AgentClient::new(url, Some(self.token.to_string()))
+            .ok()?
+            .with_fallback_token(self.previous_token.clone());
         Some(Arc::new(client.with_action_timeout(ACTION_TIMEOUT)))
     }
 

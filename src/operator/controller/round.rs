@@ -47,6 +47,7 @@ impl Reconciler<'_> {
         self.forget_removed(&instances);
         let pods = self.pods().await?;
         let fallback = self.superuser_fallback(&secrets.superuser_password);
+        let previous_token = self.token_fallback(&secrets.agent_token);
         self.runtime
             .sessions
             .set_targets(platform::superuser_targets(
@@ -59,6 +60,7 @@ impl Reconciler<'_> {
             cluster: self.cluster,
             pods: &pods,
             token: &secrets.agent_token,
+            previous_token,
             lease: lease_store.clone(),
             sessions: self.runtime.sessions.clone(),
             events: Mutex::new(Vec::new()),
