@@ -127,7 +127,17 @@ async fn primary_and_two_replicas_stream() {
     let refused = anonymous.status().await.unwrap_err();
     assert_eq!(refused.status().map(|s| s.as_u16()), Some(401));
     assert!(anonymous.healthz().await.is_ok());
-    assert_eq!(anonymous.readyz().await.unwrap().role, Role::Replica);
+    // `/readyz` answers from the agent's once-a-second look at postgres: it may still show the
+    // start for up to a second after the status saw the replica streaming.
+    let mut ready = anonymous.readyz().await;
+    for _ in 0..50 {
+        if ready.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ready = anonymous.readyz().await;
+    }
+    assert_eq!(ready.expect("ready within 10 s").role, Role::Replica);
     let refused = anonymous
         .promote(&PromoteRequest::default())
         .await
