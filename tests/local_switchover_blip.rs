@@ -219,6 +219,14 @@ struct Phase {
     end: Instant,
 }
 
+impl Phase {
+    /// Whether the victim's replication was cut at least once (a refused request counts: it
+    /// was refused because of the cut).
+    fn cut_something(&self) -> bool {
+        self.blips.total() > 0 || matches!(self.outcome, Outcome::Refused { .. })
+    }
+}
+
 /// The first `SwitchoverAbandoned` event since `since_ms`, once some primary serves again.
 async fn abandonment(cluster: &Cluster, since_ms: i64) -> (String, String) {
     loop {
@@ -315,11 +323,9 @@ async fn switchover_while_blipping(
         blips.at_ms,
         cluster.events_since(origin_ms)
     );
-    let refused = matches!(outcome, Outcome::Refused { .. });
-    assert!(
-        blips.total() > 0 || refused,
-        "[{label}] no blip: {victim} had nothing to cut"
-    );
+    if blips.total() == 0 && !matches!(outcome, Outcome::Refused { .. }) {
+        eprintln!("[{label}] no blip: {victim} had nothing to cut");
+    }
 
     let after = cluster.wait_healthy(Duration::from_secs(30)).await;
     cluster.assert_single_primary().await;
@@ -451,14 +457,29 @@ async fn sync_switchover_while_a_wal_receiver_blips_loses_no_acknowledged_write(
     ];
     let (mut phases, mut unhealed) = (Vec::new(), None);
     for (i, (label, target_blips, aim, slow_other)) in plans.into_iter().enumerate() {
-        let status = cluster.wait_healthy(Duration::from_secs(30)).await;
-        let primary = status.primary.clone().expect("primary");
-        let mut standbys: Vec<String> = nodes.iter().filter(|n| **n != primary).cloned().collect();
-        standbys.rotate_left(i % 2);
-        let victim = &standbys[usize::from(!target_blips)];
-        let frozen = slow_other.then_some(standbys[1].as_str());
-        let (phase, healed) =
-            switchover_while_blipping(&cluster, label, &standbys[0], victim, aim, frozen).await;
+        let mut attempt = 0;
+        let (phase, healed) = loop {
+            let status = cluster.wait_healthy(Duration::from_secs(30)).await;
+            let primary = status.primary.clone().expect("primary");
+            let mut standbys: Vec<String> =
+                nodes.iter().filter(|n| **n != primary).cloned().collect();
+            standbys.rotate_left(i % 2);
+            let victim = &standbys[usize::from(!target_blips)];
+            let frozen = slow_other.then_some(standbys[1].as_str());
+            let (phase, healed) =
+                switchover_while_blipping(&cluster, label, &standbys[0], victim, aim, frozen).await;
+            attempt += 1;
+            // A switchover over before the victim had anything to cut tested nothing: once
+            // more (a loaded machine shifts the timing either way).
+            if phase.cut_something() || healed.is_err() || attempt == 2 {
+                break (phase, healed);
+            }
+            phases.push(phase);
+        };
+        assert!(
+            phase.cut_something() || healed.is_err(),
+            "[{label}] no blip in two attempts: the victim had nothing to cut"
+        );
         phases.push(phase);
         if let Err(error) = healed {
             // Check the rows before failing on this: a lost row is the bigger finding.
