@@ -83,7 +83,23 @@ impl Reconciler<'_> {
         &mut self,
         token: &str,
     ) -> Result<upgrade::UpgradePlan, ReconcileError> {
-        let pods = self.pods().await?;
+        use crate::api::MajorUpgradePhase;
+        let memory = self.runtime.upgrade.clone();
+        let spec = &self.cluster.spec;
+        let running = memory.running.unwrap_or(spec.postgres_version);
+        let phase = memory.status.as_ref().map(|u| u.phase);
+        let in_progress = matches!(
+            phase,
+            Some(MajorUpgradePhase::UpgradingPrimary | MajorUpgradePhase::RecloningReplicas)
+        );
+        let starting = !in_progress && spec.postgres_version > running;
+        // The plan reads pods only while an upgrade runs or may start: no extra LIST per
+        // reconcile of a steady cluster (the round lists them anyway).
+        let pods = if in_progress || starting {
+            self.pods().await?
+        } else {
+            std::collections::HashMap::new()
+        };
         let live: BTreeMap<String, String> = pods
             .values()
             .filter(|p| !p.deleting)
@@ -98,26 +114,15 @@ impl Reconciler<'_> {
             .into_iter()
             .map(|(name, report)| (name, instance_report(&report.status)))
             .collect();
-        let memory = self.runtime.upgrade.clone();
-        let upgrading = memory
-            .status
-            .as_ref()
-            .is_some_and(|u| u.phase == crate::api::MajorUpgradePhase::UpgradingPrimary);
-        if upgrading && let Some(upgrade) = &memory.status {
+        if phase == Some(MajorUpgradePhase::UpgradingPrimary)
+            && let Some(upgrade) = &memory.status
+        {
             // No control round polls the agents meanwhile: ask the upgrading primary directly.
             reports.remove(&upgrade.primary);
             if let Some(status) = agent_status(&pods, &upgrade.primary, token).await {
                 reports.insert(upgrade.primary.clone(), instance_report(&status));
             }
         }
-        let spec = &self.cluster.spec;
-        let running = memory.running.unwrap_or(spec.postgres_version);
-        let starting = memory.status.as_ref().is_none_or(|u| {
-            matches!(
-                u.phase,
-                crate::api::MajorUpgradePhase::Completed | crate::api::MajorUpgradePhase::Failed
-            )
-        }) && spec.postgres_version > running;
         let current_image = if starting {
             self.current_image().await?
         } else {
