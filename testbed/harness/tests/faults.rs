@@ -13,13 +13,15 @@ use pgrs_testbed::faults::{Direction, Netem, Peer, PodNet};
 use pgrs_testbed::kubelet::images::TINY_HTTP_IMAGE_REPOSITORY;
 use pgrs_testbed::wait::eventually;
 use pgrs_testbed::{TestBed, TestNamespace, shared};
-use tokio::sync::RwLock;
+use tokio::sync::Mutex;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const CUT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// The outage test takes the bed's control plane away: it runs alone.
-static CONTROL_PLANE: RwLock<()> = RwLock::const_new(());
+/// One test at a time: they share one bed, and one test's faults (the control plane taken
+/// away, iptables and netem rules, a loaded machine timing out another's connects) made the
+/// others' checks fail in CI when they ran side by side.
+static ALONE: Mutex<()> = Mutex::const_new(());
 
 async fn bed() -> &'static TestBed {
     match shared().await {
@@ -163,7 +165,7 @@ fn iptables_rules(pod: &PodNet) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cuts_separate_a_pod_from_the_api_server_one_peer_or_everyone_and_heal() {
-    let _shared = CONTROL_PLANE.read().await;
+    let _alone = ALONE.lock().await;
     let bed = bed().await;
     let ns = bed.namespace("cuts").await.expect("namespace");
     let pods = pods(bed, &ns, &["a", "b", "c"]).await;
@@ -276,7 +278,7 @@ async fn get_from(source: std::net::Ipv4Addr, url: &str) -> Result<String, Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_port_cut_stops_the_hosts_connections_to_that_port_but_not_the_probes() {
-    let _shared = CONTROL_PLANE.read().await;
+    let _alone = ALONE.lock().await;
     let bed = bed().await;
     let ns = bed.namespace("hostport").await.expect("namespace");
     let pods = pods(bed, &ns, &["a", "b"]).await;
@@ -350,7 +352,7 @@ fn connect_time(from: &PodNet, to: SocketAddr) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delay_and_loss_show_in_measured_traffic() {
-    let _shared = CONTROL_PLANE.read().await;
+    let _alone = ALONE.lock().await;
     let bed = bed().await;
     let ns = bed.namespace("netem").await.expect("namespace");
     let pods = pods(bed, &ns, &["a", "b"]).await;
@@ -405,7 +407,7 @@ async fn delay_and_loss_show_in_measured_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_and_etcd_restart_while_pods_keep_running() {
-    let _alone = CONTROL_PLANE.write().await;
+    let _alone = ALONE.lock().await;
     let bed = bed().await;
     let ns = bed.namespace("outage").await.expect("namespace");
     let pods = pods(bed, &ns, &["a"]).await;
