@@ -18,4 +18,5 @@ pub mod metrics;
 pub mod operator;
 pub mod postgres;
 pub mod protocol;
+pub mod tls;
 pub mod view;

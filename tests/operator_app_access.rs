@@ -64,9 +64,11 @@ async fn login(
         .user(&app["username"])
         .password(password)
         .dbname(&app["dbname"])
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect_timeout(Duration::from_secs(5));
+    let tls = pgrs::tls::encrypt_only_connector().map_err(|e| e.to_string())?;
     let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
+        .connect(tls)
         .await
         .map_err(|e| match e.as_db_error() {
             Some(db) => db.message().to_string(),
@@ -132,9 +134,11 @@ async fn the_app_secret_logs_in_as_the_owner_before_and_after_a_switchover() {
     let primary_ip = ips[&primary].clone();
     let direct = app["uri"].replace(&format!("@{host}:"), &format!("@{primary_ip}:"));
     let mut config = tokio_postgres::Config::from_str(&direct).expect("the direct uri parses");
-    config.connect_timeout(Duration::from_secs(5));
+    config
+        .connect_timeout(Duration::from_secs(5))
+        .ssl_mode(tokio_postgres::config::SslMode::Require);
     let (session, connection) = config
-        .connect(tokio_postgres::NoTls)
+        .connect(pgrs::tls::encrypt_only_connector().expect("a TLS connector"))
         .await
         .expect("connect with the uri");
     tokio::spawn(connection);

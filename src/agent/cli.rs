@@ -151,6 +151,22 @@ pub struct AgentArgs {
     /// Lease fencing (`--lease-url`, timings): see `coordination::LeaseArgs`.
     #[command(flatten)]
     pub lease: crate::coordination::LeaseArgs,
+    /// TLS: a directory with `tls.crt`, `tls.key` (the cluster's server certificate, also served
+    /// by the HTTP API) and `ca.crt` (the cluster CA), e.g. a mounted `kubernetes.io/tls`
+    /// Secret. postgres then runs with `ssl = on`, remote connections must use TLS, and this
+    /// agent's connections to peers verify them (`sslmode=verify-full`, channel binding). The
+    /// files are read again when they change (certificate renewal).
+    #[arg(long, env = "PGRS_TLS_DIR", requires = "tls_server_name")]
+    pub tls_dir: Option<PathBuf>,
+    /// The name in the cluster's certificate that peers are verified against when they are
+    /// reached by IP (the operator passes `<cluster>-headless.<namespace>.svc`).
+    #[arg(long, env = "PGRS_TLS_SERVER_NAME", requires = "tls_dir")]
+    pub tls_server_name: Option<String>,
+    /// Serve the HTTP API over TLS with the certificate of `--tls-dir` (the kubelet's probes
+    /// too), and reach the other agents (failsafe) over HTTPS verified as
+    /// `--tls-server-name`.
+    #[arg(long, requires = "tls_dir")]
+    pub https: bool,
     /// A major-version upgrade: the directory where `pgrs copy-binaries` put the old major's
     /// installation. A data directory of that major is upgraded with pg_upgrade (as the
     /// primary) or set aside and cloned again (as a replica); any other is refused as always.
@@ -219,6 +235,9 @@ impl AgentArgs {
                     .parameters_file
                     .as_ref()
                     .map(|_| run_dir.join(PARAMETERS_INCLUDE)),
+                tls: self.tls_server_name.as_ref().map(|server_name| {
+                    crate::agent::tls_files::settings(&run_dir, server_name.clone())
+                }),
             },
             data_dir: self.data_dir.clone(),
             run_dir,
@@ -237,6 +256,7 @@ impl AgentArgs {
             start_timeout: Duration::from_secs(self.start_timeout_secs),
             stop_timeout: Duration::from_secs(self.stop_timeout_secs),
             verify_timeout: Duration::from_secs(self.verify_timeout_secs),
+            tls_source: self.tls_dir.clone(),
         })
     }
 }
@@ -412,9 +432,34 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let fencing =
         crate::agent::fencing::start_fencing(&args.lease, &config, &handle, kube_store.zip(kube))?;
-    let failsafe = fencing
-        .as_ref()
-        .map(|fencing| fencing.enable_failsafe(token.current().expose().to_string()));
+    let https = match (&args.tls_dir, &args.tls_server_name) {
+        (Some(dir), Some(server_name)) if args.https => {
+            Some(crate::agent::tls_files::Https::load(dir, server_name)?)
+        }
+        _ => None,
+    };
+    let failsafe = fencing.as_ref().map(|fencing| {
+        fencing.enable_failsafe(
+            token.current().expose().to_string(),
+            https.as_ref().map(|h| h.peers.clone()),
+        )
+    });
+    let tls_watch = args.tls_dir.clone().map(|source| {
+        let resolver = https.as_ref().map(|h| h.resolver.clone());
+        let copies = config.run_dir.join("tls");
+        tokio::spawn(crate::agent::tls_files::watch(
+            config.clone(),
+            source,
+            handle.clone(),
+            move || {
+                if let Some(resolver) = &resolver
+                    && let Err(error) = crate::agent::tls_files::reload_resolver(resolver, &copies)
+                {
+                    tracing::warn!(%error, "the HTTP API keeps its previous certificate");
+                }
+            },
+        ))
+    });
     // Rotation: the secret files are read again every few seconds (see `secret_watch`).
     let secret_watch = tokio::spawn(
         crate::agent::secret_watch::SecretWatch {
@@ -444,11 +489,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     });
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http_task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = http_stopped.await;
-            })
-            .await
+        let stopped = async {
+            let _ = http_stopped.await;
+        };
+        match https {
+            Some(https) => {
+                crate::tls::serve_https(listener, https.server_config, app, stopped).await
+            }
+            None => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+        }
     });
     tracing::info!(name = config.name(), http = %args.http_listen, role = ?args.role, "agent starting");
 
@@ -495,6 +548,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(watch) = &parameters_watch {
+        watch.abort();
+    }
+    if let Some(watch) = &tls_watch {
         watch.abort();
     }
     secret_watch.abort();

@@ -38,6 +38,22 @@ pub struct PostgresSettings {
     /// `--parameters-file`, or pushed by the operator), included after everything else so that
     /// its values win; `include_if_exists`, so a missing file is no error.
     pub parameters_include: Option<PathBuf>,
+    /// TLS (`ssl = on`, `hostssl` rules, verified peers); `None` = plain TCP as before.
+    pub tls: Option<TlsSettings>,
+}
+
+/// TLS of one instance: the files postgres serves (copies the agent owns, mode 0600) and the
+/// name its peers' certificates are verified against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsSettings {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The cluster's CA: the only root a peer's certificate may chain to.
+    pub ca_file: PathBuf,
+    /// The name every instance's certificate carries (one certificate per cluster). A peer
+    /// reached by IP is connected with `hostaddr` and verified against this name (`host`):
+    /// `sslmode=verify-full` although pod IPs are in no certificate.
+    pub server_name: String,
 }
 
 /// How a standby reaches its primary.
@@ -124,6 +140,9 @@ fn conninfo_quote(value: &str) -> String {
 }
 
 /// The libpq connection string a standby (or pg_basebackup / pg_rewind) uses to reach `upstream`.
+/// With `tls`: `sslmode=verify-full` against the cluster CA and SCRAM with
+/// `channel_binding=require`; an upstream given by IP is reached through `hostaddr` and verified
+/// as [`TlsSettings::server_name`].
 pub fn conninfo(
     upstream_host: &str,
     upstream_port: u16,
@@ -131,15 +150,34 @@ pub fn conninfo(
     passfile: &std::path::Path,
     application_name: &str,
     dbname: Option<&str>,
+    tls: Option<&TlsSettings>,
 ) -> String {
+    let host = match tls {
+        Some(tls) if upstream_host.parse::<std::net::IpAddr>().is_ok() => format!(
+            "host={} hostaddr={}",
+            conninfo_quote(&tls.server_name),
+            conninfo_quote(upstream_host)
+        ),
+        _ => format!("host={}", conninfo_quote(upstream_host)),
+    };
     let mut text = format!(
-        "host={} port={} user={} passfile={} application_name={} connect_timeout=5",
-        conninfo_quote(upstream_host),
+        "{host} port={} user={} passfile={} application_name={} connect_timeout=5",
         upstream_port,
         conninfo_quote(user),
         conninfo_quote(&passfile.to_string_lossy()),
         conninfo_quote(application_name),
     );
+    if let Some(tls) = tls {
+        // No client certificate (SCRAM authenticates): name one that is never written, or
+        // libpq reads `~/.postgresql/postgresql.crt` of whatever HOME the agent inherited.
+        let no_client_cert = tls.ca_file.with_file_name("client.crt");
+        let _ = write!(
+            text,
+            " sslmode=verify-full sslrootcert={} sslcert={} channel_binding=require",
+            conninfo_quote(&tls.ca_file.to_string_lossy()),
+            conninfo_quote(&no_client_cert.to_string_lossy())
+        );
+    }
     if let Some(dbname) = dbname {
         let _ = write!(text, " dbname={}", conninfo_quote(dbname));
     }
@@ -195,6 +233,25 @@ pub fn render_postgresql_conf(
         ("log_line_prefix".into(), "'%m [%p] '".into()),
         ("recovery_target_timeline".into(), "'latest'".into()),
     ];
+    match &settings.tls {
+        Some(tls) => {
+            lines.push(("ssl".into(), "on".into()));
+            lines.push((
+                "ssl_cert_file".into(),
+                conf_quote(&tls.cert_file.to_string_lossy()),
+            ));
+            lines.push((
+                "ssl_key_file".into(),
+                conf_quote(&tls.key_file.to_string_lossy()),
+            ));
+            lines.push((
+                "ssl_ca_file".into(),
+                conf_quote(&tls.ca_file.to_string_lossy()),
+            ));
+            lines.push(("ssl_min_protocol_version".into(), "'TLSv1.2'".into()));
+        }
+        None => lines.push(("ssl".into(), "off".into())),
+    }
     match &settings.archive_command {
         Some(command) => {
             lines.push(("archive_mode".into(), "on".into()));
@@ -215,6 +272,7 @@ pub fn render_postgresql_conf(
                 &standby.passfile,
                 &settings.instance_name,
                 None,
+                settings.tls.as_ref(),
             );
             lines.push(("primary_conninfo".into(), conf_quote(&info)));
             lines.push((
@@ -326,18 +384,52 @@ pub fn render_parameters_include(parameters: &BTreeMap<String, String>) -> Strin
     text
 }
 
-/// Renders `pg_hba.conf`: SCRAM everywhere, replication only for the replication user.
-pub fn render_pg_hba(replication_user: &str) -> String {
+/// Renders `pg_hba.conf`: SCRAM everywhere, replication only for the replication user. With
+/// `tls`, remote connections must use TLS (`hostssl`; `hostnossl ... reject`); loopback ones
+/// (the agent's own tools, `kubectl port-forward`, local mode's clients) never leave the host
+/// and may be plain.
+pub fn render_pg_hba(replication_user: &str, tls: bool) -> String {
     let mut text = String::from("# Rendered by the pgrs agent: edits are lost.\n");
     text.push_str("local   all          all                       scram-sha-256\n");
-    for network in ["0.0.0.0/0", "::/0"] {
+    if !tls {
+        for network in ["0.0.0.0/0", "::/0"] {
+            let _ = writeln!(
+                text,
+                "host    replication  {replication_user:<12} {network:<12} scram-sha-256"
+            );
+            let _ = writeln!(
+                text,
+                "host    all          all          {network:<12} scram-sha-256"
+            );
+        }
+        return text;
+    }
+    for network in ["127.0.0.1/32", "::1/128"] {
         let _ = writeln!(
             text,
-            "host    replication  {replication_user:<12} {network:<12} scram-sha-256"
+            "host      replication  {replication_user:<12} {network:<12} scram-sha-256"
         );
         let _ = writeln!(
             text,
-            "host    all          all          {network:<12} scram-sha-256"
+            "host      all          all          {network:<12} scram-sha-256"
+        );
+    }
+    for network in ["0.0.0.0/0", "::/0"] {
+        let _ = writeln!(
+            text,
+            "hostssl   replication  {replication_user:<12} {network:<12} scram-sha-256"
+        );
+        let _ = writeln!(
+            text,
+            "hostssl   all          all          {network:<12} scram-sha-256"
+        );
+        let _ = writeln!(
+            text,
+            "hostnossl replication  all          {network:<12} reject"
+        );
+        let _ = writeln!(
+            text,
+            "hostnossl all          all          {network:<12} reject"
         );
     }
     text
@@ -350,240 +442,5 @@ pub fn passfile_line(user: &str, password: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings() -> PostgresSettings {
-        PostgresSettings {
-            instance_name: "db-1".into(),
-            port: 5433,
-            listen_addresses: "127.0.0.1".into(),
-            socket_dir: "/run/pgrs".into(),
-            max_wal_senders: 10,
-            max_replication_slots: 10,
-            wal_keep_size_mb: 64,
-            max_slot_wal_keep_size_mb: Some(1024),
-            archive_command: None,
-            synchronous_standby_names: None,
-            parameters: BTreeMap::new(),
-            parameters_include: None,
-        }
-    }
-
-    #[test]
-    fn primary_config_has_replication_settings_and_no_upstream() {
-        let text = render_postgresql_conf(&settings(), None).unwrap();
-        for expected in [
-            "port = 5433\n",
-            "wal_level = replica\n",
-            "hot_standby = on\n",
-            "max_wal_senders = 10\n",
-            "wal_keep_size = '64MB'\n",
-            "max_slot_wal_keep_size = '1024MB'\n",
-            "archive_mode = off\n",
-            "primary_conninfo = ''\n",
-            "unix_socket_directories = '/run/pgrs'\n",
-        ] {
-            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
-        }
-    }
-
-    #[test]
-    fn standby_config_points_at_upstream_with_passfile_and_slot() {
-        let standby = StandbySettings {
-            upstream: Upstream {
-                host: "10.0.0.1".into(),
-                port: 5432,
-                slot: Some("pgrs_db_1".into()),
-            },
-            replication_user: "replicator".into(),
-            passfile: "/run/pgrs/pgpass".into(),
-        };
-        let text = render_postgresql_conf(&settings(), Some(&standby)).unwrap();
-        assert!(
-            text.contains(
-                "primary_conninfo = 'host=''10.0.0.1'' port=5432 user=''replicator'' \
-             passfile=''/run/pgrs/pgpass'' application_name=''db-1'' connect_timeout=5'\n"
-            ),
-            "{text}"
-        );
-        assert!(text.contains("primary_slot_name = 'pgrs_db_1'\n"), "{text}");
-        assert!(!text.contains("password="), "{text}");
-    }
-
-    #[test]
-    fn archive_and_sync_settings_are_rendered_when_asked() {
-        let mut s = settings();
-        s.archive_command = Some("cp %p /archive/%f".into());
-        s.synchronous_standby_names = Some("ANY 1 (*)".into());
-        s.max_slot_wal_keep_size_mb = None;
-        let text = render_postgresql_conf(&s, None).unwrap();
-        assert!(text.contains("archive_mode = on\n"));
-        assert!(text.contains("archive_command = 'cp %p /archive/%f'\n"));
-        assert!(text.contains("synchronous_standby_names = 'ANY 1 (*)'\n"));
-        assert!(text.contains("max_slot_wal_keep_size = -1\n"));
-    }
-
-    #[test]
-    fn user_parameters_are_quoted_and_agent_owned_ones_refused() {
-        let parsed =
-            parse_parameters(&["shared_buffers=16MB".into(), "log_line_prefix=it's".into()])
-                .unwrap();
-        let mut s = settings();
-        s.parameters = parsed;
-        let text = render_postgresql_conf(&s, None).unwrap();
-        assert!(text.contains("shared_buffers = '16MB'\n"));
-        assert!(text.contains("log_line_prefix = 'it''s'\n"));
-        assert_eq!(
-            parse_parameters(&["port=1".into()]),
-            Err(ConfigError::AgentOwned("port".into()))
-        );
-        assert_eq!(
-            parse_parameters(&["Primary_Conninfo=x".into()]),
-            Err(ConfigError::AgentOwned("primary_conninfo".into()))
-        );
-        assert!(matches!(
-            parse_parameters(&["bad name=1".into()]),
-            Err(ConfigError::BadName(_))
-        ));
-        assert!(matches!(
-            parse_parameters(&["novalue".into()]),
-            Err(ConfigError::NotAnAssignment(_))
-        ));
-    }
-
-    #[test]
-    fn the_parameters_file_round_trips_the_operator_rendering() {
-        let text = "# Managed by pgrs from spec.parameters of the PgReplicaSet.\n\
-                    log_line_prefix = 'it''s %m \\\\ '\n\
-                    work_mem = '4MB'\n\
-                    \n\
-                    Shared_Buffers=16MB   # a comment\n";
-        let parsed = parse_parameters_file(text).unwrap();
-        assert_eq!(
-            parsed,
-            BTreeMap::from([
-                ("log_line_prefix".to_string(), "it's %m \\ ".to_string()),
-                ("shared_buffers".to_string(), "16MB".to_string()),
-                ("work_mem".to_string(), "4MB".to_string()),
-            ])
-        );
-        let include = render_parameters_include(&parsed);
-        assert_eq!(parse_parameters_file(&include).unwrap(), parsed);
-    }
-
-    #[test]
-    fn the_parameters_file_refuses_directives_owned_names_and_garbage() {
-        assert_eq!(
-            parse_parameters_file("port = 1\n"),
-            Err(ConfigError::AgentOwned("port".into()))
-        );
-        assert!(matches!(
-            parse_parameters_file("include_if_exists = '/etc/x'\n"),
-            Err(ConfigError::FileSyntax { line: 1, .. })
-        ));
-        assert!(matches!(
-            parse_parameters_file("# c\nwork_mem = '4MB\n"),
-            Err(ConfigError::FileSyntax { line: 2, .. })
-        ));
-        assert!(matches!(
-            parse_parameters_file("work_mem = '4MB' x\n"),
-            Err(ConfigError::FileSyntax { line: 1, .. })
-        ));
-    }
-
-    #[test]
-    fn the_include_is_rendered_last_and_the_hash_is_stable() {
-        let mut s = settings();
-        s.parameters_include = Some("/run/pgrs/parameters.conf".into());
-        let text = render_postgresql_conf(&s, None).unwrap();
-        assert!(
-            text.trim_end()
-                .ends_with("include_if_exists = '/run/pgrs/parameters.conf'"),
-            "{text}"
-        );
-        let a = BTreeMap::from([("work_mem".to_string(), "4MB".to_string())]);
-        let b = BTreeMap::from([("work_mem".to_string(), "8MB".to_string())]);
-        assert_eq!(parameters_hash(&a), parameters_hash(&a.clone()));
-        assert_ne!(parameters_hash(&a), parameters_hash(&b));
-        assert_ne!(parameters_hash(&a), parameters_hash(&BTreeMap::new()));
-        // Name/value boundaries count: {"ab": "c"} is not {"a": "bc"}.
-        let ab = BTreeMap::from([("ab".to_string(), "c".to_string())]);
-        let a_bc = BTreeMap::from([("a".to_string(), "bc".to_string())]);
-        assert_ne!(parameters_hash(&ab), parameters_hash(&a_bc));
-        assert_eq!(parameters_hash(&BTreeMap::new()).len(), 16);
-    }
-
-    #[test]
-    fn parameters_removed_in_the_running_major_are_refused() {
-        let parameters = parse_parameters(&["force_parallel_mode=on".into()]).unwrap();
-        assert_eq!(check_parameters_for_major(15, &parameters), Ok(()));
-        let error = check_parameters_for_major(16, &parameters).unwrap_err();
-        assert!(
-            error.to_string().contains("PostgreSQL 16")
-                && error.to_string().contains("debug_parallel_query"),
-            "{error}"
-        );
-        let fine = parse_parameters(&["work_mem=4MB".into()]).unwrap();
-        for major in crate::postgres::version::SUPPORTED_MAJORS {
-            assert_eq!(check_parameters_for_major(major, &fine), Ok(()));
-        }
-    }
-
-    #[test]
-    fn nothing_the_agent_renders_is_missing_from_a_supported_major() {
-        // What the agent writes must start every supported major: no parameter removed in any
-        // of them (promote_trigger_file, gone in 16, above all).
-        let mut s = settings();
-        s.archive_command = Some("true".into());
-        s.synchronous_standby_names = Some("ANY 1 (*)".into());
-        let standby = StandbySettings {
-            upstream: Upstream {
-                host: "h".into(),
-                port: 1,
-                slot: Some("s".into()),
-            },
-            replication_user: "r".into(),
-            passfile: "/p".into(),
-        };
-        for text in [
-            render_postgresql_conf(&s, None).unwrap(),
-            render_postgresql_conf(&s, Some(&standby)).unwrap(),
-        ] {
-            assert!(!text.contains("promote_trigger_file"), "{text}");
-            for line in text
-                .lines()
-                .filter(|l| !l.starts_with('#') && l.contains(" = "))
-            {
-                let name = line.split(" = ").next().unwrap();
-                for major in crate::postgres::version::SUPPORTED_MAJORS {
-                    assert_eq!(
-                        crate::postgres::version::removed_parameter(major, name),
-                        None,
-                        "{name} on {major}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn hba_uses_scram_only() {
-        let text = render_pg_hba("replicator");
-        assert!(text.contains("host    replication  replicator"));
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            assert!(line.ends_with("scram-sha-256"), "{line}");
-        }
-    }
-
-    #[test]
-    fn passfile_escapes_separators() {
-        assert_eq!(passfile_line("rep", "a:b\\c"), "*:*:*:rep:a\\:b\\\\c\n");
-    }
-
-    #[test]
-    fn slot_names_are_valid_identifiers() {
-        assert_eq!(slot_name_for("Db-1.x"), "pgrs_db_1_x");
-        assert!(slot_name_for(&"a".repeat(100)).len() <= 63);
-    }
-}
+#[path = "config_tests.rs"]
+mod tests;

@@ -10,4 +10,5 @@ pub mod kube_mode;
 pub mod rotation;
 pub mod secret_watch;
 pub mod supervisor;
+pub mod tls_files;
 pub mod upgrade;

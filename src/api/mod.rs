@@ -8,6 +8,7 @@ pub mod names;
 pub mod parameters;
 mod spec;
 mod status;
+mod tls;
 pub mod validation;
 
 #[cfg(test)]
@@ -28,6 +29,7 @@ pub use status::{
     FailoverRecord, InstanceRole, InstanceStatus, MajorUpgradePhase, MajorUpgradeStatus,
     PgReplicaSetStatus, Phase, SyncState, condition,
 };
+pub use tls::TlsSpec;
 pub use validation::{InvalidSpec, validate};
 
 /// API group of every pgrs resource.

@@ -86,6 +86,15 @@ pub const APP_URI: &str = "uri";
 pub const APP_JDBC_URI: &str = "jdbc-uri";
 pub const APP_PGPASS: &str = "pgpass";
 /// Key of the parameters ConfigMap (file name under [`CONFIG_MOUNT`]), `postgresql.conf` syntax.
+/// The cluster's TLS files, mounted from `<name>-tls` (or `spec.tls.serverSecret`).
+pub const TLS_VOLUME: &str = "tls";
+pub const TLS_MOUNT: &str = "/etc/pgrs/tls";
+/// Keys of a `kubernetes.io/tls` Secret with its CA, and of the CA Secret.
+pub const TLS_CRT: &str = "tls.crt";
+pub const TLS_KEY: &str = "tls.key";
+pub const CA_CRT: &str = "ca.crt";
+pub const CA_KEY: &str = "ca.key";
+
 pub const CONFIG_PARAMETERS: &str = "parameters.conf";
 /// Key of the control state (JSON) in [`control_state`]'s ConfigMap.
 pub const CONTROL_STATE_KEY: &str = "state.json";
@@ -153,6 +162,44 @@ pub fn secret(cluster: &str) -> String {
 /// `spec.bootstrap`).
 pub fn app_secret(cluster: &str) -> String {
     format!("{cluster}-app")
+}
+
+/// The cluster CA (`ca.crt`, `ca.key`), made by the operator.
+pub fn ca_secret(cluster: &str) -> String {
+    format!("{cluster}-ca")
+}
+
+/// The server certificate every instance serves (`kubernetes.io/tls` with `ca.crt`).
+pub fn tls_secret(cluster: &str) -> String {
+    format!("{cluster}-tls")
+}
+
+/// The name instances and the operator verify each other's certificate against when they
+/// connect by pod IP: `<headless service>.<namespace>.svc` (`<name>-instances.…`).
+pub fn tls_server_name(cluster: &str, namespace: &str) -> String {
+    format!("{}.{namespace}.svc", headless_service(cluster))
+}
+
+/// The DNS names the cluster's server certificate must carry: the services (short, with the
+/// namespace, `.svc`, `.svc.cluster.local`) and every pod by its headless name (wildcards).
+pub fn tls_dns_names(cluster: &str, namespace: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for service in [
+        rw_service(cluster),
+        ro_service(cluster),
+        r_service(cluster),
+        headless_service(cluster),
+    ] {
+        names.push(service.clone());
+        names.push(format!("{service}.{namespace}"));
+        names.push(format!("{service}.{namespace}.svc"));
+        names.push(format!("{service}.{namespace}.svc.cluster.local"));
+    }
+    let headless = headless_service(cluster);
+    names.push(format!("*.{headless}.{namespace}.svc"));
+    names.push(format!("*.{headless}.{namespace}.svc.cluster.local"));
+    names.push("localhost".to_string());
+    names
 }
 
 pub fn config_map(cluster: &str) -> String {

@@ -164,6 +164,10 @@ pub struct PgReplicaSetSpec {
     /// Secret `<name>-app`. Immutable after creation.
     #[serde(default)]
     pub bootstrap: BootstrapSpec,
+
+    /// TLS of every connection (on by default, with a CA per cluster).
+    #[serde(default)]
+    pub tls: super::TlsSpec,
 }
 
 /// The application's role and database (CloudNativePG's `initdb.database`/`initdb.owner`).

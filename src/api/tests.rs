@@ -25,6 +25,7 @@ fn spec(replicas: u32) -> PgReplicaSetSpec {
         monitoring: MonitoringSpec::default(),
         switchover: None,
         bootstrap: BootstrapSpec::default(),
+        tls: crate::api::TlsSpec::default(),
     }
 }
 

@@ -235,13 +235,14 @@ impl AgentFencing {
 
     /// Turns the lease-store-outage failsafe machinery on (whether it is used is the
     /// controller's switch, [`Failsafe::set_members`]); `token` authenticates this agent's
-    /// requests to the other members.
-    pub fn enable_failsafe(&self, token: String) -> Arc<Failsafe> {
-        let failsafe = Arc::new(Failsafe::new(
-            self.keeper.identity(),
-            self.keeper.timings(),
-            token,
-        ));
+    /// requests to the other members; `http` (when the agents serve HTTPS) is the client
+    /// pinned to the cluster CA that reaches them.
+    pub fn enable_failsafe(&self, token: String, http: Option<reqwest::Client>) -> Arc<Failsafe> {
+        let mut failsafe = Failsafe::new(self.keeper.identity(), self.keeper.timings(), token);
+        if let Some(http) = http {
+            failsafe = failsafe.with_http(http);
+        }
+        let failsafe = Arc::new(failsafe);
         self.keeper.set_failsafe(failsafe.clone());
         failsafe
     }

@@ -83,6 +83,12 @@ impl Failsafe {
         }
     }
 
+    /// Reaches the members with `http` (e.g. pinned to the cluster CA when they serve HTTPS).
+    pub fn with_http(mut self, http: reqwest::Client) -> Self {
+        self.http = http;
+        self
+    }
+
     /// The agent token changed (a rotation): the next confirmations carry the new one.
     pub fn set_token(&self, token: String) {
         *self

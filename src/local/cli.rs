@@ -269,6 +269,7 @@ pub async fn up(
     layout.check_binaries(&config)?;
     check_ports_free(&config)?;
     layout.create_dirs(&config)?;
+    crate::local::tls::ensure(&layout.dir, &config.cluster)?;
     layout.write_config(&config)?;
 
     let log_path = layout.controller_log();

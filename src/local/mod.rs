@@ -8,4 +8,5 @@ pub mod controller;
 pub mod forwarder;
 pub mod layout;
 pub mod status;
+pub mod tls;
 pub mod upgrade;

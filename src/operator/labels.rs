@@ -102,6 +102,7 @@ mod tests {
                     .collect(),
                 deleting: false,
                 uid: None,
+                https: false,
             },
         )
     }

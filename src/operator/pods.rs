@@ -25,6 +25,9 @@ pub struct PodView {
     pub deleting: bool,
     /// Changes when the StatefulSet recreates the pod under the same name.
     pub uid: Option<String>,
+    /// Its agent serves HTTPS (`--https` in the pod's own arguments: during a change of
+    /// `spec.tls`, pods made from the old template still serve plain HTTP).
+    pub https: bool,
 }
 
 impl PodView {
@@ -35,12 +38,19 @@ impl PodView {
             labels: pod.metadata.labels.clone().unwrap_or_default(),
             deleting: pod.metadata.deletion_timestamp.is_some(),
             uid: pod.metadata.uid.clone(),
+            https: pod.spec.as_ref().is_some_and(|spec| {
+                spec.containers.iter().any(|c| {
+                    c.name == names::CONTAINER_NAME
+                        && c.args.iter().flatten().any(|arg| arg == "--https")
+                })
+            }),
         })
     }
 
     pub fn agent_url(&self) -> Option<String> {
-        self.ip
-            .as_ref()
-            .map(|ip| format!("http://{ip}:{}", names::AGENT_PORT))
+        self.ip.as_ref().map(|ip| {
+            let scheme = if self.https { "https" } else { "http" };
+            format!("{scheme}://{ip}:{}", names::AGENT_PORT)
+        })
     }
 }

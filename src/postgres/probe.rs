@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::FutureExt as _;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::{Client, NoTls};
 
@@ -19,6 +20,19 @@ pub struct ConnectTarget {
     /// Tried when `password` is refused: the previous value during a password rotation.
     pub fallback_password: Option<String>,
     pub dbname: String,
+    /// TLS (`None` = plain, e.g. a Unix socket or loopback): `sslmode=verify-full` against
+    /// the cluster CA, SCRAM with `channel_binding=require`.
+    pub tls: Option<PostgresTls>,
+}
+
+/// How a TLS session to postgres is verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresTls {
+    /// The cluster CA (PEM): the only root the server's certificate may chain to.
+    pub ca_pem: String,
+    /// The name the server's certificate must carry. A target given by IP is dialed through
+    /// `hostaddr` and verified against this name.
+    pub server_name: String,
 }
 
 impl std::fmt::Debug for ConnectTarget {
@@ -28,6 +42,7 @@ impl std::fmt::Debug for ConnectTarget {
             .field("port", &self.port)
             .field("user", &self.user)
             .field("dbname", &self.dbname)
+            .field("tls", &self.tls.as_ref().map(|t| &t.server_name))
             .finish_non_exhaustive()
     }
 }
@@ -41,6 +56,13 @@ pub enum ProbeError {
         user: String,
         #[source]
         source: tokio_postgres::Error,
+    },
+    #[error("failed to set up TLS to postgres at {host}:{port}: {source}")]
+    Tls {
+        host: String,
+        port: u16,
+        #[source]
+        source: crate::tls::TlsError,
     },
     #[error("timed out connecting to postgres at {host}:{port}")]
     ConnectTimeout { host: String, port: u16 },
@@ -107,26 +129,54 @@ async fn connect_with(
 ) -> Result<Client, ProbeError> {
     let mut config = tokio_postgres::Config::new();
     config
-        .host(&target.host)
         .port(target.port)
         .user(&target.user)
         .password(password)
         .dbname(&target.dbname)
         .application_name("pgrs-agent")
         .connect_timeout(timeout);
-    let connecting = config.connect(NoTls);
-    let (client, connection) = tokio::time::timeout(timeout, connecting)
-        .await
-        .map_err(|_| ProbeError::ConnectTimeout {
-            host: target.host.clone(),
-            port: target.port,
-        })?
-        .map_err(|source| ProbeError::Connect {
-            host: target.host.clone(),
-            port: target.port,
-            user: target.user.clone(),
-            source,
-        })?;
+    let failed = |source| ProbeError::Connect {
+        host: target.host.clone(),
+        port: target.port,
+        user: target.user.clone(),
+        source,
+    };
+    let timed_out = |_| ProbeError::ConnectTimeout {
+        host: target.host.clone(),
+        port: target.port,
+    };
+    let (client, connection) = match &target.tls {
+        None => {
+            config.host(&target.host);
+            let connecting = config.connect(NoTls);
+            let (client, connection) = tokio::time::timeout(timeout, connecting)
+                .await
+                .map_err(timed_out)?
+                .map_err(failed)?;
+            (client, connection.boxed())
+        }
+        Some(tls) => {
+            match target.host.parse::<std::net::IpAddr>() {
+                Ok(ip) => config.host(&tls.server_name).hostaddr(ip),
+                Err(_) => config.host(&target.host),
+            };
+            config
+                .ssl_mode(tokio_postgres::config::SslMode::Require)
+                .channel_binding(tokio_postgres::config::ChannelBinding::Require);
+            let rustls =
+                crate::tls::client_config(&tls.ca_pem, None).map_err(|source| ProbeError::Tls {
+                    host: target.host.clone(),
+                    port: target.port,
+                    source,
+                })?;
+            let connecting = config.connect(crate::tls::postgres_connector(rustls));
+            let (client, connection) = tokio::time::timeout(timeout, connecting)
+                .await
+                .map_err(timed_out)?
+                .map_err(failed)?;
+            (client, connection.boxed())
+        }
+    };
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "postgres connection ended");

@@ -77,6 +77,22 @@ impl AgentClient {
         })
     }
 
+    /// A client over `http`, shared between agents (e.g. one pinned to the cluster CA: its
+    /// connections are kept across calls).
+    pub fn with_http(
+        base_url: impl Into<String>,
+        token: Option<String>,
+        http: reqwest::Client,
+    ) -> Self {
+        AgentClient {
+            base_url: base_url.into().trim_end_matches('/').to_string(),
+            token,
+            fallback_token: None,
+            http,
+            action_timeout: Duration::from_secs(600),
+        }
+    }
+
     /// The previous token, tried once on a 401 (a token rotation in progress).
     pub fn with_fallback_token(mut self, previous: Option<String>) -> Self {
         self.fallback_token = previous;

@@ -537,9 +537,12 @@ pub async fn connect(host: &str, password: &str) -> Result<tokio_postgres::Clien
         .user("postgres")
         .password(password)
         .dbname("postgres")
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect_timeout(Duration::from_secs(2));
+    // Pods refuse plain connections from the pod network (`hostnossl ... reject`).
+    let tls = pgrs::tls::encrypt_only_connector().map_err(|e| e.to_string())?;
     let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
+        .connect(tls)
         .await
         .map_err(|e| format!("connect to {host}: {e}"))?;
     tokio::spawn(async move {

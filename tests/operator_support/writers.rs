@@ -29,8 +29,13 @@ async fn connect_raw(host: &str, password: &str) -> Result<tokio_postgres::Clien
         .user("postgres")
         .password(password)
         .dbname("postgres")
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect_timeout(ANSWER_TIMEOUT);
-    match tokio::time::timeout(ANSWER_TIMEOUT, config.connect(tokio_postgres::NoTls)).await {
+    // Pods refuse plain connections from the pod network (`hostnossl ... reject`).
+    let Ok(tls) = pgrs::tls::encrypt_only_connector() else {
+        return Err(WriteOutcome::Indeterminate);
+    };
+    match tokio::time::timeout(ANSWER_TIMEOUT, config.connect(tls)).await {
         Ok(Ok((client, connection))) => {
             tokio::spawn(async move {
                 let _ = connection.await;

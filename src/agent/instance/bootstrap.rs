@@ -177,6 +177,7 @@ pub async fn clone_from(
         &config.passfile(),
         config.name(),
         None,
+        config.settings.tls.as_ref(),
     );
     let mut command = config
         .identity

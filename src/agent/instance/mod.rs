@@ -100,6 +100,9 @@ pub struct AgentConfig {
     pub stop_timeout: Duration,
     /// How long a rejoined instance may take to stream before the rejoin is declared failed.
     pub verify_timeout: Duration,
+    /// `--tls-dir`: where the certificate files come from (the agent serves copies of them,
+    /// see [`crate::agent::tls_files`]).
+    pub tls_source: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -127,7 +130,21 @@ impl AgentConfig {
                 .previous()
                 .map(|previous| previous.expose().to_string()),
             dbname: "postgres".into(),
+            tls: None,
         }
+    }
+
+    /// How connections to other instances are verified (`--tls-dir`): against the CA copy this
+    /// agent serves, read at each use (a renewed CA is used from the next connection). An
+    /// unreadable copy gives an empty CA, and the connection then fails naming TLS.
+    pub fn postgres_tls(&self) -> Option<crate::postgres::probe::PostgresTls> {
+        self.settings
+            .tls
+            .as_ref()
+            .map(|tls| crate::postgres::probe::PostgresTls {
+                ca_pem: std::fs::read_to_string(&tls.ca_file).unwrap_or_default(),
+                server_name: tls.server_name.clone(),
+            })
     }
 
     /// Superuser connection to another instance (all instances share the superuser secret).
@@ -142,6 +159,7 @@ impl AgentConfig {
                 .previous()
                 .map(|previous| previous.expose().to_string()),
             dbname: "postgres".into(),
+            tls: self.postgres_tls(),
         }
     }
 }
@@ -157,6 +175,8 @@ pub enum InstanceError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] crate::agent::tls_files::TlsFilesError),
     #[error("secret file {0} is empty")]
     EmptySecret(PathBuf),
     #[error(
@@ -249,7 +269,7 @@ pub fn create_private_dir(identity: &OsIdentity, path: &Path) -> Result<(), Inst
 }
 
 /// Writes a file readable only by the postgres user.
-fn write_private_file(
+pub(crate) fn write_private_file(
     identity: &OsIdentity,
     path: &Path,
     contents: &str,
@@ -271,6 +291,9 @@ fn write_private_file(
 /// Creates the run directory and the libpq passfile (both users' passwords; 0600, postgres).
 pub fn prepare_run_dir(config: &AgentConfig) -> Result<(), InstanceError> {
     create_private_dir(&config.identity, &config.run_dir)?;
+    if let Some(source) = &config.tls_source {
+        crate::agent::tls_files::install(config, source)?;
+    }
     write_passfile(config)
 }
 
@@ -312,7 +335,7 @@ pub fn write_configuration(
     write_private_file(
         &config.identity,
         &data_dir.join("pg_hba.conf"),
-        &render_pg_hba(&config.replication_user),
+        &render_pg_hba(&config.replication_user, config.settings.tls.is_some()),
     )?;
     let auto_conf = data_dir.join("postgresql.auto.conf");
     write_private_file(

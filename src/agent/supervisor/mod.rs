@@ -202,6 +202,15 @@ impl SupervisorHandle {
         !self.commands.is_closed()
     }
 
+    /// Asks a running postmaster to re-read its configuration files (SIGHUP): renewed TLS
+    /// certificates are served to new connections from then on. Nothing when postgres is down.
+    pub fn reload_files(&self) -> Result<(), nix::Error> {
+        match lock(&self.state).pid {
+            Some(pid) => kill(Pid::from_raw(pid as i32), Signal::SIGHUP),
+            None => Ok(()),
+        }
+    }
+
     /// The last lines postgres wrote to stderr.
     pub fn log_tail(&self) -> Vec<String> {
         lock(&self.log_tail).iter().cloned().collect()

@@ -117,6 +117,7 @@ impl Supervisor {
             &config.passfile(),
             config.name(),
             Some("postgres"),
+            config.settings.tls.as_ref(),
         );
         let mut command = config.identity.command(config.binaries.tool("pg_rewind"));
         command

@@ -109,7 +109,25 @@ impl SupervisorHandle {
     pub async fn probe(&self, timeout: Duration) -> Result<InstanceProbe, ProbeError> {
         let mut probe = self.probe_live(timeout).await?;
         self.remember_timeline(&mut probe);
+        self.report_dialed_upstream(&mut probe);
         Ok(probe)
+    }
+
+    /// With TLS, `primary_conninfo` names the upstream by the cluster's certificate name and
+    /// dials its IP through `hostaddr`; `pg_stat_wal_receiver.sender_host` then shows the name.
+    /// Controllers match a receiver to its upstream by address, so report the address dialed.
+    fn report_dialed_upstream(&self, probe: &mut InstanceProbe) {
+        let Some(tls) = &self.config.settings.tls else {
+            return;
+        };
+        let Some(receiver) = probe.wal_receiver.as_mut() else {
+            return;
+        };
+        if receiver.sender_host.as_deref() == Some(tls.server_name.as_str())
+            && let Some(upstream) = lock(&self.state).upstream.clone()
+        {
+            receiver.sender_host = Some(upstream.host);
+        }
     }
 
     /// A standby whose WAL receiver stopped (its primary died) would report the timeline of

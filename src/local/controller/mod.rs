@@ -355,7 +355,11 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
         last_state: Mutex::new(state),
         pending_switchover: Mutex::new(None),
         clients,
-        sessions: platform::session_pool(&config, password.trim()),
+        sessions: platform::session_pool(
+            &config,
+            password.trim(),
+            crate::local::tls::postgres_tls(&layout.dir)?,
+        ),
         forwarder,
         nodes: Mutex::new(HashMap::new()),
         status: Mutex::new(None),

@@ -57,6 +57,12 @@ fn agent_command(
         .arg("--app-password-file")
         .arg(layout.app_password())
         .arg(format!("--superuser={}", config.superuser))
+        .arg("--tls-dir")
+        .arg(crate::local::tls::tls_dir(&layout.dir))
+        .arg(format!(
+            "--tls-server-name={}",
+            crate::local::tls::SERVER_NAME
+        ))
         // A rejoined former primary falls back to re-clone if it does not stream quickly.
         .arg("--verify-timeout-secs=20")
         .args(LeaseArgs::to_args(

@@ -147,10 +147,12 @@ impl Platform for Shared {
     }
 }
 
-/// Superuser sessions to every node's postgres on loopback.
+/// Superuser sessions to every node's postgres on loopback, over TLS verified as the nodes'
+/// certificate name (as on Kubernetes, where they cross the pod network).
 pub(super) fn session_pool(
     config: &crate::local::layout::LocalConfig,
     password: &str,
+    tls: crate::postgres::probe::PostgresTls,
 ) -> SessionPool {
     SessionPool::new(
         config
@@ -166,6 +168,7 @@ pub(super) fn session_pool(
                         password: password.to_string(),
                         fallback_password: None,
                         dbname: "postgres".to_string(),
+                        tls: Some(tls.clone()),
                     },
                 )
             })

@@ -40,7 +40,7 @@ pub fn agent_args(cluster: &str, spec: &PgReplicaSetSpec) -> Vec<String> {
     let ms = |seconds: f64| crate::api::seconds_to_duration(seconds).as_millis();
     let secret_file = |key: &str| format!("{}/{key}", names::SECRET_MOUNT);
     let failover = &spec.failover;
-    vec![
+    let mut args = vec![
         "agent".to_string(),
         format!("--role={}", names::AGENT_STARTUP_ROLE),
         format!("--cluster={cluster}"),
@@ -83,7 +83,27 @@ pub fn agent_args(cluster: &str, spec: &PgReplicaSetSpec) -> Vec<String> {
             "--lease-shutdown-budget-ms={}",
             ms(failover.shutdown_budget_seconds)
         ),
-    ]
+    ];
+    if spec.tls.enabled {
+        // `$(PGRS_NAMESPACE)`: the kubelet expands it from the container's environment.
+        args.extend([
+            format!("--tls-dir={}", names::TLS_MOUNT),
+            format!(
+                "--tls-server-name={}.$(PGRS_NAMESPACE).svc",
+                names::headless_service(cluster)
+            ),
+            "--https".to_string(),
+        ]);
+    }
+    args
+}
+
+/// The Secret the instances serve their certificate from.
+pub fn tls_secret_name(cluster: &str, spec: &PgReplicaSetSpec) -> String {
+    spec.tls
+        .server_secret
+        .clone()
+        .unwrap_or_else(|| names::tls_secret(cluster))
 }
 
 fn field_env(name: &str, field_path: &str) -> EnvVar {
@@ -124,8 +144,10 @@ fn agent_env(cluster: &str) -> Vec<EnvVar> {
     ]
 }
 
-/// A probe of the agent's `path`: answered from the agent's memory, no SQL, no token.
+/// A probe of the agent's `path`: answered from the agent's memory, no SQL, no token. Over
+/// HTTPS with TLS (a kubelet does not verify the certificate of a probe).
 fn agent_probe(
+    https: bool,
     path: &str,
     period_seconds: i32,
     timeout_seconds: i32,
@@ -135,7 +157,7 @@ fn agent_probe(
         http_get: Some(HTTPGetAction {
             path: Some(path.to_string()),
             port: IntOrString::String(names::AGENT_PORT_NAME.to_string()),
-            scheme: Some("HTTP".to_string()),
+            scheme: Some(if https { "HTTPS" } else { "HTTP" }.to_string()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period_seconds),
@@ -176,17 +198,26 @@ fn container(cluster: &str, spec: &PgReplicaSetSpec, image: &str) -> Container {
         // Alive (`/healthz`): the agent's supervisor and its loop run; a bootstrap may take
         // long and is alive. Neither runs SQL nor needs the token, so a flood of requests on
         // the agent port cannot fail them (the status, `/v1/status`, needs the token).
-        readiness_probe: Some(agent_probe(READYZ_PATH, 2, 1, 3)),
-        liveness_probe: Some(agent_probe(HEALTHZ_PATH, 10, 5, 6)),
+        readiness_probe: Some(agent_probe(spec.tls.enabled, READYZ_PATH, 2, 1, 3)),
+        liveness_probe: Some(agent_probe(spec.tls.enabled, HEALTHZ_PATH, 10, 5, 6)),
         resources: spec.resources.clone(),
-        volume_mounts: Some(vec![
-            mount(names::DATA_VOLUME, names::DATA_MOUNT, false),
-            mount(names::SECRET_VOLUME, names::SECRET_MOUNT, true),
-            mount(names::APP_SECRET_VOLUME, names::APP_SECRET_MOUNT, true),
-            mount(names::CONFIG_VOLUME, names::CONFIG_MOUNT, true),
-            mount(names::RUN_VOLUME, names::RUN_MOUNT, false),
-            mount(names::TMP_VOLUME, names::TMP_MOUNT, false),
-        ]),
+        volume_mounts: Some(
+            [
+                mount(names::DATA_VOLUME, names::DATA_MOUNT, false),
+                mount(names::SECRET_VOLUME, names::SECRET_MOUNT, true),
+                mount(names::APP_SECRET_VOLUME, names::APP_SECRET_MOUNT, true),
+                mount(names::CONFIG_VOLUME, names::CONFIG_MOUNT, true),
+                mount(names::RUN_VOLUME, names::RUN_MOUNT, false),
+                mount(names::TMP_VOLUME, names::TMP_MOUNT, false),
+            ]
+            .into_iter()
+            .chain(
+                spec.tls
+                    .enabled
+                    .then(|| mount(names::TLS_VOLUME, names::TLS_MOUNT, true)),
+            )
+            .collect(),
+        ),
         // The `restricted` Pod Security Standard; everything written is on a volume.
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -224,8 +255,27 @@ fn default_affinity(cluster: &str, group: &str) -> Affinity {
     }
 }
 
-fn volumes(cluster: &str) -> Vec<Volume> {
-    vec![
+fn volumes(cluster: &str, spec: &PgReplicaSetSpec) -> Vec<Volume> {
+    let tls = spec.tls.enabled.then(|| Volume {
+        name: names::TLS_VOLUME.to_string(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(tls_secret_name(cluster, spec)),
+            default_mode: Some(SECRET_FILE_MODE),
+            items: Some(
+                [names::CA_CRT, names::TLS_CRT, names::TLS_KEY]
+                    .into_iter()
+                    .map(|key| KeyToPath {
+                        key: key.to_string(),
+                        path: key.to_string(),
+                        ..KeyToPath::default()
+                    })
+                    .collect(),
+            ),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    });
+    let mut volumes = vec![
         Volume {
             name: names::SECRET_VOLUME.to_string(),
             secret: Some(SecretVolumeSource {
@@ -268,7 +318,9 @@ fn volumes(cluster: &str) -> Vec<Volume> {
             empty_dir: Some(EmptyDirVolumeSource::default()),
             ..Volume::default()
         },
-    ]
+    ];
+    volumes.extend(tls);
+    volumes
 }
 
 fn volume_claim(cluster: &str, spec: &PgReplicaSetSpec) -> PersistentVolumeClaim {
@@ -361,7 +413,7 @@ pub fn statefulset(
                     ),
                     tolerations: (!group.tolerations.is_empty()).then(|| group.tolerations.clone()),
                     containers: vec![container(cluster, spec, image)],
-                    volumes: Some(volumes(cluster)),
+                    volumes: Some(volumes(cluster, spec)),
                     ..PodSpec::default()
                 }),
             },

@@ -192,7 +192,8 @@ mod tests {
                     ip: None,
                     labels: Default::default(),
                     deleting: false,
-                    uid: Some("u1".into())
+                    uid: Some("u1".into()),
+                    https: false,
                 }
             )]),
             at(1)

@@ -13,6 +13,7 @@ mod pipeline;
 mod platform;
 mod rollout;
 mod round;
+mod tls;
 mod upgrade;
 
 use std::collections::{BTreeSet, HashMap};
@@ -85,6 +86,14 @@ pub enum ReconcileError {
     ControlState { name: String, message: String },
     #[error("failed to finish {what} within its bound")]
     Timeout { what: String },
+    #[error("failed to set up TLS ({what}): {source}")]
+    Tls {
+        what: String,
+        #[source]
+        source: crate::tls::TlsError,
+    },
+    #[error("refusing the TLS Secret {name} of spec.tls.serverSecret: {why}")]
+    TlsSecretInvalid { name: String, why: String },
 }
 
 impl ReconcileError {
@@ -103,6 +112,8 @@ impl ReconcileError {
             ReconcileError::Round(error) => error.category(),
             ReconcileError::ControlState { .. } => "ControlStateInvalid",
             ReconcileError::Timeout { .. } => "Timeout",
+            ReconcileError::Tls { .. } => "TlsFailed",
+            ReconcileError::TlsSecretInvalid { .. } => "TlsSecretInvalid",
         }
     }
 }
@@ -180,6 +191,8 @@ struct ClusterRuntime {
     superuser_password: Option<crate::agent::rotation::Rotation>,
     /// The agent token as last read, with the previous one during a rotation.
     agent_token: Option<crate::agent::rotation::Rotation>,
+    /// The certificates as last checked, and the clients built on them (`tls` module).
+    tls: tls::TlsMemory,
 }
 
 impl ClusterRuntime {
@@ -197,6 +210,7 @@ impl ClusterRuntime {
             upgrade: upgrade::UpgradeMemory::new(previous),
             superuser_password: None,
             agent_token: None,
+            tls: tls::TlsMemory::default(),
         }
     }
 }

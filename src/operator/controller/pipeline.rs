@@ -51,6 +51,7 @@ impl Reconciler<'_> {
             return Ok(Requeue::await_change());
         }
         let secrets = self.secrets().await?;
+        let tls = self.tls().await?;
         let lease = Arc::new(KubeLeaseStore::new(
             self.context.client.clone(),
             &self.namespace(),
@@ -58,7 +59,9 @@ impl Reconciler<'_> {
             api::seconds_to_duration(self.cluster.spec.failover.lease_duration_seconds),
         ));
         // A major-version upgrade may change the pod template and hold the round back.
-        let upgrade = self.major_upgrade(&secrets.agent_token).await?;
+        let upgrade = self
+            .major_upgrade(&secrets.agent_token, tls.as_deref())
+            .await?;
         self.apply(&secrets, generation).await?;
         let held = self.carry_out_upgrade(&upgrade, &lease, generation).await?;
         if let Some(status) = held {
@@ -69,7 +72,7 @@ impl Reconciler<'_> {
             .create_if_absent()
             .await
             .map_err(ReconcileError::Lease)?;
-        let urgent = self.round(&secrets, lease).await?;
+        let urgent = self.round(&secrets, tls, lease).await?;
         let interval = Duration::from_secs(u64::from(
             self.cluster.spec.monitoring.status_interval_seconds,
         ));
@@ -153,7 +156,7 @@ impl Reconciler<'_> {
     }
 
     /// The data of the Secret `name`, `None` when it does not exist.
-    async fn read_secret(
+    pub(super) async fn read_secret(
         &self,
         name: &str,
     ) -> Result<Option<BTreeMap<String, ByteString>>, ReconcileError> {

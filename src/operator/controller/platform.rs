@@ -22,7 +22,6 @@ use crate::operator::build::{self, Owner, names};
 use crate::operator::pods::PodView;
 use crate::postgres::probe::ConnectTarget;
 use crate::protocol::api::RejoinPath;
-use crate::protocol::client::AgentClient;
 
 use super::ReconcileError;
 
@@ -42,6 +41,8 @@ pub(super) struct KubePlatform<'a> {
     pub token: &'a str,
     /// The token before a rotation, tried on a 401.
     pub previous_token: Option<String>,
+    /// The cluster's TLS clients (`None`: plain).
+    pub tls: Option<Arc<super::tls::ClusterTls>>,
     pub lease: Arc<KubeLeaseStore>,
     pub sessions: SessionPool,
     pub events: Mutex<Vec<PendingEvent>>,
@@ -71,6 +72,7 @@ pub(super) fn superuser_targets(
     pods: &HashMap<String, PodView>,
     password: &str,
     fallback: Option<&str>,
+    tls: Option<crate::postgres::probe::PostgresTls>,
 ) -> HashMap<String, ConnectTarget> {
     pods.values()
         .filter_map(|pod| {
@@ -83,6 +85,7 @@ pub(super) fn superuser_targets(
                     password: password.to_string(),
                     fallback_password: fallback.map(str::to_string),
                     dbname: "postgres".to_string(),
+                    tls: tls.clone(),
                 },
             ))
         })
@@ -105,8 +108,7 @@ impl Platform for KubePlatform<'_> {
 
     fn agent(&self, instance: &str) -> Option<Arc<dyn AgentApi>> {
         let url = self.pods.get(instance).and_then(PodView::agent_url)?;
-        let client = AgentClient::new(url, Some(self.token.to_string()))
-            .ok()?
+        let client = super::tls::agent_client(self.tls.as_deref(), url, self.token.to_string())?
             .with_fallback_token(self.previous_token.clone());
         Some(Arc::new(client.with_action_timeout(ACTION_TIMEOUT)))
     }

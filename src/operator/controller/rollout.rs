@@ -250,8 +250,8 @@ impl Reconciler<'_> {
         timeout: Duration,
     ) -> Option<crate::protocol::client::AgentClient> {
         let url = pods.get(instance).and_then(PodView::agent_url)?;
-        crate::protocol::client::AgentClient::new(url, Some(secrets.agent_token.clone()))
-            .ok()
+        let tls = self.runtime.tls.current();
+        super::tls::agent_client(tls.as_deref(), url, secrets.agent_token.clone())
             .map(|c| c.with_action_timeout(timeout))
     }
 

@@ -31,6 +31,7 @@ impl Reconciler<'_> {
     pub(super) async fn round(
         &mut self,
         secrets: &ClusterSecrets,
+        tls: Option<Arc<super::tls::ClusterTls>>,
         lease_store: Arc<KubeLeaseStore>,
     ) -> Result<bool, ReconcileError> {
         let name = self.name();
@@ -54,6 +55,7 @@ impl Reconciler<'_> {
                 &pods,
                 &secrets.superuser_password,
                 fallback.as_deref(),
+                tls.as_ref().map(|tls| tls.postgres()),
             ));
         let platform = KubePlatform {
             client: &self.context.client,
@@ -61,6 +63,7 @@ impl Reconciler<'_> {
             pods: &pods,
             token: &secrets.agent_token,
             previous_token,
+            tls,
             lease: lease_store.clone(),
             sessions: self.runtime.sessions.clone(),
             events: Mutex::new(Vec::new()),

@@ -17,7 +17,6 @@ use crate::operator::pods::PodView;
 use crate::operator::status::condition;
 use crate::operator::upgrade::{self, InstanceReport, Template, Transition, UpgradeInput};
 use crate::protocol::api::AgentStatus;
-use crate::protocol::client::AgentClient;
 
 use super::pipeline::Reconciler;
 use super::{ReconcileError, now_time};
@@ -82,6 +81,7 @@ impl Reconciler<'_> {
     pub(super) async fn major_upgrade(
         &mut self,
         token: &str,
+        tls: Option<&super::tls::ClusterTls>,
     ) -> Result<upgrade::UpgradePlan, ReconcileError> {
         use crate::api::MajorUpgradePhase;
         let memory = self.runtime.upgrade.clone();
@@ -119,7 +119,7 @@ impl Reconciler<'_> {
         {
             // No control round polls the agents meanwhile: ask the upgrading primary directly.
             reports.remove(&upgrade.primary);
-            if let Some(status) = agent_status(&pods, &upgrade.primary, token).await {
+            if let Some(status) = agent_status(&pods, &upgrade.primary, token, tls).await {
                 reports.insert(upgrade.primary.clone(), instance_report(&status));
             }
         }
@@ -339,9 +339,10 @@ async fn agent_status(
     pods: &std::collections::HashMap<String, PodView>,
     name: &str,
     token: &str,
+    tls: Option<&super::tls::ClusterTls>,
 ) -> Option<AgentStatus> {
     let pod = pods.get(name).filter(|p| !p.deleting)?;
-    let client = AgentClient::new(pod.agent_url()?, Some(token.to_string())).ok()?;
+    let client = super::tls::agent_client(tls, pod.agent_url()?, token.to_string())?;
     tokio::time::timeout(crate::operator::pods::STATUS_TIMEOUT, client.status())
         .await
         .ok()?

@@ -9,6 +9,7 @@ pub mod control_plane;
 pub mod faults;
 pub mod kubelet;
 pub mod network;
+pub mod node;
 pub mod pki;
 pub mod process;
 pub mod testbed;

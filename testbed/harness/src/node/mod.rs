@@ -1,0 +1,735 @@
+//! A real node for a [`TestBed`]: containerd (runc, CNI bridge) and the real kubelet, built
+//! by `testbed/node/build.sh` from the same Kubernetes version as the control plane,
+//! registered with the bed's API server. Pods bound to it (`spec.nodeName`) run as real
+//! containers of images imported from archives: nothing is ever pulled.
+//!
+//! The bed's fake kubelet still runs and still binds every unscheduled pod to itself; there
+//! is no scheduler, so a pod meant for this node names it in `spec.nodeName`.
+//!
+//! Per node: a temp dir (containerd root/state/socket, kubelet root, pod logs, CNI config
+//! and IPAM state), a 10.214.X.0/24 pod subnet behind the bridge `pgrsnodeX` (X handed out
+//! by a lock file in /run/pgrs-testbed, like the fake kubelet's 10.213.X.0/24), and two
+//! processes that die with the thread that started them. The kubelet authenticates with a
+//! ServiceAccount token bound to the `system:node` ClusterRole. See docs/testing.md, "A real
+//! node".
+
+mod binaries;
+mod config;
+
+use std::fs::File;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+
+pub use binaries::{BUILD_REV, FILES, NodeBinaries, NodeBinariesError, NodeVersions, RUNC};
+
+use crate::TestBed;
+use crate::process::{Component, ProcessError, free_port, tail_file};
+
+/// Directory of the lock files that hand out the node subnets (shared with the fake kubelet's
+/// network, different file names).
+const LOCK_DIR: &str = "/run/pgrs-testbed";
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+const LOG_TAIL_LINES: usize = 40;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Binaries(#[from] NodeBinariesError),
+    #[error("the real node must run as root (euid is {euid})")]
+    NotRoot { euid: u32 },
+    #[error("failed to prepare {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "failed to find a free node subnet: all of 10.214.0.0/24 .. 10.214.255.0/24 are in use"
+    )]
+    NoSubnet,
+    #[error("failed to allocate a free port")]
+    Port(#[source] std::io::Error),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error("`{command}` failed: {output}")]
+    Command { command: String, output: String },
+    #[error("{component} exited during start-up ({status})\n{logs}")]
+    Exited {
+        component: &'static str,
+        status: std::process::ExitStatus,
+        logs: String,
+    },
+    #[error("{what} within {timeout:?}: {last_error}\n{logs}")]
+    NotReady {
+        what: String,
+        timeout: Duration,
+        last_error: String,
+        logs: String,
+    },
+    #[error("failed to build an API client")]
+    Client(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the test bed's start-up task failed: {0}")]
+    Join(String),
+}
+
+/// Options for [`RealNode::start`].
+#[derive(Debug, Clone, Default)]
+pub struct RealNodeOptions {
+    /// The Node's name. Default: its IP, 10.214.X.1 (the bridge). The API server dials a
+    /// kubelet (logs, exec, port-forward) at the node's `Hostname` address first, which is
+    /// this name: a name that does not resolve breaks those, an IP literal always works.
+    pub name: Option<String>,
+    /// Image archives (docker-archive or OCI tar, e.g. `scripts/build-image --save`) imported
+    /// into containerd before the kubelet starts. The sandbox image is always imported.
+    pub images: Vec<PathBuf>,
+    /// Keep the node's directory (logs, containerd and kubelet state) after it stops.
+    pub keep_dir: bool,
+}
+
+/// How long the start took.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeTimings {
+    pub containerd: Duration,
+    pub images: Duration,
+    pub kubelet: Duration,
+    pub total: Duration,
+}
+
+impl std::fmt::Display for NodeTimings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1}s (containerd {:.1}s, image import {:.1}s, kubelet to Ready {:.1}s)",
+            self.total.as_secs_f64(),
+            self.containerd.as_secs_f64(),
+            self.images.as_secs_f64(),
+            self.kubelet.as_secs_f64()
+        )
+    }
+}
+
+/// A running real node. Stopped (containers killed, mounts and bridge removed, Node deleted)
+/// on drop.
+#[derive(Debug)]
+pub struct RealNode {
+    name: String,
+    kubelet: Option<Component>,
+    containerd: Option<Component>,
+    binaries: NodeBinaries,
+    dir: PathBuf,
+    keep_dir: bool,
+    socket: PathBuf,
+    index: u8,
+    kubectl: PathBuf,
+    admin_kubeconfig: PathBuf,
+    timings: NodeTimings,
+    stopped: bool,
+    _lock: File,
+}
+
+impl RealNode {
+    /// Starts containerd, imports the images, starts the kubelet and waits until the Node is
+    /// Ready. Blocking; the processes are started on the bed's runtime so that they live as
+    /// long as the bed (they die with the thread that started them).
+    pub fn start(bed: &TestBed, options: RealNodeOptions) -> Result<Self, NodeError> {
+        let binaries = NodeBinaries::locate()?;
+        let euid = nix::unistd::geteuid().as_raw();
+        if euid != 0 {
+            return Err(NodeError::NotRoot { euid });
+        }
+        let (index, lock) = claim_subnet()?;
+        let name = options
+            .name
+            .clone()
+            .unwrap_or_else(|| Ipv4Addr::new(10, 214, index, 1).to_string());
+        let kubectl = bed.binaries().kubectl();
+        let token = node_credential(&kubectl, bed.admin_kubeconfig(), index)?;
+        let kubelet_kubeconfig = bed.token_kubeconfig(&node_account(index), &token);
+        let setup = Setup {
+            binaries,
+            options,
+            kubectl,
+            admin_kubeconfig: bed.admin_kubeconfig().to_owned(),
+            index,
+            lock,
+            name,
+            kubelet_kubeconfig,
+        };
+        let handle = bed.runtime_handle();
+        let node = std::thread::scope(|scope| {
+            scope
+                .spawn(|| handle.block_on(handle.spawn(async move { setup.start().await })))
+                .join()
+        })
+        .map_err(|_| NodeError::Join("the start-up thread panicked".to_owned()))?
+        .map_err(|e| NodeError::Join(e.to_string()))??;
+        let _ = writeln!(
+            std::io::stderr(),
+            "pgrs-testbed: real node {} Ready in {} (pods on 10.214.{}.0/24, state in {})",
+            node.name,
+            node.timings,
+            node.index,
+            node.dir.display()
+        );
+        Ok(node)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn timings(&self) -> NodeTimings {
+        self.timings
+    }
+
+    /// The pods' subnet (10.214.X.0/24); its .1 is the bridge, the pods' gateway.
+    pub fn pod_subnet(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 214, self.index, 0)
+    }
+
+    /// containerd's socket, for `ctr --address` (namespace `k8s.io` holds the CRI's objects).
+    pub fn containerd_socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// `ctr` talking to this node's containerd in the `k8s.io` namespace.
+    pub fn ctr(&self) -> Command {
+        ctr(&self.binaries, &self.socket)
+    }
+
+    /// Imports an image archive into containerd (the kubelet sees it at once).
+    pub fn import_image(&self, archive: &Path) -> Result<(), NodeError> {
+        import(&self.binaries, &self.socket, archive)
+    }
+
+    /// Tails of containerd's and the kubelet's logs.
+    pub fn log_tails(&self, lines: usize) -> String {
+        ["containerd", "kubelet"]
+            .iter()
+            .map(|c| {
+                let log = self.dir.join("logs").join(format!("{c}.log"));
+                format!(
+                    "----- {c} ({}) -----\n{}",
+                    log.display(),
+                    tail_file(&log, lines)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Stops the kubelet, kills every container, stops containerd, unmounts what they left,
+    /// deletes the bridge, the Node object and (unless kept) the directory. Idempotent.
+    pub fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        let started = Instant::now();
+        if let Some(mut kubelet) = self.kubelet.take() {
+            kubelet.stop(Duration::from_secs(5));
+        }
+        // Pods bound to a node without a kubelet would stay Terminating for ever (no pod GC
+        // controller runs), and so would their namespaces.
+        let selector = format!("spec.nodeName={}", self.name);
+        let account = format!("serviceaccount/{}", account_name(self.index));
+        let binding = format!("clusterrolebinding/{}", account_name(self.index));
+        for args in [
+            vec![
+                "delete",
+                "pods",
+                "--all-namespaces",
+                "--field-selector",
+                &selector,
+                "--force",
+                "--grace-period=0",
+                "--wait=false",
+            ],
+            vec![
+                "delete",
+                "node",
+                &self.name,
+                "--wait=false",
+                "--ignore-not-found",
+            ],
+            vec![
+                "delete",
+                "--namespace=kube-system",
+                &account,
+                &binding,
+                "--wait=false",
+                "--ignore-not-found",
+            ],
+        ] {
+            let _ = Command::new(&self.kubectl)
+                .env("KUBECONFIG", &self.admin_kubeconfig)
+                .args(&args)
+                .output();
+        }
+        let kubelet_done = started.elapsed();
+        kill_all_tasks(&self.binaries, &self.socket);
+        let tasks_done = started.elapsed();
+        if let Some(mut containerd) = self.containerd.take() {
+            containerd.stop(Duration::from_secs(5));
+        }
+        kill_leftover_shims(&self.socket);
+        let containerd_done = started.elapsed();
+        unmount_under(&self.dir);
+        let _ = Command::new("ip")
+            .args(["link", "del", &bridge_name(self.index)])
+            .output();
+        if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "pgrs-testbed: real node {} stopped in {:.1}s (kubelet, its pods and Node {:.1}s, \
+             containers {:.1}s, containerd {:.1}s, mounts/bridge/directory {:.1}s)",
+            self.name,
+            started.elapsed().as_secs_f64(),
+            kubelet_done.as_secs_f64(),
+            (tasks_done - kubelet_done).as_secs_f64(),
+            (containerd_done - tasks_done).as_secs_f64(),
+            (started.elapsed() - containerd_done).as_secs_f64(),
+        );
+    }
+}
+
+impl Drop for RealNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Setup {
+    binaries: NodeBinaries,
+    options: RealNodeOptions,
+    kubectl: PathBuf,
+    admin_kubeconfig: PathBuf,
+    index: u8,
+    lock: File,
+    name: String,
+    /// The kubelet's kubeconfig (text): the node's ServiceAccount token.
+    kubelet_kubeconfig: String,
+}
+
+impl Setup {
+    async fn start(self) -> Result<RealNode, NodeError> {
+        let started = Instant::now();
+        let index = self.index;
+        let lock = self.lock;
+        let name = self.name.clone();
+        let node_ip = Ipv4Addr::new(10, 214, index, 1);
+        let dir = tempfile::Builder::new()
+            .prefix("pgrs-node-")
+            .tempdir()
+            .map_err(|source| NodeError::Io {
+                path: std::env::temp_dir(),
+                source,
+            })?
+            .keep();
+        let paths = config::Paths::new(&dir);
+        // The node is built up in a RealNode from here on, so that a failure removes what
+        // is already there (bridge, directory, processes).
+        let mut node = RealNode {
+            name: name.clone(),
+            kubelet: None,
+            containerd: None,
+            binaries: self.binaries.clone(),
+            dir: dir.clone(),
+            keep_dir: self.options.keep_dir,
+            socket: paths.containerd_socket.clone(),
+            index,
+            kubectl: self.kubectl.clone(),
+            admin_kubeconfig: self.admin_kubeconfig.clone(),
+            timings: NodeTimings {
+                containerd: Duration::ZERO,
+                images: Duration::ZERO,
+                kubelet: Duration::ZERO,
+                total: Duration::ZERO,
+            },
+            stopped: false,
+            _lock: lock,
+        };
+        // The bridge exists before the first pod (the CNI bridge plugin takes it as it is), so
+        // that its address can be the node's: a local, non-loopback address the kubelet
+        // accepts as --node-ip, reachable from the host and from the node's pods. A bridge
+        // left by a crashed earlier owner of this subnet goes first.
+        let bridge = bridge_name(index);
+        let _ = Command::new("ip").args(["link", "del", &bridge]).output();
+        for args in [
+            vec!["link", "add", &bridge, "type", "bridge"],
+            vec!["addr", "add", &format!("{node_ip}/24"), "dev", &bridge],
+            vec!["link", "set", &bridge, "up"],
+        ] {
+            let mut command = Command::new("ip");
+            command.args(&args);
+            run(command)?;
+        }
+        for d in paths.dirs() {
+            mkdir(&d)?;
+        }
+        let subnet = Ipv4Addr::new(10, 214, index, 0);
+        write(
+            &paths.containerd_config,
+            &config::containerd(&paths, &self.binaries, &NodeBinaries::pause_image()),
+        )?;
+        write(
+            &paths.cni_conf_dir.join("10-pgrs-node.conflist"),
+            &config::cni(&paths, &bridge_name(index), subnet),
+        )?;
+
+        let containerd = Component::start(
+            "containerd",
+            &self.binaries.containerd(),
+            &[
+                format!("--config={}", paths.containerd_config.display()),
+                "--log-level=info".to_owned(),
+            ],
+            &paths.logs,
+        )?;
+        node.containerd = Some(containerd);
+        wait_for(&mut node, "containerd answering", || {
+            let out = ctr(&self.binaries, &paths.containerd_socket)
+                .arg("version")
+                .output();
+            async move {
+                match out {
+                    Ok(o) if o.status.success() => Ok(()),
+                    Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_owned()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        })
+        .await?;
+        let containerd_ready = started.elapsed();
+
+        import(
+            &self.binaries,
+            &paths.containerd_socket,
+            &self.binaries.pause_archive(),
+        )?;
+        for archive in &self.options.images {
+            import(&self.binaries, &paths.containerd_socket, archive)?;
+        }
+        let images_done = started.elapsed();
+
+        let kubelet_kubeconfig = dir.join("kubelet.kubeconfig");
+        write(&kubelet_kubeconfig, &self.kubelet_kubeconfig)?;
+        let port = free_port().map_err(NodeError::Port)?;
+        let healthz_port = free_port().map_err(NodeError::Port)?;
+        write(
+            &paths.kubelet_config,
+            &config::kubelet(&paths, subnet, port, healthz_port),
+        )?;
+        let kubelet = Component::start(
+            "kubelet",
+            &self.binaries.kubelet(),
+            &[
+                format!("--config={}", paths.kubelet_config.display()),
+                format!("--kubeconfig={}", kubelet_kubeconfig.display()),
+                format!("--root-dir={}", paths.kubelet_root.display()),
+                format!("--cert-dir={}", paths.kubelet_root.join("pki").display()),
+                format!("--hostname-override={name}"),
+                format!("--node-ip={node_ip}"),
+                "--v=2".to_owned(),
+            ],
+            &paths.logs,
+        )?;
+        node.kubelet = Some(kubelet);
+        let client = crate::control_plane::client_from_kubeconfig_file(&self.admin_kubeconfig)
+            .await
+            .map_err(NodeError::Client)?;
+        let nodes: Api<Node> = Api::all(client);
+        wait_for(&mut node, "the Node Ready", || {
+            let nodes = nodes.clone();
+            let name = name.clone();
+            async move {
+                let node = nodes
+                    .get_opt(&name)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("no Node {name} yet"))?;
+                let ready = node
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|c| c.type_ == "Ready");
+                match ready {
+                    Some(c) if c.status == "True" => Ok(()),
+                    Some(c) => Err(format!(
+                        "Ready={}: {} {}",
+                        c.status,
+                        c.reason.unwrap_or_default(),
+                        c.message.unwrap_or_default()
+                    )),
+                    None => Err("no Ready condition yet".to_owned()),
+                }
+            }
+        })
+        .await?;
+        let total = started.elapsed();
+        node.timings = NodeTimings {
+            containerd: containerd_ready,
+            images: images_done - containerd_ready,
+            kubelet: total - images_done,
+            total,
+        };
+        Ok(node)
+    }
+}
+
+/// Polls `probe` every 200 ms; fails when containerd or the kubelet exits, or after
+/// [`READY_TIMEOUT`], with their log tails.
+async fn wait_for<F, Fut>(node: &mut RealNode, what: &str, mut probe: F) -> Result<(), NodeError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let last_error = match probe().await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let exited = [
+            ("containerd", node.containerd.as_mut()),
+            ("kubelet", node.kubelet.as_mut()),
+        ]
+        .into_iter()
+        .find_map(|(component, process)| Some((component, process?.exited()?)));
+        if let Some((component, status)) = exited {
+            return Err(NodeError::Exited {
+                component,
+                status,
+                logs: node.log_tails(LOG_TAIL_LINES),
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(NodeError::NotReady {
+                what: format!("{} did not get {what}", node.name),
+                timeout: READY_TIMEOUT,
+                last_error,
+                logs: node.log_tails(LOG_TAIL_LINES),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The ServiceAccount (in kube-system) whose token the kubelet uses, and the name of its
+/// ClusterRoleBinding to `system:node`.
+fn account_name(index: u8) -> String {
+    format!("pgrs-testbed-node-{index}")
+}
+
+fn node_account(index: u8) -> String {
+    format!("system:serviceaccount:kube-system:{}", account_name(index))
+}
+
+/// The kubelet's credential: a token of a ServiceAccount bound to the `system:node`
+/// ClusterRole (everything a kubelet does, as the Node authorizer would grant it, but not
+/// limited to this node's objects). A real node identity (`system:node:<name>` in
+/// `system:nodes`) needs a certificate from the cluster CA, whose key the test bed does not
+/// keep.
+fn node_credential(
+    kubectl: &Path,
+    admin_kubeconfig: &Path,
+    index: u8,
+) -> Result<String, NodeError> {
+    let account = account_name(index);
+    let manifest = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [{
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": account, "namespace": "kube-system"}
+        }, {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": account},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:node"
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": "kube-system"}]
+        }]
+    });
+    let file = std::env::temp_dir().join(format!("pgrs-node-{index}-{}.json", std::process::id()));
+    write(&file, &manifest.to_string())?;
+    let mut apply = Command::new(kubectl);
+    apply
+        .env("KUBECONFIG", admin_kubeconfig)
+        .arg("apply")
+        .arg("--filename")
+        .arg(&file);
+    let applied = run(apply);
+    let _ = std::fs::remove_file(&file);
+    applied?;
+    let mut token = Command::new(kubectl);
+    token.env("KUBECONFIG", admin_kubeconfig).args([
+        "create",
+        "token",
+        &account,
+        "--namespace=kube-system",
+        "--duration=48h",
+    ]);
+    Ok(run(token)?.trim().to_owned())
+}
+
+fn bridge_name(index: u8) -> String {
+    format!("pgrsnode{index}")
+}
+
+/// A free 10.214.X.0/24: a flock per X, released when the process dies.
+fn claim_subnet() -> Result<(u8, File), NodeError> {
+    std::fs::create_dir_all(LOCK_DIR).map_err(|source| NodeError::Io {
+        path: LOCK_DIR.into(),
+        source,
+    })?;
+    let start = std::process::id() % 256;
+    for offset in 0..256u32 {
+        let index = u8::try_from((start + offset) % 256).unwrap_or(0);
+        let path = Path::new(LOCK_DIR).join(format!("node-{index}.lock"));
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| NodeError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        // SAFETY: flock on an fd we own.
+        let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if locked == 0 {
+            return Ok((index, lock));
+        }
+    }
+    Err(NodeError::NoSubnet)
+}
+
+fn ctr(binaries: &NodeBinaries, socket: &Path) -> Command {
+    let mut command = Command::new(binaries.ctr());
+    command
+        .arg(format!("--address={}", socket.display()))
+        .arg("--namespace=k8s.io");
+    command
+}
+
+fn run(mut command: Command) -> Result<String, NodeError> {
+    let text = format!("{command:?}");
+    let output = command.output().map_err(|e| NodeError::Command {
+        command: text.clone(),
+        output: e.to_string(),
+    })?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(NodeError::Command {
+            command: text,
+            output: format!(
+                "{}: {}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        })
+    }
+}
+
+fn import(binaries: &NodeBinaries, socket: &Path, archive: &Path) -> Result<(), NodeError> {
+    let mut command = ctr(binaries, socket);
+    command.args(["images", "import", "--local"]).arg(archive);
+    run(command).map(|_| ())
+}
+
+/// SIGKILLs and deletes every task (pod sandboxes and containers) of the CRI's namespace.
+fn kill_all_tasks(binaries: &NodeBinaries, socket: &Path) {
+    let mut list = ctr(binaries, socket);
+    list.args(["tasks", "ls", "--quiet"]);
+    let Ok(ids) = run(list) else { return };
+    for id in ids.lines().map(str::trim).filter(|id| !id.is_empty()) {
+        let mut kill = ctr(binaries, socket);
+        kill.args(["tasks", "kill", "--all", "--signal=SIGKILL", id]);
+        let _ = run(kill);
+    }
+    for id in ids.lines().map(str::trim).filter(|id| !id.is_empty()) {
+        let mut delete = ctr(binaries, socket);
+        delete.args(["tasks", "delete", "--force", id]);
+        let _ = run(delete);
+    }
+}
+
+/// runc shims outlive containerd: SIGKILL those of this node's containerd (their command
+/// line names its socket).
+fn kill_leftover_shims(socket: &Path) {
+    let socket = socket.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("containerd-shim-runc-v2") && cmdline.contains(&socket) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Lazily unmounts every mount point under `dir`, deepest first.
+fn unmount_under(dir: &Path) {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in points {
+        let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn mkdir(path: &Path) -> Result<(), NodeError> {
+    std::fs::create_dir_all(path).map_err(|source| NodeError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn write(path: &Path, contents: &str) -> Result<(), NodeError> {
+    std::fs::write(path, contents).map_err(|source| NodeError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
