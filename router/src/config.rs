@@ -36,6 +36,13 @@ pub struct RouterConfig {
     pub classifier: Classifier,
     /// `application_name` of the router's connections (unless the string sets one).
     pub application_name: String,
+    /// TLS of every connection (pools and probes), e.g. a rustls configuration trusting only
+    /// the cluster CA (pgrs clusters refuse plain connections from the network). The
+    /// connection string's `sslmode` decides: `require` insists on TLS, `prefer` (the default)
+    /// tries it; the server name checked is the string's `host` (dial an IP with `hostaddr`
+    /// while checking the name in `host`) — together `sslmode=verify-full` semantics.
+    /// `None`: plain connections only.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl RouterConfig {
@@ -58,6 +65,7 @@ impl RouterConfig {
             causal_wait: Duration::from_millis(50),
             classifier: Classifier::default(),
             application_name: "pgrs-router".to_owned(),
+            tls: None,
         }
     }
 }

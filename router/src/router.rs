@@ -11,6 +11,7 @@ use deadpool_postgres::{
     ClientWrapper, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
     TimeoutType,
 };
+use rustls::ClientConfig;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
@@ -112,6 +113,8 @@ pub struct Router {
 struct Node {
     name: Arc<str>,
     pg_config: tokio_postgres::Config,
+    /// The connector of the probes (the pool has its own copy); `None`: plain.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     pool: Pool,
     /// Set when a checkout failed to connect; routing skips the node until a probe answers.
     suspect: AtomicBool,
@@ -194,13 +197,17 @@ impl Router {
                 pg_config.application_name(&config.application_name);
             }
             let name = node_name(&pg_config, index);
-            let manager = Manager::from_config(
-                pg_config.clone(),
-                NoTls,
-                ManagerConfig {
-                    recycling_method: RecyclingMethod::Fast,
-                },
-            );
+            let manager_config = ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            };
+            let tls = config
+                .tls
+                .as_ref()
+                .map(|tls| tokio_postgres_rustls::MakeRustlsConnect::new(ClientConfig::clone(tls)));
+            let manager = match &tls {
+                Some(tls) => Manager::from_config(pg_config.clone(), tls.clone(), manager_config),
+                None => Manager::from_config(pg_config.clone(), NoTls, manager_config),
+            };
             let pool = Pool::builder(manager)
                 .max_size(config.pool_size)
                 .runtime(Runtime::Tokio1)
@@ -213,6 +220,7 @@ impl Router {
             nodes.push(Node {
                 name: Arc::from(name.as_str()),
                 pg_config,
+                tls,
                 pool,
                 suspect: AtomicBool::new(false),
                 replay_seen: AtomicU64::new(0),
@@ -746,12 +754,26 @@ async fn probe_once(
     let client = match slot.take() {
         Some(client) if !client.is_closed() => slot.insert(client),
         _ => {
-            let (client, connection) = node
-                .pg_config
-                .connect(NoTls)
-                .await
-                .map_err(ProbeError::Connect)?;
-            tokio::spawn(connection);
+            let client = match &node.tls {
+                Some(tls) => {
+                    let (client, connection) = node
+                        .pg_config
+                        .connect(tls.clone())
+                        .await
+                        .map_err(ProbeError::Connect)?;
+                    tokio::spawn(connection);
+                    client
+                }
+                None => {
+                    let (client, connection) = node
+                        .pg_config
+                        .connect(NoTls)
+                        .await
+                        .map_err(ProbeError::Connect)?;
+                    tokio::spawn(connection);
+                    client
+                }
+            };
             slot.insert(client)
         }
     };

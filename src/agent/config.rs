@@ -391,49 +391,53 @@ pub fn render_parameters_include(parameters: &BTreeMap<String, String>) -> Strin
 pub fn render_pg_hba(replication_user: &str, tls: bool) -> String {
     let mut text = String::from("# Rendered by the pgrs agent: edits are lost.\n");
     text.push_str("local   all          all                       scram-sha-256\n");
-    if !tls {
-        for network in ["0.0.0.0/0", "::/0"] {
+    // (type, database, user, networks, method), in order: the first matching line decides.
+    let rules: &[(&str, &str, &str, &[&str], &str)] = if tls {
+        &[
+            (
+                "host",
+                "replication",
+                replication_user,
+                LOOPBACK,
+                "scram-sha-256",
+            ),
+            ("host", "all", "all", LOOPBACK, "scram-sha-256"),
+            (
+                "hostssl",
+                "replication",
+                replication_user,
+                ANYWHERE,
+                "scram-sha-256",
+            ),
+            ("hostssl", "all", "all", ANYWHERE, "scram-sha-256"),
+            ("hostnossl", "replication", "all", ANYWHERE, "reject"),
+            ("hostnossl", "all", "all", ANYWHERE, "reject"),
+        ]
+    } else {
+        &[
+            (
+                "host",
+                "replication",
+                replication_user,
+                ANYWHERE,
+                "scram-sha-256",
+            ),
+            ("host", "all", "all", ANYWHERE, "scram-sha-256"),
+        ]
+    };
+    for (kind, database, user, networks, method) in rules {
+        for network in *networks {
             let _ = writeln!(
                 text,
-                "host    replication  {replication_user:<12} {network:<12} scram-sha-256"
-            );
-            let _ = writeln!(
-                text,
-                "host    all          all          {network:<12} scram-sha-256"
+                "{kind:<9} {database:<12} {user:<12} {network:<12} {method}"
             );
         }
-        return text;
-    }
-    for network in ["127.0.0.1/32", "::1/128"] {
-        let _ = writeln!(
-            text,
-            "host      replication  {replication_user:<12} {network:<12} scram-sha-256"
-        );
-        let _ = writeln!(
-            text,
-            "host      all          all          {network:<12} scram-sha-256"
-        );
-    }
-    for network in ["0.0.0.0/0", "::/0"] {
-        let _ = writeln!(
-            text,
-            "hostssl   replication  {replication_user:<12} {network:<12} scram-sha-256"
-        );
-        let _ = writeln!(
-            text,
-            "hostssl   all          all          {network:<12} scram-sha-256"
-        );
-        let _ = writeln!(
-            text,
-            "hostnossl replication  all          {network:<12} reject"
-        );
-        let _ = writeln!(
-            text,
-            "hostnossl all          all          {network:<12} reject"
-        );
     }
     text
 }
+
+const LOOPBACK: &[&str] = &["127.0.0.1/32", "::1/128"];
+const ANYWHERE: &[&str] = &["0.0.0.0/0", "::/0"];
 
 /// A libpq passfile line matching any host, port and database for `user`.
 pub fn passfile_line(user: &str, password: &str) -> String {

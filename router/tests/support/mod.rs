@@ -1,8 +1,11 @@
 //! Test fixture: a real PostgreSQL 15 primary and a streaming hot standby on free loopback
 //! ports in a temp dir, run as the `postgres` user (postgres refuses root), stopped on drop.
 //!
+//! Both serve TLS (`ssl = on`) with a certificate for `localhost` and `127.0.0.1` from a CA of
+//! their own ([`Cluster::ca_pem`]); plain connections stay accepted.
+//!
 //! Shared by the integration tests and the bench (`#[path]`), so it only uses std, anyhow,
-//! nix and tempfile.
+//! nix, tempfile and `pgrs::tls`.
 #![allow(dead_code)]
 
 use std::fs::{self, OpenOptions};
@@ -84,6 +87,8 @@ pub struct Cluster {
     root: tempfile::TempDir,
     pub primary: PgNode,
     pub replica: PgNode,
+    /// The CA of the nodes' certificate (PEM).
+    pub ca_pem: String,
 }
 
 /// A free loopback port below the kernel's ephemeral range (32768–60999), where outgoing
@@ -165,11 +170,20 @@ impl Cluster {
             log: logs.join("replica.log"),
             running: false,
         };
+        let authority =
+            pgrs::tls::Authority::generate("router test CA", Duration::from_secs(86_400))?;
+        let server = authority.issue_server(
+            "router test",
+            &["localhost".to_string()],
+            &[std::net::IpAddr::from([127, 0, 0, 1])],
+            Duration::from_secs(86_400),
+        )?;
         let mut cluster = Cluster {
             user,
             root,
             primary,
             replica,
+            ca_pem: authority.cert_pem().to_string(),
         };
 
         let mut initdb = user.command("initdb", cluster.root.path());
@@ -185,12 +199,23 @@ impl Cluster {
         fs::create_dir(&cluster.primary.data_dir)?;
         user.own(&cluster.primary.data_dir)?;
         run(initdb, "initdb the primary")?;
+        // The certificate and key in the data directory (pg_basebackup copies them).
+        for (file, text) in [
+            ("server.crt", &server.cert_pem),
+            ("server.key", &server.key_pem),
+        ] {
+            let path = cluster.primary.data_dir.join(file);
+            fs::write(&path, text)?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+            user.own(&path)?;
+        }
         append(
             &cluster.primary.data_dir.join("postgresql.conf"),
             &format!(
                 "\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\n\
                  wal_level = replica\nmax_wal_senders = 5\nwal_keep_size = '128MB'\n\
-                 hot_standby = on\nfsync = off\nshared_buffers = '16MB'\nmax_connections = 80\n",
+                 hot_standby = on\nfsync = off\nshared_buffers = '16MB'\nmax_connections = 80\n\
+                 ssl = on\n",
                 cluster.primary.port,
                 sockets.display()
             ),

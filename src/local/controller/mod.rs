@@ -7,6 +7,7 @@
 mod api;
 mod nodes;
 mod platform;
+mod secrets;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -46,7 +47,8 @@ struct Shared {
     last_state: Mutex<ControlState>,
     /// A switchover accepted by the API, taken into the loop's state by the next round.
     pending_switchover: Mutex<Option<SwitchoverPlan>>,
-    clients: HashMap<String, Arc<AgentClient>>,
+    /// Made again when the token file changes (`secrets`).
+    clients: Mutex<HashMap<String, Arc<AgentClient>>>,
     sessions: control::SessionPool,
     forwarder: Forwarder,
     nodes: Mutex<HashMap<String, NodeRuntime>>,
@@ -328,15 +330,8 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
         std::fs::read_to_string(layout.token()).map_err(io_error("read", &layout.token()))?;
     let password = std::fs::read_to_string(layout.superuser_password())
         .map_err(io_error("read", &layout.superuser_password()))?;
-    let clients = config
-        .nodes
-        .iter()
-        .map(|n| {
-            let client = AgentClient::new(config.agent_url(n), Some(token.trim().to_string()))?
-                .with_action_timeout(Duration::from_secs(300));
-            Ok((n.name.clone(), Arc::new(client)))
-        })
-        .collect::<anyhow::Result<HashMap<_, _>>>()?;
+    let clients = secrets::agent_clients(&config, token.trim(), None)?;
+    let tls = crate::local::tls::postgres_tls(&layout.dir)?;
     let forwarder = Forwarder::bind(SocketAddr::from(([127, 0, 0, 1], config.write_port))).await?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", config.controller_port))
         .await
@@ -354,12 +349,8 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
         control: control.shared().clone(),
         last_state: Mutex::new(state),
         pending_switchover: Mutex::new(None),
-        clients,
-        sessions: platform::session_pool(
-            &config,
-            password.trim(),
-            crate::local::tls::postgres_tls(&layout.dir)?,
-        ),
+        clients: Mutex::new(clients),
+        sessions: platform::session_pool(&config, password.trim(), &tls),
         forwarder,
         nodes: Mutex::new(HashMap::new()),
         status: Mutex::new(None),
@@ -372,6 +363,14 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
         layout: layout.clone(),
         config: config.clone(),
     });
+    // Rotation: the token and the superuser password are read again every 2 s.
+    tokio::spawn(secrets::watch(
+        shared.clone(),
+        layout.clone(),
+        token.trim().to_string(),
+        password.trim().to_string(),
+        tls.clone(),
+    ));
     // `/metrics`: counters fed by a sampler of each round's status, the round timer below and
     // the agents' lease renewals (counted where the lease service answers them).
     let metrics = Arc::new(crate::metrics::local::LocalMetrics::new(&config.cluster));
@@ -441,7 +440,7 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
     // Replicas clone from the primary: start them once it serves.
     let starter = shared.clone();
     tokio::spawn(async move {
-        let client = starter.clients[&first].clone();
+        let client = lock(&starter.clients)[&first].clone();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
         while tokio::time::Instant::now() < deadline {
             if let Ok(status) = client.status().await

@@ -22,13 +22,15 @@ impl Platform for Shared {
     }
 
     fn agent(&self, instance: &str) -> Option<Arc<dyn AgentApi>> {
-        self.clients
+        lock(&self.clients)
             .get(instance)
             .map(|c| c.clone() as Arc<dyn AgentApi>)
     }
 
     fn agent_url(&self, instance: &str) -> Option<String> {
-        self.clients.get(instance).map(|c| c.base_url().to_string())
+        lock(&self.clients)
+            .get(instance)
+            .map(|c| c.base_url().to_string())
     }
 
     fn postgres_address(&self, instance: &str) -> Option<(String, u16)> {
@@ -152,26 +154,34 @@ impl Platform for Shared {
 pub(super) fn session_pool(
     config: &crate::local::layout::LocalConfig,
     password: &str,
-    tls: crate::postgres::probe::PostgresTls,
+    tls: &crate::postgres::probe::PostgresTls,
 ) -> SessionPool {
-    SessionPool::new(
-        config
-            .nodes
-            .iter()
-            .map(|node| {
-                (
-                    node.name.clone(),
-                    crate::postgres::probe::ConnectTarget {
-                        host: "127.0.0.1".to_string(),
-                        port: node.pg_port,
-                        user: config.superuser.clone(),
-                        password: password.to_string(),
-                        fallback_password: None,
-                        dbname: "postgres".to_string(),
-                        tls: Some(tls.clone()),
-                    },
-                )
-            })
-            .collect(),
-    )
+    SessionPool::new(session_targets(config, password, None, tls))
+}
+
+/// Where and as whom the sessions connect; `fallback` is the password before a rotation.
+pub(super) fn session_targets(
+    config: &crate::local::layout::LocalConfig,
+    password: &str,
+    fallback: Option<String>,
+    tls: &crate::postgres::probe::PostgresTls,
+) -> std::collections::HashMap<String, crate::postgres::probe::ConnectTarget> {
+    config
+        .nodes
+        .iter()
+        .map(|node| {
+            (
+                node.name.clone(),
+                crate::postgres::probe::ConnectTarget {
+                    host: "127.0.0.1".to_string(),
+                    port: node.pg_port,
+                    user: config.superuser.clone(),
+                    password: password.to_string(),
+                    fallback_password: fallback.clone(),
+                    dbname: "postgres".to_string(),
+                    tls: Some(tls.clone()),
+                },
+            )
+        })
+        .collect()
 }
