@@ -61,15 +61,17 @@ async fn sample(c: &Cluster, old: &str) -> Result<Sample, String> {
     })
 }
 
-/// Whether the agent at `ip` answers `GET /healthz` within 1 s, sent from `source`.
+/// Whether the agent at `ip` answers `GET /healthz` within 1 s, sent from `source` (HTTPS,
+/// the certificate unchecked like a kubelet's probe; `operator_tls` checks it).
 async fn agent_answers(ip: &str, source: Option<Ipv4Addr>) -> bool {
     let mut client = reqwest::Client::builder()
         .timeout(Duration::from_secs(1))
+        .danger_accept_invalid_certs(true)
         .no_proxy();
     if let Some(source) = source {
         client = client.local_address(IpAddr::V4(source));
     }
-    let url = format!("http://{ip}:{}{HEALTHZ_PATH}", names::AGENT_PORT);
+    let url = format!("https://{ip}:{}{HEALTHZ_PATH}", names::AGENT_PORT);
     match client.build().expect("http client").get(&url).send().await {
         Ok(response) => response.status().is_success(),
         Err(_) => false,
