@@ -53,6 +53,9 @@ pub(super) async fn watch(
 ) {
     let mut previous_token: Option<(String, tokio::time::Instant)> = None;
     let mut previous_password: Option<(String, tokio::time::Instant)> = None;
+    // What the clients and sessions were made with (the controller's start made the first).
+    let mut applied_tokens = Some((token.clone(), None));
+    let mut applied_passwords = Some((password.clone(), None));
     loop {
         tokio::time::sleep(SECRETS_POLL).await;
         let recent = |previous: &Option<(String, tokio::time::Instant)>| {
@@ -83,17 +86,29 @@ pub(super) async fn watch(
                 "the superuser password changed; the previous one stays a fallback for 5 minutes"
             );
         }
-        match agent_clients(&shared.config, &token, recent(&previous_token)) {
-            Ok(clients) => *lock(&shared.clients) = clients,
-            Err(error) => tracing::warn!(%error, "cannot make the agent clients again"),
+        // Only a change (a new value, or a fallback's window over) makes new clients: kept
+        // ones keep their connections.
+        let tokens = (token.clone(), recent(&previous_token));
+        if applied_tokens.as_ref() != Some(&tokens) {
+            match agent_clients(&shared.config, &tokens.0, tokens.1.clone()) {
+                Ok(clients) => {
+                    *lock(&shared.clients) = clients;
+                    applied_tokens = Some(tokens);
+                }
+                Err(error) => tracing::warn!(%error, "cannot make the agent clients again"),
+            }
         }
-        shared
-            .sessions
-            .set_targets(super::platform::session_targets(
-                &shared.config,
-                &password,
-                recent(&previous_password),
-                &tls,
-            ));
+        let passwords = (password.clone(), recent(&previous_password));
+        if applied_passwords.as_ref() != Some(&passwords) {
+            shared
+                .sessions
+                .set_targets(super::platform::session_targets(
+                    &shared.config,
+                    &passwords.0,
+                    passwords.1.clone(),
+                    &tls,
+                ));
+            applied_passwords = Some(passwords);
+        }
     }
 }
