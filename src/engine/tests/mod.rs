@@ -5,6 +5,7 @@ use super::*;
 mod generators;
 mod oracle;
 mod properties;
+mod properties_serving;
 mod unobserved;
 
 const SECOND: u64 = 1000;
