@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the test bed's real Kubernetes binaries from Go modules:
-#   kube-apiserver, kube-controller-manager, kubectl (testbed/k8s, one `go build`),
+#   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (testbed/k8s, one `go build`),
 #   etcd (testbed/etcd) and helm (testbed/helm)
 # into a version-keyed cache directory, and prints that directory on the last line.
 # Does nothing when the directory is complete (stamp file written last).
@@ -54,7 +54,7 @@ dir="$cache_root/$k8s_version-$etcd_version-$helm_version"
 bin="$dir/bin"
 stamp="$dir/complete"
 
-if [ -f "$stamp" ]; then
+if [ -f "$stamp" ] && [ -x "$bin/kube-scheduler" ]; then
   echo "build.sh: binaries already built ($(cat "$stamp"))" >&2
   echo "$bin"
   exit 0
@@ -69,6 +69,35 @@ fi
 export GOTOOLCHAIN=local CGO_ENABLED=0
 # Go's own parallelism defaults to the CPU count; say it for 2-core CI.
 jobs=${PGRS_TESTBED_GO_JOBS:-$(nproc)}
+
+# kube-apiserver/-controller-manager/kubectl flags, shared by the full build and the add-on below.
+minor=${k8s_version#v1.}
+minor=${minor%%.*}
+k8s_ldflags="-s -w"
+for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  k8s_ldflags="$k8s_ldflags -X $p.gitVersion=$k8s_version -X $p.gitMajor=1 -X $p.gitMinor=$minor"
+  k8s_ldflags="$k8s_ldflags -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
+done
+
+# A cache completed before kube-scheduler was added to this script (the real node needs a
+# scheduler; the fake kubelet binds pods itself): build that one binary into it.
+if [ -f "$stamp" ]; then
+  echo "build.sh: adding kube-scheduler $k8s_version to $bin" >&2
+  start=$(date +%s)
+  if [ -z "${PGRS_TESTBED_GOCACHE:-}" ]; then
+    scratch=$(mktemp -d "${TMPDIR:-/tmp}/pgrs-testbed-gocache.XXXXXX")
+    trap 'rm -rf "$scratch"' EXIT
+    export GOCACHE="$scratch"
+  else
+    export GOCACHE="$PGRS_TESTBED_GOCACHE"
+  fi
+  (cd "$here/k8s" && go build -p "$jobs" -trimpath -tags=notest -ldflags="$k8s_ldflags" \
+    -o "$bin/kube-scheduler.tmp" k8s.io/kubernetes/cmd/kube-scheduler)
+  mv "$bin/kube-scheduler.tmp" "$bin/kube-scheduler"
+  echo "build.sh: kube-scheduler added in $(($(date +%s) - start))s" >&2
+  echo "$bin"
+  exit 0
+fi
 
 rm -rf "$dir"
 mkdir -p "$bin"
@@ -87,17 +116,11 @@ fi
 
 # kube-apiserver / kube-controller-manager / kubectl. Version ldflags set to the exact
 # tag: /version, helm's kubeVersion checks and version-gated features depend on it.
-minor=${k8s_version#v1.}
-minor=${minor%%.*}
-k8s_ldflags="-s -w"
-for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-  k8s_ldflags="$k8s_ldflags -X $p.gitVersion=$k8s_version -X $p.gitMajor=1 -X $p.gitMinor=$minor"
-  k8s_ldflags="$k8s_ldflags -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
-done
-echo "build.sh: building kubernetes $k8s_version (kube-apiserver, kube-controller-manager, kubectl)" >&2
+echo "build.sh: building kubernetes $k8s_version (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl)" >&2
 (cd "$here/k8s" && go build -p "$jobs" -trimpath -tags=notest -ldflags="$k8s_ldflags" -o "$bin/" \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
+  k8s.io/kubernetes/cmd/kube-scheduler \
   k8s.io/kubernetes/cmd/kubectl)
 k8s_done=$(date +%s)
 
@@ -116,7 +139,7 @@ done
 (cd "$here/helm" && go build -p "$jobs" -trimpath -ldflags="$helm_ldflags" -o "$bin/helm" helm.sh/helm/v3/cmd/helm)
 end=$(date +%s)
 
-for b in kube-apiserver kube-controller-manager kubectl etcd helm; do
+for b in kube-apiserver kube-controller-manager kube-scheduler kubectl etcd helm; do
   [ -x "$bin/$b" ] || { echo "build.sh: $bin/$b was not produced" >&2; exit 1; }
 done
 

@@ -2,7 +2,11 @@
 //! `<name>-app`; its credentials log in as the owner role to its database on the primary
 //! (writes included), a wrong password is refused, the same credentials work on the new
 //! primary after a switchover, and deleting the Secret of a bootstrapped cluster is an error
-//! Event (never a new password).
+//! Event (never a new password). Remote superuser logins are refused by default
+//! (`enableSuperuserAccess` unset): the superuser's right password over TLS gets `pg_hba.conf
+//! rejects connection` on every pod, and the switchover works without them;
+//! `enableSuperuserAccess: true` lets it in on every pod and `false` refuses it again, both
+//! without restarting postgres.
 //!
 //! The operator runs as a process with the admin kubeconfig. Needs the test-bed binaries
 //! (`testbed/build.sh`). The Service DNS name does not resolve on the test bed: the `uri` is
@@ -78,6 +82,22 @@ async fn login(
         let _ = connection.await;
     });
     Ok(client)
+}
+
+/// Every instance's `pg_postmaster_start_time()` (unchanged unless postgres restarted).
+async fn postmaster_starts(client: &kube::Client, ns: &str) -> BTreeMap<String, String> {
+    let login = app_login(client, ns, CLUSTER).await;
+    let mut starts = BTreeMap::new();
+    for (pod, ip) in pod_ips(client, ns, CLUSTER).await {
+        let session = connect(&ip, &login).await.expect("connect as the owner");
+        let start: String = session
+            .query_one("SELECT pg_postmaster_start_time()::text", &[])
+            .await
+            .expect("pg_postmaster_start_time")
+            .get(0);
+        starts.insert(pod, start);
+    }
+    starts
 }
 
 /// Logs in with the Secret's password, retrying a little (a new primary may still be running
@@ -159,6 +179,62 @@ async fn the_app_secret_logs_in_as_the_owner_before_and_after_a_switchover() {
     assert!(
         refused.contains("password authentication failed"),
         "{refused}"
+    );
+
+    // The superuser, with its right password over TLS, is refused from the pod network on
+    // every instance (no `enableSuperuserAccess`): `pg_hba.conf` rejects it before SCRAM.
+    let superuser = superuser_login(&client, &ns_name, CLUSTER).await;
+    for (pod, ip) in &ips {
+        let Err(refused) = connect(ip, &superuser).await else {
+            panic!("a remote superuser login to {pod} was accepted");
+        };
+        assert!(
+            refused.contains("pg_hba.conf rejects connection") && refused.contains("\"postgres\""),
+            "{pod}: {refused}"
+        );
+    }
+
+    // Allowed live (no pod restart: a `pg_hba.conf` reload), then refused again.
+    let starts = postmaster_starts(&client, &ns_name).await;
+    merge_patch_spec(bed, &ns_name, CLUSTER, r#"{"enableSuperuserAccess":true}"#);
+    for (pod, ip) in &ips {
+        let session = eventually(
+            &format!("a remote superuser login to {pod}"),
+            Duration::from_secs(30),
+            || connect(ip, &superuser),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let is_superuser: bool = session
+            .query_one(
+                "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .expect("rolsuper")
+            .get(0);
+        assert!(is_superuser, "{pod}");
+    }
+    merge_patch_spec(bed, &ns_name, CLUSTER, r#"{"enableSuperuserAccess":false}"#);
+    for (pod, ip) in &ips {
+        eventually(
+            &format!("the remote superuser refused again on {pod}"),
+            Duration::from_secs(30),
+            || async {
+                match connect(ip, &superuser).await {
+                    Ok(_) => Err("accepted".to_string()),
+                    Err(e) if e.contains("pg_hba.conf rejects connection") => Ok(()),
+                    Err(e) => Err(e),
+                }
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(
+        postmaster_starts(&client, &ns_name).await,
+        starts,
+        "no postgres restarted"
     );
 
     // A switchover: the same credentials work on the new primary, the row is there.

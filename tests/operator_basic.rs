@@ -118,7 +118,7 @@ async fn basic_cluster_is_healthy_replicates_and_fails_over_when_the_primary_pod
     .unwrap_or_else(|e| panic!("{e}"));
 
     // Insert through the primary's pod IP, read it on each standby's pod IP.
-    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    let password = app_login(&client, &ns_name, CLUSTER).await;
     let db = connect(&primary_ip, &password)
         .await
         .expect("connect to the primary");

@@ -175,7 +175,7 @@ pub struct Campaign {
     pub client: Client,
     /// Pod name → pod IP.
     pub ips: BTreeMap<String, String>,
-    pub password: String,
+    pub password: Login,
     /// The writers' clock.
     pub start: Instant,
     pub writers: Option<Writers>,
@@ -208,7 +208,7 @@ impl Campaign {
         .unwrap_or_else(|e| panic!("{e}"));
         let ips = pod_ips(&client, &ns, CLUSTER).await;
         assert_eq!(ips.len(), 3, "three pods with IPs: {ips:?}");
-        let password = superuser_password(&client, &ns, CLUSTER).await;
+        let password = app_login(&client, &ns, CLUSTER).await;
         connect(&ips[&primary], &password)
             .await
             .expect("connect to the primary")

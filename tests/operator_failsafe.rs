@@ -87,7 +87,7 @@ pub struct Cluster {
     pub client: Client,
     /// Pod name → pod IP.
     pub ips: BTreeMap<String, String>,
-    pub password: String,
+    pub password: Login,
     /// The agents' bearer token (their status needs it), read before any outage.
     pub agent_token: String,
     pub primary: String,
@@ -106,7 +106,7 @@ impl Cluster {
         let primary = wait_three_ready_healthy(&client, &ns, CLUSTER, "cluster Healthy").await;
         let ips = pod_ips(&client, &ns, CLUSTER).await;
         assert_eq!(ips.len(), 3, "three pods with IPs: {ips:?}");
-        let password = superuser_password(&client, &ns, CLUSTER).await;
+        let password = app_login(&client, &ns, CLUSTER).await;
         let agent_token = agent_token(&client, &ns).await;
         connect(&ips[&primary], &password)
             .await

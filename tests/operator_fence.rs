@@ -59,7 +59,7 @@ async fn fenced_instances_stop_leave_the_services_and_are_never_promoted() {
     replicas.sort();
     let (fenced, other) = (replicas[0].clone(), replicas[1].clone());
     let fenced_ip = ips[&fenced].clone();
-    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    let password = app_login(&client, &ns_name, CLUSTER).await;
     eventually(
         "-r selects all three pods",
         Duration::from_secs(30),

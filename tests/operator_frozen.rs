@@ -39,7 +39,7 @@ struct OldWrite {
 async fn write_old(
     session: &mut Option<tokio_postgres::Client>,
     ip: &str,
-    password: &str,
+    password: &Login,
     id: i64,
 ) -> bool {
     let insert = "INSERT INTO t VALUES ($1)";
@@ -87,7 +87,7 @@ async fn a_frozen_primary_is_fenced_before_a_standby_is_promoted() {
         wait_three_ready_healthy(&client, &ns_name, CLUSTER, "basic cluster Healthy").await;
     let ips = pod_ips(&client, &ns_name, CLUSTER).await;
     let old_ip = ips[&primary].clone();
-    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    let password = app_login(&client, &ns_name, CLUSTER).await;
     let old_db = connect(&old_ip, &password)
         .await
         .expect("connect to the primary");

@@ -5,7 +5,8 @@
 //! are counted in the report, not asserted absent: with asynchronous replication the kill may
 //! lose the last acknowledged commits (and has: 1 of 433 in one run). The pod's
 //! container is restarted by the (fake) kubelet and the old primary rejoins as a replica;
-//! `status.lastFailover` is filled.
+//! `status.lastFailover` is filled, and the rejoin ran pg_rewind (an Event `Rejoined … by
+//! pg_rewind`) with the replication role as its source login.
 //!
 //! The kubelet restarts a dead container after 1 s, and an agent that finds itself still the
 //! Lease holder resumes as primary (crash recovery, no failover). To test the failover, the test
@@ -38,7 +39,7 @@ async fn a_hard_killed_primary_pod_is_failed_over_and_rejoins_after_its_restart(
         wait_three_ready_healthy(&client, &ns_name, CLUSTER, "basic cluster Healthy").await;
     let ips = pod_ips(&client, &ns_name, CLUSTER).await;
     let old_ip = ips[&primary].clone();
-    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    let password = app_login(&client, &ns_name, CLUSTER).await;
     let writer =
         WriteLoad::start_on_new_table(&client, &ns_name, CLUSTER, &old_ip, &password).await;
 
@@ -113,6 +114,9 @@ async fn a_hard_killed_primary_pod_is_failed_over_and_rejoins_after_its_restart(
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     let rejoined = fault.elapsed();
+    // By pg_rewind (not a re-clone): its source session is the replication role's, verified
+    // TLS, since the superuser may not log in from the pod network.
+    wait_event(bed, &ns_name, "Rejoined", "by pg_rewind").await;
     assert_eq!(
         status.current_primary.as_deref(),
         Some(new_primary.as_str())

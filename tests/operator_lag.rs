@@ -26,6 +26,8 @@ metadata:
   name: pg
 spec:
   replicas: 3
+  # pg_wal_replay_pause() on the standby needs the superuser.
+  enableSuperuserAccess: true
   storage:
     size: 1Gi
   monitoring:
@@ -78,7 +80,7 @@ async fn a_standby_with_paused_replay_raises_lag_high_until_it_catches_up() {
     let mut replicas: Vec<String> = ips.keys().filter(|n| **n != primary).cloned().collect();
     replicas.sort();
     let lagging = replicas[0].clone();
-    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    let password = app_login(&client, &ns_name, CLUSTER).await;
     let primary_db = connect(&ips[&primary], &password)
         .await
         .expect("connect to the primary");
@@ -86,7 +88,8 @@ async fn a_standby_with_paused_replay_raises_lag_high_until_it_catches_up() {
         .batch_execute("CREATE TABLE t (id bigserial PRIMARY KEY, at timestamptz DEFAULT now())")
         .await
         .expect("create a table");
-    let standby_db = connect(&ips[&lagging], &password)
+    let superuser = superuser_login(&client, &ns_name, CLUSTER).await;
+    let standby_db = connect(&ips[&lagging], &superuser)
         .await
         .expect("connect to the standby");
     standby_db

@@ -65,7 +65,7 @@ async fn wait_applied(client: &Client, ns: &str, what: &str) -> PgReplicaSetStat
 async fn settings(
     client: &Client,
     ns: &str,
-    password: &str,
+    password: &Login,
     name: &str,
 ) -> Result<BTreeMap<String, (String, String)>, String> {
     let ips = pod_ips(client, ns, CLUSTER).await;
@@ -88,7 +88,7 @@ async fn settings(
 async fn wait_setting(
     client: &Client,
     ns: &str,
-    password: &str,
+    password: &Login,
     name: &str,
     value: &str,
 ) -> BTreeMap<String, (String, String)> {
@@ -124,7 +124,7 @@ async fn parameters_are_reloaded_or_rolled_out_replicas_first() {
     apply_repo_manifest(bed, &ns_name, "examples/basic.yaml");
     let status = wait_applied(&client, &ns_name, "basic cluster Healthy").await;
     let first_primary = status.current_primary.clone().expect("a primary");
-    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    let password = app_login(&client, &ns_name, CLUSTER).await;
     let before = settings(&client, &ns_name, &password, "work_mem")
         .await
         .expect("read the settings");
@@ -304,7 +304,7 @@ async fn a_lone_primary_restarts_in_place() {
         }
     };
     healthy(true).await;
-    let password = superuser_password(&client, &ns_name, "solo").await;
+    let password = app_login(&client, &ns_name, "solo").await;
     let read = || async {
         let ip = pod_ips(&client, &ns_name, "solo")
             .await
@@ -508,7 +508,7 @@ async fn lowering_max_connections_restarts_the_primary_first() {
         .find(|p| *p != primary)
         .expect("a standby")
         .to_string();
-    let password = superuser_password(&client, &ns_name, "low").await;
+    let password = app_login(&client, &ns_name, "low").await;
     let read = |pod: String| {
         let client = client.clone();
         let ns_name = ns_name.clone();

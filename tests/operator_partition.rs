@@ -119,7 +119,7 @@ async fn partition_run(prefix: &str, test: &'static str, peer: Peer) -> Run {
         wait_three_ready_healthy(&client, &ns_name, CLUSTER, "basic cluster Healthy").await;
     let ips = pod_ips(&client, &ns_name, CLUSTER).await;
     assert_eq!(ips.len(), 3, "three pods with IPs: {ips:?}");
-    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    let password = app_login(&client, &ns_name, CLUSTER).await;
     connect(&ips[&old_primary], &password)
         .await
         .expect("connect to the primary")

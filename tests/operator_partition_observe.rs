@@ -57,7 +57,7 @@ pub struct Cluster {
     pub primary: String,
     /// Pod name → pod IP.
     pub ips: BTreeMap<String, String>,
-    pub password: String,
+    pub password: Login,
     /// The writers' clock.
     pub start: Instant,
     pub writers: Option<Writers>,
@@ -98,7 +98,7 @@ impl Cluster {
         }
         let ips = pod_ips(&client, &ns, name).await;
         assert_eq!(ips.len(), 3, "three pods with IPs: {ips:?}");
-        let password = superuser_password(&client, &ns, name).await;
+        let password = app_login(&client, &ns, name).await;
         connect(&ips[&primary], &password)
             .await
             .expect("connect to the primary")

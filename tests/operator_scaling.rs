@@ -90,7 +90,7 @@ async fn pods_left(client: &Client, ns: &str, names: &[&str]) {
 }
 
 /// Waits until none of `slots` exists on the primary at `ip`.
-async fn slots_dropped(ip: &str, password: &str, slots: &[&str]) {
+async fn slots_dropped(ip: &str, password: &Login, slots: &[&str]) {
     eventually(
         &format!("slots {slots:?} dropped"),
         Duration::from_secs(120),
@@ -112,7 +112,7 @@ async fn slots_dropped(ip: &str, password: &str, slots: &[&str]) {
     .unwrap_or_else(|e| panic!("{e}"));
 }
 
-async fn rows(ip: &str, password: &str) -> Result<Vec<i32>, String> {
+async fn rows(ip: &str, password: &Login) -> Result<Vec<i32>, String> {
     let db = connect(ip, password).await?;
     let rows = db
         .query("SELECT id FROM t ORDER BY id", &[])
@@ -129,7 +129,7 @@ async fn scaling_up_clones_and_scaling_down_moves_the_primary_first() {
     apply_repo_manifest(bed, &ns_name, "examples/basic.yaml");
     let status = wait_instances(&client, &ns_name, &["pg-0", "pg-1", "pg-2"]).await;
     let primary = status.current_primary.clone().expect("a primary");
-    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    let password = app_login(&client, &ns_name, CLUSTER).await;
     let ips = pod_ips(&client, &ns_name, CLUSTER).await;
     connect(&ips[&primary], &password)
         .await

@@ -225,7 +225,7 @@ async fn a_frozen_agent_right_after_a_switchover_request_does_not_stall_the_oper
     apply_repo_manifest(bed, &ns_name, "examples/basic.yaml");
     wait_three_ready_healthy(&client, &ns_name, CLUSTER, "basic cluster Healthy").await;
     let ips: BTreeMap<String, String> = pod_ips(&client, &ns_name, CLUSTER).await;
-    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    let password = app_login(&client, &ns_name, CLUSTER).await;
     let primary = current_primary(&client, &ns_name).await;
     let writer =
         WriteLoad::start_on_new_table(&client, &ns_name, CLUSTER, &ips[&primary], &password).await;

@@ -125,7 +125,7 @@ async fn sync_mode_loses_no_acknowledged_write_when_the_operator_leader_and_the_
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     let ips = pod_ips(&client, &ns_name, CLUSTER).await;
-    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    let password = app_login(&client, &ns_name, CLUSTER).await;
     let db = connect(&ips[&primary], &password)
         .await
         .expect("connect to the primary");

@@ -3,7 +3,8 @@
 //! and checks the name (`verify-full`, SCRAM with `channel_binding=require`) logs in on a pod
 //! IP; a plain connection from the pod network is refused by `pg_hba.conf`; every replication
 //! connection is encrypted; the agents' API answers HTTPS only, verified as the cluster's
-//! name, and a client of another CA is refused.
+//! name, and a client of another CA is refused. The manifest allows remote superuser logins
+//! (`enableSuperuserAccess: true`): the superuser logs in over TLS, verified.
 //!
 //! The operator runs as a process with the admin kubeconfig. Needs the test-bed binaries
 //! (`testbed/build.sh`).
@@ -28,6 +29,8 @@ spec:
   replicas: 3
   storage:
     size: 1Gi
+  # The superuser logs in from the pod network only when allowed (pg_stat_replication below).
+  enableSuperuserAccess: true
 ";
 
 async fn secret_text(
@@ -170,7 +173,7 @@ async fn every_connection_of_a_default_cluster_is_encrypted_and_verified() {
 
     let ips = pod_ips(&client, &ns_name, CLUSTER).await;
     let primary_ip = ips[&primary].clone();
-    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    let password = superuser_login(&client, &ns_name, CLUSTER).await.password;
     let server_name = format!("pg-rw.{ns_name}.svc");
 
     // verify-full + channel binding on the primary's pod IP.

@@ -46,7 +46,7 @@ spec:
     size: 1Gi
 ";
 
-async fn server_major(host: &str, password: &str) -> Result<u32, String> {
+async fn server_major(host: &str, password: &Login) -> Result<u32, String> {
     let db = connect(host, password).await?;
     let row = db
         .query_one("SELECT current_setting('server_version_num')::int", &[])
@@ -104,7 +104,7 @@ async fn raising_postgres_version_upgrades_the_cluster_and_a_refused_check_chang
     let operator = OperatorProcess::start(bed, &ns_name);
     apply_manifest_text(bed, &ns_name, MANIFEST);
     let primary = wait_three_ready_healthy(&client, &ns_name, CLUSTER, "cluster on 15").await;
-    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    let password = app_login(&client, &ns_name, CLUSTER).await;
     let ips = pod_ips(&client, &ns_name, CLUSTER).await;
     let db = connect(&ips[&primary], &password).await.expect("connect");
     db.batch_execute(
@@ -169,7 +169,7 @@ async fn raising_postgres_version_upgrades_the_cluster_and_a_refused_check_chang
 async fn verify_upgrade(
     client: &kube::Client,
     ns_name: &str,
-    password: &str,
+    password: &Login,
     writer: WriteLoad,
     upgrade_asked: Instant,
     from: u32,
@@ -177,7 +177,7 @@ async fn verify_upgrade(
 ) {
     let client = client.clone();
     let ns_name = ns_name.to_string();
-    let password = password.to_string();
+    let password = password.clone();
     let done = wait_upgrade(
         &client,
         &ns_name,
@@ -247,7 +247,7 @@ async fn a_synchronous_cluster_is_upgraded_from_17_to_18_without_losing_a_write(
     let operator = OperatorProcess::start(bed, &ns_name);
     apply_manifest_text(bed, &ns_name, SYNC_MANIFEST);
     let primary = wait_three_ready_healthy(&client, &ns_name, CLUSTER, "sync cluster on 17").await;
-    let password = superuser_password(&client, &ns_name, CLUSTER).await;
+    let password = app_login(&client, &ns_name, CLUSTER).await;
     let ips = pod_ips(&client, &ns_name, CLUSTER).await;
     assert_eq!(server_major(&ips[&primary], &password).await, Ok(17));
     let db = connect(&ips[&primary], &password).await.expect("connect");

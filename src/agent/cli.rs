@@ -86,6 +86,13 @@ pub struct AgentArgs {
     pub superuser_password_file: PathBuf,
     #[arg(long, default_value = "postgres")]
     pub superuser: String,
+    /// Let the superuser log in from other hosts (password, over TLS with `--tls-dir`).
+    /// Without it, `pg_hba.conf` rejects the superuser from every address but the Unix socket
+    /// and loopback: the agent itself uses only those, and no controller needs a superuser
+    /// login (the operator passes it for `spec.enableSuperuserAccess: true`, and changes it on
+    /// a running agent with `POST /v1/superuser-access`).
+    #[arg(long)]
+    pub superuser_access: bool,
     /// File holding the password of the replication user.
     #[arg(long, env = "PGRS_REPLICATION_PASSWORD_FILE")]
     pub replication_password_file: PathBuf,
@@ -244,6 +251,7 @@ impl AgentArgs {
             binaries,
             identity,
             superuser: self.superuser.clone(),
+            superuser_access: crate::agent::instance::SuperuserAccess::new(self.superuser_access),
             superuser_password: RotatingSecret::new(Secret::from_file(
                 &self.superuser_password_file,
             )?),

@@ -387,21 +387,33 @@ pub fn render_parameters_include(parameters: &BTreeMap<String, String>) -> Strin
 /// Renders `pg_hba.conf`: SCRAM everywhere, replication only for the replication user. With
 /// `tls`, remote connections must use TLS (`hostssl`; `hostnossl ... reject`); loopback ones
 /// (the agent's own tools, `kubectl port-forward`, local mode's clients) never leave the host
-/// and may be plain.
-pub fn render_pg_hba(replication_user: &str, tls: bool) -> String {
+/// and may be plain. With `refused_superuser` (the default: no `--superuser-access`), that
+/// role may log in over the socket and loopback only: every other address is rejected before
+/// the SCRAM rules (`spec.enableSuperuserAccess: false`).
+pub fn render_pg_hba(replication_user: &str, tls: bool, refused_superuser: Option<&str>) -> String {
     let mut text = String::from("# Rendered by the pgrs agent: edits are lost.\n");
     text.push_str("local   all          all                       scram-sha-256\n");
+    let superuser = refused_superuser.unwrap_or_default();
+    let refuse = refused_superuser.is_some();
+    let remote = if tls { "hostssl" } else { "host" };
     // (type, database, user, networks, method), in order: the first matching line decides.
-    let rules: &[(&str, &str, &str, &[&str], &str)] = if tls {
-        &[
-            (
-                "host",
-                "replication",
-                replication_user,
-                LOOPBACK,
-                "scram-sha-256",
-            ),
-            ("host", "all", "all", LOOPBACK, "scram-sha-256"),
+    // Loopback first: what never leaves the host may be plain, and the superuser may use it.
+    let mut rules: Vec<(&str, &str, &str, &[&str], &str)> = Vec::new();
+    if tls || refuse {
+        rules.push((
+            "host",
+            "replication",
+            replication_user,
+            LOOPBACK,
+            "scram-sha-256",
+        ));
+        rules.push(("host", "all", "all", LOOPBACK, "scram-sha-256"));
+    }
+    if refuse {
+        rules.push((remote, "all", superuser, ANYWHERE, "reject"));
+    }
+    rules.extend(if tls {
+        vec![
             (
                 "hostssl",
                 "replication",
@@ -414,7 +426,7 @@ pub fn render_pg_hba(replication_user: &str, tls: bool) -> String {
             ("hostnossl", "all", "all", ANYWHERE, "reject"),
         ]
     } else {
-        &[
+        vec![
             (
                 "host",
                 "replication",
@@ -424,9 +436,9 @@ pub fn render_pg_hba(replication_user: &str, tls: bool) -> String {
             ),
             ("host", "all", "all", ANYWHERE, "scram-sha-256"),
         ]
-    };
+    });
     for (kind, database, user, networks, method) in rules {
-        for network in *networks {
+        for network in networks {
             let _ = writeln!(
                 text,
                 "{kind:<9} {database:<12} {user:<12} {network:<12} {method}"

@@ -220,7 +220,7 @@ fn nothing_the_agent_renders_is_missing_from_a_supported_major() {
 
 #[test]
 fn hba_uses_scram_only() {
-    let text = render_pg_hba("replicator", false);
+    let text = render_pg_hba("replicator", false, None);
     let words = |l: &str| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     assert!(
         text.lines()
@@ -312,7 +312,7 @@ fn a_tls_standby_verifies_its_upstream_by_the_cluster_name_and_binds_the_channel
 
 #[test]
 fn with_tls_remote_connections_must_use_it_and_loopback_may_not() {
-    let text = render_pg_hba("replicator", true);
+    let text = render_pg_hba("replicator", true, None);
     let rules: Vec<Vec<&str>> = text
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -341,4 +341,74 @@ fn with_tls_remote_connections_must_use_it_and_loopback_may_not() {
         Some("scram-sha-256")
     );
     assert!(!text.contains("trust"), "{text}");
+}
+
+/// Rules as (type, database, user, network, method), comments left out.
+fn hba_rules(text: &str) -> Vec<Vec<&str>> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("local"))
+        .map(|l| l.split_whitespace().collect())
+        .collect()
+}
+
+/// The method of the first rule postgres would match for a TCP login (`ssl`: over TLS).
+fn first_match<'a>(
+    rules: &'a [Vec<&'a str>],
+    ssl: bool,
+    database: &str,
+    user: &str,
+    network: &str,
+) -> Option<&'a str> {
+    rules
+        .iter()
+        .find(|r| {
+            let kind = r[0] == "host" || (r[0] == "hostssl") == ssl;
+            let db = r[1] == database || (r[1] == "all" && database != "replication");
+            kind && db && (r[2] == user || r[2] == "all") && r[3] == network
+        })
+        .map(|r| r[4])
+}
+
+#[test]
+fn without_superuser_access_the_superuser_logs_in_over_loopback_only() {
+    for tls in [false, true] {
+        let text = render_pg_hba("replicator", tls, Some("postgres"));
+        let rules = hba_rules(&text);
+        for network in ["0.0.0.0/0", "::/0"] {
+            assert_eq!(
+                first_match(&rules, tls, "postgres", "postgres", network),
+                Some("reject"),
+                "tls {tls}: {text}"
+            );
+            assert_eq!(
+                first_match(&rules, tls, "postgres", "app", network),
+                Some("scram-sha-256"),
+                "tls {tls}: {text}"
+            );
+            assert_eq!(
+                first_match(&rules, tls, "replication", "replicator", network),
+                Some("scram-sha-256"),
+                "tls {tls}: {text}"
+            );
+        }
+        for network in ["127.0.0.1/32", "::1/128"] {
+            assert_eq!(
+                first_match(&rules, tls, "postgres", "postgres", network),
+                Some("scram-sha-256"),
+                "tls {tls}: {text}"
+            );
+        }
+    }
+    let allowed = render_pg_hba("replicator", true, None);
+    assert_eq!(
+        first_match(
+            &hba_rules(&allowed),
+            true,
+            "postgres",
+            "postgres",
+            "0.0.0.0/0"
+        ),
+        Some("scram-sha-256"),
+        "{allowed}"
+    );
 }

@@ -168,6 +168,16 @@ pub struct PgReplicaSetSpec {
     /// TLS of every connection (on by default, with a CA per cluster).
     #[serde(default)]
     pub tls: super::TlsSpec,
+
+    /// Let the superuser (`postgres`, password: key `superuser-password` of the Secret
+    /// `<name>-secrets`) log in to the instances over the network (TLS and SCRAM like every
+    /// login). Default false: the instances' `pg_hba.conf` rejects it from every address but
+    /// the pod's own socket and loopback (`kubectl exec`), as CloudNativePG's
+    /// `enableSuperuserAccess`; applications use the role of `<name>-app`, and neither the
+    /// operator nor the agents need a superuser login. A change applies without a restart
+    /// (`pg_hba.conf` rendered again and reloaded on every instance within a round or two).
+    #[serde(default)]
+    pub enable_superuser_access: bool,
 }
 
 /// The application's role and database (CloudNativePG's `initdb.database`/`initdb.owner`).

@@ -26,6 +26,7 @@ fn spec(replicas: u32) -> PgReplicaSetSpec {
         switchover: None,
         bootstrap: BootstrapSpec::default(),
         tls: crate::api::TlsSpec::default(),
+        enable_superuser_access: false,
     }
 }
 

@@ -11,11 +11,12 @@ use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::coordination::LeaseError;
-use crate::engine::{Action, MonoTime};
+use crate::engine::{Action, MonoTime, SyncSet};
 use crate::protocol::api::{
     ActionResponse, FenceRequest, FollowRequest, PromoteRequest, RejoinRequest, StopMode,
     StopRequest,
 };
+use crate::protocol::statements::SynchronousStandbyNamesRequest;
 
 use super::platform::{CallError, Clock, ControlEvent, Platform};
 use super::reports::Reports;
@@ -235,9 +236,10 @@ pub async fn execute<P: Platform + ?Sized>(
             }
             Action::SetSynchronousStandbys { primary, sync } => {
                 platform.emit(ControlEvent::ActionStarted(action));
-                platform
-                    .sql()
-                    .set_synchronous_standby_names(primary, &sync.to_standby_names())
+                let agent = agent_of(platform, kind, primary)?;
+                let request = sync_request(sync);
+                agent
+                    .synchronous_standby_names(&request, bounds.inline)
                     .await
                     .map_err(|source| ActError::Sync {
                         primary: primary.clone(),
@@ -308,6 +310,20 @@ pub async fn execute<P: Platform + ?Sized>(
         }))
 }
 
+/// The agent's request for `sync`: the engine's quorum (normalised: the agent refuses a
+/// member named twice or `k` over the member count), or asynchronous (no members).
+fn sync_request(sync: &SyncSet) -> SynchronousStandbyNamesRequest {
+    let sync = sync.clone().normalized();
+    if sync.is_synchronous() {
+        SynchronousStandbyNamesRequest {
+            k: sync.k,
+            members: sync.members,
+        }
+    } else {
+        SynchronousStandbyNamesRequest::default()
+    }
+}
+
 fn agent_of<P: Platform + ?Sized>(
     platform: &P,
     kind: &'static str,
@@ -329,8 +345,10 @@ async fn demote<P: Platform + ?Sized>(
     instance: &str,
 ) -> Result<Ran, ActError> {
     let started = tokio::time::Instant::now();
-    match tokio::time::timeout(bounds.checkpoint, platform.sql().checkpoint(instance)).await {
-        Ok(Ok(())) => tracing::info!(
+    let agent = agent_of(platform, "demote", instance)?;
+    let checkpoint = agent.checkpoint(bounds.checkpoint);
+    match tokio::time::timeout(bounds.checkpoint, checkpoint).await {
+        Ok(Ok(_)) => tracing::info!(
             instance,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "checkpoint before demotion"
@@ -338,7 +356,6 @@ async fn demote<P: Platform + ?Sized>(
         Ok(Err(error)) => tracing::warn!(instance, %error, "checkpoint before demotion failed"),
         Err(_) => tracing::warn!(instance, "checkpoint before demotion timed out"),
     }
-    let agent = agent_of(platform, "demote", instance)?;
     let asked_at = shared.now();
     let request = StopRequest {
         mode: StopMode::Fast,

@@ -9,7 +9,6 @@ pub mod observe;
 pub mod platform;
 pub mod reports;
 pub mod round;
-pub mod sessions;
 pub mod state;
 
 #[cfg(test)]
@@ -18,9 +17,8 @@ mod tests;
 pub use actuate::{ActError, Bounds, Completed, Shared};
 pub use observe::{Addresses, observed_role, standby_lag, upstream_of};
 pub use platform::{
-    AgentApi, CallError, Clock, ControlEvent, InstanceSql, MonotonicClock, PersistError, Platform,
+    AgentApi, CallError, Clock, ControlEvent, MonotonicClock, PersistError, Platform,
 };
 pub use reports::{Report, Reports};
 pub use round::{ControlLoop, Observation, Outcome, RoundError, is_urgent};
-pub use sessions::SessionPool;
 pub use state::ControlState;

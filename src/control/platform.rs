@@ -1,9 +1,11 @@
 //! What differs between the platforms the control loop runs on, as traits: how an instance's
-//! agent and postgres are reached, the lease store, where the loop's state is persisted, how
+//! agent (the only way the loop acts on an instance: it has no SQL session of its own) and
+//! postgres are reached, the lease store, where the loop's state is persisted, how
 //! events reach humans and what happens once a round has decided. Local mode and the operator
 //! implement [`Platform`]; the loop's tests implement it with scripted agents.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 
@@ -15,6 +17,7 @@ use crate::protocol::api::{
 };
 use crate::protocol::client::{AgentClient, ClientError};
 use crate::protocol::failsafe::{FailsafeMembersRequest, FailsafeStatus};
+use crate::protocol::statements::{StatementResponse, SynchronousStandbyNamesRequest};
 
 use super::actuate::{ActError, Completed};
 use super::state::ControlState;
@@ -53,6 +56,14 @@ pub trait AgentApi: Send + Sync {
     fn fence<'a>(&'a self, request: &'a FenceRequest) -> Call<'a, ActionResponse>;
     fn follow<'a>(&'a self, request: &'a FollowRequest) -> Call<'a, ActionResponse>;
     fn rejoin<'a>(&'a self, request: &'a RejoinRequest) -> Call<'a, ActionResponse>;
+    /// A CHECKPOINT on the agent's postgres (before a planned demotion), within `timeout`.
+    fn checkpoint(&self, timeout: Duration) -> Call<'_, StatementResponse>;
+    /// Sets `synchronous_standby_names` on the agent's postgres and reloads, within `timeout`.
+    fn synchronous_standby_names<'a>(
+        &'a self,
+        request: &'a SynchronousStandbyNamesRequest,
+        timeout: Duration,
+    ) -> Call<'a, StatementResponse>;
     /// Tells the agent the failsafe's switch and members.
     fn failsafe_members<'a>(
         &'a self,
@@ -107,6 +118,26 @@ impl AgentApi for AgentClient {
         })
     }
 
+    fn checkpoint(&self, timeout: Duration) -> Call<'_, StatementResponse> {
+        Box::pin(async move {
+            AgentClient::checkpoint(self, timeout)
+                .await
+                .map_err(CallError::from)
+        })
+    }
+
+    fn synchronous_standby_names<'a>(
+        &'a self,
+        request: &'a SynchronousStandbyNamesRequest,
+        timeout: Duration,
+    ) -> Call<'a, StatementResponse> {
+        Box::pin(async move {
+            AgentClient::synchronous_standby_names(self, request, timeout)
+                .await
+                .map_err(CallError::from)
+        })
+    }
+
     fn failsafe_members<'a>(
         &'a self,
         request: &'a FailsafeMembersRequest,
@@ -117,19 +148,6 @@ impl AgentApi for AgentClient {
                 .map_err(CallError::from)
         })
     }
-}
-
-/// The statements the loop runs on an instance's postgres as the superuser
-/// ([`super::sessions::SessionPool`] in production).
-pub trait InstanceSql: Send + Sync {
-    fn checkpoint<'a>(&'a self, instance: &'a str) -> Call<'a, ()>;
-    fn set_synchronous_standby_names<'a>(
-        &'a self,
-        instance: &'a str,
-        names: &'a str,
-    ) -> Call<'a, ()>;
-    /// Opens a session ahead of need (a sync-mode candidate's, off the failover path).
-    fn warm(&self, _instance: &str) {}
 }
 
 /// The loop's monotonic clock, as engine values.
@@ -204,7 +222,6 @@ pub trait Platform: Send + Sync {
     /// Where `instance`'s postgres listens for its peers: the upstream a follower is given, and
     /// how a WAL receiver's sender is matched to an instance.
     fn postgres_address(&self, instance: &str) -> Option<(String, u16)>;
-    fn sql(&self) -> &dyn InstanceSql;
     /// How long a status request to `instance` may take in a polling round.
     fn poll_bound(&self, _instance: &str) -> std::time::Duration {
         std::time::Duration::from_secs(2)

@@ -1,5 +1,5 @@
-//! The control loop without processes: scripted agents, an in-memory lease store, kept SQL
-//! calls, a manual clock and tokio's paused timer (a frozen agent's call never answers; the
+//! The control loop without processes: scripted agents (their statement actions logged too),
+//! an in-memory lease store, a manual clock and tokio's paused timer (a frozen agent's call never answers; the
 //! loop's bounds end it).
 
 use std::collections::HashMap;
@@ -18,6 +18,7 @@ use crate::protocol::api::{
     ActionResponse, AgentStatus, DataDirHealth, FenceRequest, FollowRequest, PromoteRequest,
     RejoinRequest, Role, StopRequest,
 };
+use crate::protocol::statements::{StatementResponse, SynchronousStandbyNamesRequest};
 
 const LEASE: Duration = Duration::from_secs(8);
 
@@ -118,7 +119,46 @@ impl FakeAgent {
     }
 }
 
+impl FakeAgent {
+    /// A statement action: logged as `call name detail`, answered like the other calls.
+    fn statement<'a>(
+        &'a self,
+        call: &'static str,
+        detail: String,
+    ) -> BoxFuture<'a, Result<StatementResponse, CallError>> {
+        Box::pin(async move {
+            let name = self.status.lock().expect("status").name.clone();
+            push(
+                &self.log,
+                format!("{call} {name} {detail}").trim_end().to_string(),
+            );
+            if self.frozen.load(Ordering::SeqCst) {
+                futures::future::pending::<()>().await;
+            }
+            if self.dead.load(Ordering::SeqCst) {
+                return Err(CallError::Gone("connection refused".to_string()));
+            }
+            Ok(StatementResponse {
+                message: format!("{call} done"),
+                elapsed_ms: 0,
+            })
+        })
+    }
+}
+
 impl AgentApi for FakeAgent {
+    fn checkpoint(&self, _: Duration) -> BoxFuture<'_, Result<StatementResponse, CallError>> {
+        self.statement("checkpoint", String::new())
+    }
+
+    fn synchronous_standby_names<'a>(
+        &'a self,
+        request: &'a SynchronousStandbyNamesRequest,
+        _: Duration,
+    ) -> BoxFuture<'a, Result<StatementResponse, CallError>> {
+        self.statement("sync", request.value())
+    }
+
     fn status(&self) -> BoxFuture<'_, Result<AgentStatus, CallError>> {
         Box::pin(async move {
             if self.frozen.load(Ordering::SeqCst) {
@@ -181,26 +221,6 @@ impl AgentApi for FakeAgent {
     }
 }
 
-struct FakeSql {
-    log: Log,
-}
-
-impl InstanceSql for FakeSql {
-    fn checkpoint<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, Result<(), CallError>> {
-        push(&self.log, format!("checkpoint {instance}"));
-        Box::pin(async { Ok(()) })
-    }
-
-    fn set_synchronous_standby_names<'a>(
-        &'a self,
-        instance: &'a str,
-        names: &'a str,
-    ) -> BoxFuture<'a, Result<(), CallError>> {
-        push(&self.log, format!("sync {instance} {names}"));
-        Box::pin(async { Ok(()) })
-    }
-}
-
 struct ManualClock(Mutex<MonoTime>);
 
 impl ManualClock {
@@ -219,7 +239,6 @@ impl Clock for ManualClock {
 struct FakePlatform {
     lease: MemoryLeaseStore,
     agents: HashMap<String, Arc<FakeAgent>>,
-    sql: FakeSql,
     log: Log,
     persisted: Mutex<Vec<ControlState>>,
 }
@@ -245,10 +264,6 @@ impl Platform for FakePlatform {
         self.agents
             .contains_key(instance)
             .then(|| ("127.0.0.1".to_string(), port_of(instance)))
-    }
-
-    fn sql(&self) -> &dyn InstanceSql {
-        &self.sql
     }
 
     fn emit(&self, event: ControlEvent<'_>) {
@@ -313,7 +328,6 @@ impl Cluster {
             platform: FakePlatform {
                 lease,
                 agents,
-                sql: FakeSql { log: log.clone() },
                 log,
                 persisted: Mutex::new(Vec::new()),
             },

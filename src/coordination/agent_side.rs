@@ -108,7 +108,8 @@ pub enum LocalPrimaryState {
     /// at once unless its start proof is younger than the renew deadline.
     Restarting,
     /// A first primary creating its data directory (initdb): renews during the start, within
-    /// the start budget (nothing to fail over to yet, and initdb may outlast the renew deadline).
+    /// the bootstrap budget (nothing to fail over to yet, and initdb may outlast the renew
+    /// deadline and, on a busy node, the start budget).
     Bootstrapping,
     /// A stop was requested and the postmaster has not exited yet: keep renewing.
     Stopping,
@@ -288,15 +289,13 @@ async fn monitor(
                 keeper.note_serving(true)
             }
             (_, KeeperMode::Fenced) => may_rearm = true,
-            (
-                LocalPrimaryState::Restarting | LocalPrimaryState::Bootstrapping,
-                KeeperMode::Active,
-            ) => keeper.note_serving(false),
+            (LocalPrimaryState::Restarting, KeeperMode::Active) => keeper.note_serving(false),
+            (LocalPrimaryState::Bootstrapping, KeeperMode::Active) => keeper.note_bootstrapping(),
             // A first primary's initdb on a lease granted to it: renew during the start so that
-            // it does not serve on stale proof; the start budget runs.
+            // it does not serve on stale proof; the bootstrap budget runs.
             (LocalPrimaryState::Bootstrapping, KeeperMode::Idle) if keeper.confirmed() => {
                 keeper.activate();
-                keeper.note_serving(false);
+                keeper.note_bootstrapping();
             }
             (LocalPrimaryState::StoppedOnRequest, KeeperMode::Active) => {
                 let _ = keeper.release().await;

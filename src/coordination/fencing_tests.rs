@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::keeper::{BOOTSTRAP_BUDGET, DEFAULT_START_BUDGET};
 use super::tests::{Partitionable, held_by, quick_timings};
 use super::*;
 
@@ -301,6 +302,36 @@ async fn a_bootstrapping_primary_renews_during_initdb() {
     assert_ne!(before, after, "no renewal during initdb");
     assert!(fenced.try_recv().is_err(), "fenced although it renewed");
     assert_eq!(fencing.keeper().mode(), KeeperMode::Active);
+}
+
+/// A first primary's bootstrap (initdb, first start) may outlast the start budget on a busy
+/// node: there is nothing to fail over to yet (no replica has data before the primary serves),
+/// so it keeps the lease for the bootstrap budget instead of fencing itself into a cluster that
+/// can never bootstrap (seen on a real node at load 18–36: initdb + first start took > 10 s).
+#[tokio::test(start_paused = true)]
+async fn a_slow_bootstrap_keeps_the_lease_past_the_start_budget() {
+    let started = Started::confirmed(LocalPrimaryState::Bootstrapping).await;
+    let (store, postgres, fencing) = (&started.store, &started.postgres, &started.fencing);
+    let mut fenced = started.fenced;
+    tokio::time::sleep(DEFAULT_START_BUDGET * 3).await;
+    let before = store.get().await.expect("get").version;
+    tokio::time::sleep(quick_timings().renew_deadline).await;
+    let after = store.get().await.expect("get").version;
+    assert!(
+        fenced.try_recv().is_err(),
+        "a bootstrapping primary fenced itself after the start budget"
+    );
+    assert_ne!(before, after, "no renewal during a long bootstrap");
+    postgres.set(LocalPrimaryState::Serving);
+    tokio::time::sleep(quick_timings().renew_deadline).await;
+    assert_eq!(fencing.keeper().mode(), KeeperMode::Active);
+    // Bounded all the same: a bootstrap that never ends gives the lease up.
+    postgres.set(LocalPrimaryState::Bootstrapping);
+    tokio::time::sleep(BOOTSTRAP_BUDGET + Duration::from_secs(5)).await;
+    assert!(
+        fenced.try_recv().is_ok(),
+        "a bootstrap stuck for longer than its budget still holds the lease"
+    );
 }
 
 /// Fencing started on a lease held by "a" with postgres in `state`, and the start's read of

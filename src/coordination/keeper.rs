@@ -11,7 +11,8 @@
 //!   that finds the lease free once this keeper has held it (a free lease is grantable at once),
 //!   and one refused because another incarnation of the same pod name holds it.
 //! - A primary that has not served for the start budget (postgres down, restarting) fences, so
-//!   that the lease expires and a replica can take over.
+//!   that the lease expires and a replica can take over; a first primary's bootstrap has the
+//!   longer [`BOOTSTRAP_BUDGET`] (no replica has data to take over with yet).
 //! - Time is [`FenceInstant`]: boot clock and monotonic clock, whichever is further.
 //! - After a clean stop, release the lease so a successor needs no expiry wait.
 //! - With the failsafe ([`Failsafe`]): a renewal that fails because the store is unreachable
@@ -36,6 +37,11 @@ pub type FenceFn = Arc<dyn Fn(String) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// How long a primary may be down (restarting) before it stops renewing by default.
 pub const DEFAULT_START_BUDGET: Duration = Duration::from_secs(10);
+
+/// How long a first primary's bootstrap (initdb, first start) may take before it stops renewing.
+/// Longer than the start budget: before the first primary serves, no replica has data, so there
+/// is nothing to fail over to; but bounded, so a bootstrap that never ends gives the lease up.
+pub const BOOTSTRAP_BUDGET: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -71,6 +77,8 @@ struct Inner {
     held: bool,
     /// Since when the primary has not been serving (postgres down or restarting).
     not_serving_since: Option<FenceInstant>,
+    /// Not serving because it is a first primary's bootstrap: [`BOOTSTRAP_BUDGET`] applies.
+    bootstrapping: bool,
     last_error: Option<String>,
     fence_reason: Option<String>,
 }
@@ -107,6 +115,7 @@ impl LeaseKeeper {
                 confirmed_at: None,
                 held: false,
                 not_serving_since: None,
+                bootstrapping: false,
                 last_error: None,
                 fence_reason: None,
             }),
@@ -255,6 +264,7 @@ impl LeaseKeeper {
     /// Whether the primary is serving; while it is not (restarting), the start budget runs.
     pub fn note_serving(&self, serving: bool) {
         let mut inner = self.lock();
+        inner.bootstrapping = false;
         match (serving, inner.not_serving_since) {
             (true, Some(_)) => inner.not_serving_since = None,
             (false, None) => {
@@ -263,6 +273,24 @@ impl LeaseKeeper {
                 self.wake.notify_one();
             }
             _ => {}
+        }
+    }
+
+    /// A first primary's bootstrap (initdb, first start) is under way: not serving yet, within
+    /// the bootstrap budget rather than the start budget.
+    pub fn note_bootstrapping(&self) {
+        self.note_serving(false);
+        self.lock().bootstrapping = true;
+    }
+
+    /// How long the primary may stay not serving: the start budget, or the bootstrap budget
+    /// while a first bootstrap runs.
+    fn effective_start_budget(&self) -> Duration {
+        let start_budget = self.start_budget();
+        if self.lock().bootstrapping {
+            start_budget.max(BOOTSTRAP_BUDGET)
+        } else {
+            start_budget
         }
     }
 
@@ -357,14 +385,14 @@ impl LeaseKeeper {
                 .await;
                 continue;
             }
-            let start_budget = self.start_budget();
+            let start_budget = self.effective_start_budget();
             if let Some(since) = not_serving_since
                 && (since + start_budget).has_passed()
             {
                 self.fence(
                     &fence,
                     format!(
-                        "postgres has not served as primary for the start budget of {} ms: giving the lease up to expiry so that a replica can take over",
+                        "postgres has not served as primary for its start budget of {} ms: giving the lease up to expiry so that a replica can take over",
                         start_budget.as_millis()
                     ),
                 )

@@ -1,11 +1,15 @@
 //! Operator mode: from each `PgReplicaSet` (its status) and its fencing Lease to the
-//! dashboard's API types. The mapping is pure; [`list_clusters`] reads the API server.
+//! dashboard's API types. The clusters come from a watch cache (`super::operator_router`); the
+//! mapping is pure; [`read_leases`] is the only read of the API server (a bounded GET of each
+//! cluster's Lease), made only while someone looks at the dashboard.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt as _;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt as _};
 
 use crate::api::{FailoverRecord, InstanceRole, InstanceStatus, PgReplicaSet, SyncState};
@@ -15,8 +19,6 @@ use crate::dashboard::history::NodeLag;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListError {
-    #[error("failed to list the PgReplicaSets: {0}")]
-    Clusters(#[source] kube::Error),
     #[error("failed to read the Lease {namespace}/{name}: {source}")]
     Lease {
         namespace: String,
@@ -24,45 +26,101 @@ pub enum ListError {
         #[source]
         source: kube::Error,
     },
+    #[error("failed to read the Lease {namespace}/{name} within {bound:?}")]
+    Timeout {
+        namespace: String,
+        name: String,
+        bound: Duration,
+    },
 }
 
-/// A cluster as read from the API server.
+/// Bound of one Lease read (the page refreshes every second; a slow API server gives a stale
+/// answer, never a stuck sampler).
+pub const LEASE_READ_BOUND: Duration = Duration::from_secs(3);
+
+/// A cluster of the watch cache with its fencing Lease.
 #[derive(Debug, Clone)]
 pub struct Observed {
-    pub cluster: PgReplicaSet,
+    pub cluster: Arc<PgReplicaSet>,
     pub lease: Option<Lease>,
 }
 
-/// The `PgReplicaSet`s in `namespace` (all namespaces when `None`), each with its Lease
-/// `<name>-primary` (absent before the first primary took it).
-pub async fn list_clusters(
+/// (namespace, name) of a Lease.
+pub type LeaseKey = (String, String);
+
+/// Each cluster of the cache with its Lease `<name>-primary` (absent before the first primary
+/// took it, or while the Leases are not read), ordered by namespace and name. Pure.
+pub fn pair(
+    mut clusters: Vec<Arc<PgReplicaSet>>,
+    leases: &BTreeMap<LeaseKey, Lease>,
+) -> Vec<Observed> {
+    clusters.sort_by_key(|c| key(c));
+    clusters
+        .into_iter()
+        .map(|cluster| {
+            let lease_key = (
+                cluster.namespace().unwrap_or_default(),
+                crate::api::names::lease(&cluster.name_any()),
+            );
+            Observed {
+                lease: leases.get(&lease_key).cloned(),
+                cluster,
+            }
+        })
+        .collect()
+}
+
+/// Lease reads in flight at once.
+const LEASE_READS_AT_ONCE: usize = 8;
+
+/// The Lease `<name>-primary` of each cluster: one bounded GET each, a few at a time. A GET,
+/// not a LIST of the namespace: the operator's RBAC grants `get` on Leases, not `list`.
+pub async fn read_leases(
     client: &Client,
-    namespace: Option<&str>,
-) -> Result<Vec<Observed>, ListError> {
-    let clusters: Api<PgReplicaSet> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let list = clusters
-        .list(&ListParams::default())
-        .await
-        .map_err(ListError::Clusters)?;
-    let mut observed = Vec::with_capacity(list.items.len());
-    for cluster in list.items {
-        let namespace = cluster.namespace().unwrap_or_default();
-        let name = crate::api::names::lease(&cluster.name_any());
-        let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
-        let lease = leases
-            .get_opt(&name)
-            .await
-            .map_err(|source| ListError::Lease {
-                namespace: namespace.clone(),
-                name,
-                source,
-            })?;
-        observed.push(Observed { cluster, lease });
+    clusters: &[Arc<PgReplicaSet>],
+) -> Result<BTreeMap<LeaseKey, Lease>, ListError> {
+    let targets: Vec<(Api<Lease>, LeaseKey)> = clusters
+        .iter()
+        .map(|cluster| {
+            let namespace = cluster.namespace().unwrap_or_default();
+            let name = crate::api::names::lease(&cluster.name_any());
+            (
+                Api::namespaced(client.clone(), &namespace),
+                (namespace, name),
+            )
+        })
+        .collect();
+    let read: Vec<Result<Option<(LeaseKey, Lease)>, ListError>> =
+        futures::stream::iter(targets.into_iter().map(|(api, key)| read_lease(api, key)))
+            .buffer_unordered(LEASE_READS_AT_ONCE)
+            .collect()
+            .await;
+    let mut leases = BTreeMap::new();
+    for result in read {
+        if let Some((key, lease)) = result? {
+            leases.insert(key, lease);
+        }
     }
-    Ok(observed)
+    Ok(leases)
+}
+
+async fn read_lease(
+    api: Api<Lease>,
+    (namespace, name): LeaseKey,
+) -> Result<Option<(LeaseKey, Lease)>, ListError> {
+    let lease = tokio::time::timeout(LEASE_READ_BOUND, api.get_opt(&name))
+        .await
+        .map_err(|_| ListError::Timeout {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            bound: LEASE_READ_BOUND,
+        })?
+        .map_err(|source| ListError::Lease {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            source,
+        })?;
+    Ok(lease.map(|lease| ((namespace, name), lease)))
 }
 
 fn chrono_time(at: &k8s_openapi::jiff::Timestamp) -> Option<DateTime<Utc>> {
@@ -338,7 +396,7 @@ mod tests {
     #[test]
     fn maps_status_instances_lease_and_last_failover() {
         let observed = Observed {
-            cluster: cluster(),
+            cluster: Arc::new(cluster()),
             lease: Some(lease("pg-0", -3000)),
         };
         let mut memory = ClusterMemory::default();
@@ -400,7 +458,7 @@ mod tests {
         let mut fresh = cluster();
         fresh.status = None;
         let observed = Observed {
-            cluster: fresh,
+            cluster: Arc::new(fresh),
             lease: None,
         };
         let mut memory = ClusterMemory::default();
@@ -410,5 +468,47 @@ mod tests {
         assert!(view.nodes.is_empty());
         assert!(view.failovers.is_empty());
         assert!(view.lag_history.series.is_empty());
+    }
+
+    #[test]
+    fn each_cluster_gets_its_own_primary_lease_and_no_other() {
+        let named = |ns: &str, name: &str| {
+            let mut c = cluster();
+            c.metadata.namespace = Some(ns.to_string());
+            c.metadata.name = Some(name.to_string());
+            Arc::new(c)
+        };
+        let clusters = vec![named("b", "db"), named("a", "db"), named("a", "other")];
+        let mut leases = BTreeMap::new();
+        leases.insert(
+            ("a".to_string(), "db-primary".to_string()),
+            lease("db-0", 0),
+        );
+        leases.insert(
+            ("b".to_string(), "db-primary".to_string()),
+            lease("db-1", 0),
+        );
+        // A Lease of another kind with a cluster's name is not its fencing Lease.
+        leases.insert(("a".to_string(), "other".to_string()), lease("x", 0));
+        let observed = pair(clusters, &leases);
+        let holders: Vec<(String, Option<String>)> = observed
+            .iter()
+            .map(|o| {
+                (
+                    key(&o.cluster),
+                    o.lease
+                        .as_ref()
+                        .and_then(|l| l.spec.as_ref()?.holder_identity.clone()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            holders,
+            [
+                ("a/db".to_string(), Some("db-0".to_string())),
+                ("a/other".to_string(), None),
+                ("b/db".to_string(), Some("db-1".to_string())),
+            ]
+        );
     }
 }

@@ -63,7 +63,8 @@ pub fn desired_labels(
 }
 
 /// Applies label changes: first the pods that lose the primary label, then the others, so
-/// that `<name>-rw` never selects two pods.
+/// that `<name>-rw` never selects two pods. The patches of each of the two groups are sent
+/// together: on a switchover the new primary's label is the last step before `-rw` moves.
 pub async fn relabel(
     api: &Api<Pod>,
     changes: &BTreeMap<String, BTreeMap<String, Option<String>>>,
@@ -74,15 +75,36 @@ pub async fn relabel(
             .is_some_and(|v| v.as_deref() != Some(names::ROLE_PRIMARY))
     };
     let (first, then): (Vec<_>, Vec<_>) = changes.iter().partition(|(_, p)| loses_primary(p));
-    for (pod, labels) in first.into_iter().chain(then) {
-        let body = serde_json::json!({ "metadata": { "labels": labels } });
-        api.patch(pod, &PatchParams::default(), &Patch::Merge(&body))
-            .await
-            .map_err(|source| RelabelError {
-                pod: pod.clone(),
-                source,
-            })?;
+    for group in [first, then] {
+        let patches = group
+            .into_iter()
+            .map(|(pod, labels)| patch_labels(api, pod, labels));
+        futures::future::try_join_all(patches).await?;
     }
+    Ok(())
+}
+
+async fn patch_labels(
+    api: &Api<Pod>,
+    pod: &str,
+    labels: &BTreeMap<String, Option<String>>,
+) -> Result<(), RelabelError> {
+    let started = std::time::Instant::now();
+    let body = serde_json::json!({ "metadata": { "labels": labels } });
+    api.patch(pod, &PatchParams::default(), &Patch::Merge(&body))
+        .await
+        .map_err(|source| RelabelError {
+            pod: pod.to_string(),
+            source,
+        })?;
+    tracing::info!(
+        pod,
+        role = labels
+            .get(names::LABEL_ROLE)
+            .map(|v| v.as_deref().unwrap_or("none")),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "pod relabelled"
+    );
     Ok(())
 }
 

@@ -368,9 +368,114 @@ pub fn invalid_status(
     status
 }
 
+/// How stale the `lastSeen` times written in the status may grow while nothing else changes.
+/// Without it every round (each `statusIntervalSeconds`) would write the status for the
+/// heartbeat alone, and each write starts another reconcile through the operator's own watch.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether `new` is worth writing over `previous` (the status as last read): any change but
+/// the instances' `lastSeen`, an instance first seen or no longer seen, or a `lastSeen` written
+/// `heartbeat` or longer ago. An instance cut off keeps its last `lastSeen` (its role and
+/// readiness change, which is written at once).
+pub fn should_write(
+    previous: Option<&PgReplicaSetStatus>,
+    new: &PgReplicaSetStatus,
+    heartbeat: std::time::Duration,
+) -> bool {
+    let Some(previous) = previous else {
+        return true;
+    };
+    let without_seen = |status: &PgReplicaSetStatus| {
+        let mut status = status.clone();
+        for instance in &mut status.instances {
+            instance.last_seen = None;
+        }
+        status
+    };
+    if without_seen(previous) != without_seen(new) {
+        return true;
+    }
+    let heartbeat = i64::try_from(heartbeat.as_millis()).unwrap_or(i64::MAX);
+    previous
+        .instances
+        .iter()
+        .zip(&new.instances)
+        .any(|(before, now)| match (&before.last_seen, &now.last_seen) {
+            (None, None) => false,
+            (Some(before), Some(now)) => {
+                now.0.as_millisecond() - before.0.as_millisecond() >= heartbeat
+            }
+            _ => true,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn seen_status(seen: &[(&str, Option<i64>)]) -> PgReplicaSetStatus {
+        PgReplicaSetStatus {
+            phase: Some(Phase::Healthy),
+            current_primary: Some("pg-0".to_string()),
+            instances: seen
+                .iter()
+                .map(|(name, second)| InstanceStatus {
+                    name: name.to_string(),
+                    group: None,
+                    role: InstanceRole::Replica,
+                    ready: true,
+                    timeline: Some(1),
+                    lsn: None,
+                    lag_bytes: Some(0),
+                    lag_seconds: Some(0.0),
+                    sync_state: None,
+                    last_seen: second.map(|s| {
+                        Time(
+                            k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + s)
+                                .expect("time"),
+                        )
+                    }),
+                })
+                .collect(),
+            ..PgReplicaSetStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_status_differing_by_its_heartbeat_alone_is_written_once_it_is_stale() {
+        let previous = seen_status(&[("pg-0", Some(0)), ("pg-1", Some(0))]);
+        // Nothing at all changed.
+        assert!(!should_write(Some(&previous), &previous, HEARTBEAT));
+        // Only lastSeen moved, by less than the heartbeat: not written.
+        let recent = seen_status(&[("pg-0", Some(9)), ("pg-1", Some(9))]);
+        assert!(!should_write(Some(&previous), &recent, HEARTBEAT));
+        // One lastSeen is 10 s old: written (with every instance's fresh time).
+        let stale = seen_status(&[("pg-0", Some(9)), ("pg-1", Some(10))]);
+        assert!(should_write(Some(&previous), &stale, HEARTBEAT));
+        // An instance seen for the first time, or no longer: written at once.
+        let first = seen_status(&[("pg-0", None), ("pg-1", Some(0))]);
+        assert!(should_write(Some(&first), &previous, HEARTBEAT));
+        assert!(should_write(Some(&previous), &first, HEARTBEAT));
+        // No status yet: written.
+        assert!(should_write(None, &previous, HEARTBEAT));
+    }
+
+    #[test]
+    fn any_other_change_is_written_at_once() {
+        let previous = seen_status(&[("pg-0", Some(0)), ("pg-1", Some(0))]);
+        let mut unready = seen_status(&[("pg-0", Some(1)), ("pg-1", Some(0))]);
+        unready.instances[1].ready = false;
+        unready.instances[1].role = InstanceRole::Unknown;
+        assert!(should_write(Some(&previous), &unready, HEARTBEAT));
+        let mut lagging = seen_status(&[("pg-0", Some(1)), ("pg-1", Some(1))]);
+        lagging.instances[1].lag_bytes = Some(1);
+        assert!(should_write(Some(&previous), &lagging, HEARTBEAT));
+        let mut degraded = previous.clone();
+        degraded.phase = Some(Phase::Degraded);
+        assert!(should_write(Some(&previous), &degraded, HEARTBEAT));
+        let more = seen_status(&[("pg-0", Some(0)), ("pg-1", Some(0)), ("pg-2", Some(0))]);
+        assert!(should_write(Some(&previous), &more, HEARTBEAT));
+    }
 
     #[test]
     fn lagging_lists_standbys_above_the_threshold_only() {

@@ -52,8 +52,40 @@ pub enum RoleChange {
     Updated,
 }
 
+/// The functions `pg_rewind` runs on its source server, granted to the replication role so
+/// that a former primary is rewound without a superuser login to the new primary (PostgreSQL's
+/// documented minimum for a non-superuser `pg_rewind` source).
+pub const REWIND_FUNCTIONS: [&str; 4] = [
+    "pg_catalog.pg_ls_dir(text, boolean, boolean)",
+    "pg_catalog.pg_stat_file(text, boolean)",
+    "pg_catalog.pg_read_binary_file(text)",
+    "pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean)",
+];
+
+/// The grants of the replication role besides `REPLICATION`: [`REWIND_FUNCTIONS`], and
+/// `pg_checkpoint` where it exists (PostgreSQL 15 and later): a rejoining former primary runs
+/// a CHECKPOINT on the new primary before `pg_rewind`. One `DO` block, idempotent; a function
+/// a major does not have is skipped rather than failing the primary's start.
+pub fn replication_grants(identifier: &str) -> String {
+    let functions: Vec<String> = REWIND_FUNCTIONS
+        .iter()
+        .map(|f| postgres_protocol::escape::escape_literal(f))
+        .collect();
+    let role = postgres_protocol::escape::escape_literal(identifier);
+    format!(
+        "DO $pgrs$ DECLARE f text; BEGIN \
+         FOREACH f IN ARRAY ARRAY[{functions}] LOOP \
+         IF to_regprocedure(f) IS NOT NULL THEN \
+         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, {role}); END IF; END LOOP; \
+         IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pg_checkpoint') THEN \
+         EXECUTE format('GRANT pg_checkpoint TO %s', {role}); END IF; END $pgrs$",
+        functions = functions.join(", ")
+    )
+}
+
 /// Creates `role` (or alters it when it exists) with `REPLICATION LOGIN` and `password`, sent
-/// as a SCRAM verifier. Needs a superuser session on a primary.
+/// as a SCRAM verifier, and grants it what a `pg_rewind` source needs
+/// ([`replication_grants`]). Needs a superuser session on a primary.
 pub async fn ensure_replication_role(
     client: &Client,
     role: &str,
@@ -84,9 +116,10 @@ pub async fn ensure_replication_role(
     // Committed locally: on a sync primary whose standbys are not started yet (a stopped sync
     // cluster started again, an upgraded primary) waiting for one would hold the agent's start,
     // and with it the start of those standbys. The next primary start writes it again anyway.
+    let grants = replication_grants(&identifier);
     client
         .batch_execute(&format!(
-            "BEGIN; SET LOCAL synchronous_commit = local; {statement}; COMMIT"
+            "BEGIN; SET LOCAL synchronous_commit = local; {statement}; {grants}; COMMIT"
         ))
         .await
         .map_err(|source| RoleError::Write {

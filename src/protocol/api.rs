@@ -20,6 +20,9 @@
 //!   same role (parameters that need a server restart)
 //! - `POST /v1/parameters` [`ParametersRequest`] → [`ActionResponse`]: write the user
 //!   parameters and reload; `pending_restart` in the status tells what still needs a restart
+//! - `POST /v1/checkpoint`, `/v1/synchronous-standby-names`, `/v1/drop-slots`: statements on
+//!   the agent's own postgres for controllers without a SQL session
+//!   ([`crate::protocol::statements`])
 //!
 //! `GET /v1/status` and every `POST` need `Authorization: Bearer <token>` (the shared token
 //! from the agent's `--token-file`); a missing or wrong token gets `401` with an
@@ -43,6 +46,14 @@ use crate::postgres::lsn::Lsn;
 pub use crate::postgres::probe::{ReplicationPeer, WalReceiver};
 
 pub const STATUS_PATH: &str = "/v1/status";
+/// Query parameter of `GET /v1/status`: answer once the agent's [`AgentStatus::change_token`]
+/// differs from this one (a long poll), or when [`STATUS_WAIT_TIMEOUT_QUERY`] has passed.
+pub const STATUS_WAIT_QUERY: &str = "wait_for_change";
+/// Query parameter of `GET /v1/status`: how long a long poll may wait, in milliseconds
+/// (capped at [`STATUS_WAIT_MAX`]).
+pub const STATUS_WAIT_TIMEOUT_QUERY: &str = "timeout_ms";
+/// The longest wait of a status long poll: short against any lease duration.
+pub const STATUS_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(3);
 pub const PROMOTE_PATH: &str = "/v1/promote";
 pub const FOLLOW_PATH: &str = "/v1/follow";
 pub const REJOIN_PATH: &str = "/v1/rejoin";
@@ -326,4 +337,26 @@ pub struct ProbeResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorResponse {
     pub error: String,
+}
+
+impl AgentStatus {
+    /// What a status long poll waits for a change of: the role and the role the agent drives
+    /// towards, whether postgres answers, the timeline, the upstream, fencing and crash
+    /// restarts (not the LSNs, which move with every write).
+    pub fn change_token(&self) -> String {
+        let role = |r: Role| serde_json::to_string(&r).unwrap_or_default();
+        format!(
+            "{}/{}/{}/{}/{}/{}/{}",
+            role(self.role),
+            role(self.intended_role),
+            self.postgres_up,
+            self.timeline.map_or("-".to_string(), |t| t.to_string()),
+            self.upstream
+                .as_ref()
+                .map_or("-".to_string(), |u| format!("{}:{}", u.host, u.port)),
+            self.fence_reason.is_some(),
+            self.crash_restarts,
+        )
+        .replace('"', "")
+    }
 }

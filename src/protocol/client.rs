@@ -118,6 +118,31 @@ impl AgentClient {
         .await
     }
 
+    /// `GET /v1/status?wait_for_change=<token>&timeout_ms=<wait>`: a long poll that the agent
+    /// answers as soon as its status' [`AgentStatus::change_token`] differs from `token`, or
+    /// after `wait` (capped at [`crate::protocol::api::STATUS_WAIT_MAX`]) with the status as
+    /// it is. An agent without long polls answers at once.
+    pub async fn status_on_change(
+        &self,
+        token: &str,
+        wait: Duration,
+    ) -> Result<AgentStatus, ClientError> {
+        use crate::protocol::api::{STATUS_WAIT_MAX, STATUS_WAIT_QUERY, STATUS_WAIT_TIMEOUT_QUERY};
+        let wait = wait.min(STATUS_WAIT_MAX);
+        let url = format!("{}{}", self.base_url, STATUS_PATH);
+        let query = [
+            (STATUS_WAIT_QUERY, token.to_string()),
+            (STATUS_WAIT_TIMEOUT_QUERY, wait.as_millis().to_string()),
+        ];
+        self.send_authorized(url.clone(), || {
+            self.http
+                .get(&url)
+                .query(&query)
+                .timeout(wait + Duration::from_secs(5))
+        })
+        .await
+    }
+
     /// `GET /healthz` (no token), with a 2 s timeout: `Err` with status 503 when not alive.
     pub async fn healthz(&self) -> Result<ProbeResponse, ClientError> {
         self.probe(HEALTHZ_PATH).await
@@ -207,6 +232,77 @@ impl AgentClient {
                 .post(&url)
                 .timeout(self.action_timeout)
                 .json(request)
+        })
+        .await
+    }
+
+    /// `POST /v1/checkpoint`: a CHECKPOINT on the agent's postgres, with `timeout`.
+    pub async fn checkpoint(
+        &self,
+        timeout: Duration,
+    ) -> Result<crate::protocol::statements::StatementResponse, ClientError> {
+        let url = format!(
+            "{}{}",
+            self.base_url,
+            crate::protocol::statements::CHECKPOINT_PATH
+        );
+        self.send_authorized(url.clone(), || {
+            self.http
+                .post(&url)
+                .timeout(timeout)
+                .json(&serde_json::json!({}))
+        })
+        .await
+    }
+
+    /// `POST /v1/synchronous-standby-names`: set the quorum on the agent's postgres, with
+    /// `timeout`.
+    pub async fn synchronous_standby_names(
+        &self,
+        request: &crate::protocol::statements::SynchronousStandbyNamesRequest,
+        timeout: Duration,
+    ) -> Result<crate::protocol::statements::StatementResponse, ClientError> {
+        let url = format!(
+            "{}{}",
+            self.base_url,
+            crate::protocol::statements::SYNCHRONOUS_STANDBY_NAMES_PATH
+        );
+        self.send_authorized(url.clone(), || {
+            self.http.post(&url).timeout(timeout).json(request)
+        })
+        .await
+    }
+
+    /// `POST /v1/drop-slots`: drop the slots of removed instances, with `timeout`.
+    pub async fn drop_slots(
+        &self,
+        request: &crate::protocol::statements::DropSlotsRequest,
+        timeout: Duration,
+    ) -> Result<crate::protocol::statements::DropSlotsResponse, ClientError> {
+        let url = format!(
+            "{}{}",
+            self.base_url,
+            crate::protocol::statements::DROP_SLOTS_PATH
+        );
+        self.send_authorized(url.clone(), || {
+            self.http.post(&url).timeout(timeout).json(request)
+        })
+        .await
+    }
+
+    /// `POST /v1/superuser-access`: allow or refuse remote superuser logins, with `timeout`.
+    pub async fn superuser_access(
+        &self,
+        request: &crate::protocol::statements::SuperuserAccessRequest,
+        timeout: Duration,
+    ) -> Result<crate::protocol::statements::StatementResponse, ClientError> {
+        let url = format!(
+            "{}{}",
+            self.base_url,
+            crate::protocol::statements::SUPERUSER_ACCESS_PATH
+        );
+        self.send_authorized(url.clone(), || {
+            self.http.post(&url).timeout(timeout).json(request)
         })
         .await
     }

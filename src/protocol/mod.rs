@@ -8,4 +8,5 @@ pub mod api;
 pub mod client;
 pub mod failsafe;
 pub mod names;
+pub mod statements;
 pub mod validate;

@@ -186,3 +186,102 @@ pub fn watch_failover(
         watched
     })
 }
+
+/// One step of a repeated scenario: its name, how it is measured, and its time after the
+/// request (or fault) in each round (`None`: not seen in that round).
+pub struct RoundStep {
+    pub name: &'static str,
+    pub how: &'static str,
+    pub rounds: Vec<Option<Duration>>,
+}
+
+/// The p50 (lower median) and the maximum of the rounds that saw a step.
+pub fn p50_max(values: &[Option<Duration>]) -> Option<(Duration, Duration)> {
+    let mut seen: Vec<Duration> = values.iter().flatten().copied().collect();
+    seen.sort();
+    let max = *seen.last()?;
+    Some((seen[(seen.len() - 1) / 2], max))
+}
+
+/// A step-by-step timing table over several rounds of the same scenario:
+/// `target/pgrs-reports/operator-failover-<test>.md`.
+pub struct RoundsReport {
+    pub test: &'static str,
+    pub scenario: &'static str,
+    pub lease_seconds: u64,
+    pub steps: Vec<RoundStep>,
+    pub notes: Vec<String>,
+}
+
+impl RoundsReport {
+    pub fn markdown(&self) -> String {
+        let rounds = self.steps.iter().map(|s| s.rounds.len()).max().unwrap_or(0);
+        let mut text = format!(
+            "# Operator failover: {}\n\nTest `{}`, {rounds} round(s), Lease duration {} s, on the \
+             test bed (real kube-apiserver and controller-manager, fake kubelet, pods as local \
+             processes). Times after the request, p50 (lower median) and max over the rounds.\n\n\
+             | step | p50 | max | each round | measured as |\n| --- | --- | --- | --- | --- |\n",
+            self.scenario, self.test, self.lease_seconds
+        );
+        for step in &self.steps {
+            let (p50, max) =
+                p50_max(&step.rounds).map_or((None, None), |(p, m)| (Some(p), Some(m)));
+            let each: Vec<String> = step
+                .rounds
+                .iter()
+                .map(|d| d.map_or("—".to_string(), |d| d.as_millis().to_string()))
+                .collect();
+            text.push_str(&format!(
+                "| {} | {} | {} | {} | {} |\n",
+                step.name,
+                millis(p50),
+                millis(max),
+                each.join(", "),
+                step.how
+            ));
+        }
+        for note in &self.notes {
+            text.push_str(&format!("\n{note}\n"));
+        }
+        text
+    }
+
+    /// Writes `target/pgrs-reports/operator-failover-<test>.md` and returns its path.
+    pub fn write(&self) -> PathBuf {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .parent()
+            .map(|p| p.join("pgrs-reports"))
+            .unwrap_or_else(|| PathBuf::from("target/pgrs-reports"));
+        std::fs::create_dir_all(&dir).expect("create the report directory");
+        let path = dir.join(format!("operator-failover-{}.md", self.test));
+        let text = self.markdown();
+        std::fs::write(&path, &text).expect("write the failover report");
+        eprintln!("{text}\nfailover report: {}", path.display());
+        path
+    }
+}
+
+/// The first line of an operator log (text format: an RFC 3339 timestamp first) at or after
+/// `since` (wall clock) that contains every one of `needles`; its time after `since`.
+pub fn log_step(
+    log: &str,
+    since: k8s_openapi::jiff::Timestamp,
+    until: Option<k8s_openapi::jiff::Timestamp>,
+    needles: &[&str],
+) -> Option<Duration> {
+    log.lines().find_map(|line| {
+        let at: k8s_openapi::jiff::Timestamp = line.split_whitespace().next()?.parse().ok()?;
+        if at < since || until.is_some_and(|u| at >= u) || !needles.iter().all(|n| line.contains(n))
+        {
+            return None;
+        }
+        Duration::try_from(at.duration_since(since)).ok()
+    })
+}
+
+/// `uptime`'s load averages, for the report (the figures depend on the machine's load).
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_string())
+}

@@ -366,9 +366,9 @@ impl WriteLoad {
         ns: &str,
         cluster: &str,
         primary_ip: &str,
-        password: &str,
+        login: &Login,
     ) -> WriteLoad {
-        connect(primary_ip, password)
+        connect(primary_ip, login)
             .await
             .expect("connect to the primary")
             .batch_execute("CREATE TABLE t (id bigint PRIMARY KEY)")
@@ -378,7 +378,7 @@ impl WriteLoad {
             client.clone(),
             ns.to_string(),
             cluster,
-            password.to_string(),
+            login.clone(),
             1,
             "INSERT INTO t (id) VALUES ($1)",
         );
@@ -390,7 +390,7 @@ impl WriteLoad {
         client: Client,
         ns: String,
         cluster: &str,
-        password: String,
+        login: Login,
         first_id: i64,
         insert: &'static str,
     ) -> WriteLoad {
@@ -407,7 +407,7 @@ impl WriteLoad {
                     if connection.is_none() {
                         let addresses = endpoint_addresses(&client, &ns, &service).await;
                         if let [address] = addresses.as_slice()
-                            && let Ok(db) = connect(address, &password).await
+                            && let Ok(db) = connect(address, &login).await
                         {
                             connection = Some((address.clone(), db));
                         }
@@ -520,31 +520,69 @@ pub async fn endpoint_addresses(client: &Client, ns: &str, service: &str) -> Vec
     addresses
 }
 
-pub async fn superuser_password(client: &Client, ns: &str, cluster: &str) -> String {
-    let secret = Api::<Secret>::namespaced(client.clone(), ns)
-        .get(&format!("{cluster}-secrets"))
-        .await
-        .expect("read the cluster Secret");
-    let data = secret.data.expect("Secret data");
-    String::from_utf8(data["superuser-password"].0.clone()).expect("UTF-8 password")
+/// Who a test logs in as to a pod's postgres, from the pod network.
+#[derive(Clone, Debug)]
+pub struct Login {
+    pub user: String,
+    pub password: String,
+    pub dbname: String,
 }
 
-pub async fn connect(host: &str, password: &str) -> Result<tokio_postgres::Client, String> {
+async fn secret_data(client: &Client, ns: &str, name: &str) -> BTreeMap<String, String> {
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap_or_else(|e| panic!("read the Secret {name}: {e}"));
+    secret
+        .data
+        .expect("Secret data")
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8(v.0).expect("UTF-8 value")))
+        .collect()
+}
+
+/// The application owner of `<cluster>-app` to its database: what the tests write and read
+/// with (remote superuser logins are refused unless `enableSuperuserAccess: true`).
+pub async fn app_login(client: &Client, ns: &str, cluster: &str) -> Login {
+    let app = secret_data(client, ns, &format!("{cluster}-app")).await;
+    Login {
+        user: app["username"].clone(),
+        password: app["password"].clone(),
+        dbname: app["dbname"].clone(),
+    }
+}
+
+/// The superuser (`<cluster>-secrets`): logs in from the pod network only with
+/// `enableSuperuserAccess: true`.
+pub async fn superuser_login(client: &Client, ns: &str, cluster: &str) -> Login {
+    let data = secret_data(client, ns, &format!("{cluster}-secrets")).await;
+    Login {
+        user: "postgres".to_string(),
+        password: data["superuser-password"].clone(),
+        dbname: "postgres".to_string(),
+    }
+}
+
+/// A session to `host`'s postgres as `login`, over TLS (not verified: the test reaches pods by
+/// IP); the error is PostgreSQL's message when it gave one.
+pub async fn connect(host: &str, login: &Login) -> Result<tokio_postgres::Client, String> {
     let mut config = tokio_postgres::Config::new();
     config
         .host(host)
         .port(5432)
-        .user("postgres")
-        .password(password)
-        .dbname("postgres")
+        .user(&login.user)
+        .password(&login.password)
+        .dbname(&login.dbname)
         .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect_timeout(Duration::from_secs(2));
     // Pods refuse plain connections from the pod network (`hostnossl ... reject`).
     let tls = pgrs::tls::encrypt_only_connector().map_err(|e| e.to_string())?;
-    let (client, connection) = config
-        .connect(tls)
-        .await
-        .map_err(|e| format!("connect to {host}: {e}"))?;
+    let (client, connection) = config.connect(tls).await.map_err(|e| {
+        let message = e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |db| db.message().to_string());
+        format!("connect to {host} as {}: {message}", login.user)
+    })?;
     tokio::spawn(async move {
         let _ = connection.await;
     });

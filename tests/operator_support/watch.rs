@@ -221,7 +221,7 @@ pub struct PrimaryProbe {
 
 impl PrimaryProbe {
     /// `pods`: pod name → pod IP (stable while the pods are not deleted).
-    pub fn start(pods: BTreeMap<String, String>, password: String) -> PrimaryProbe {
+    pub fn start(pods: BTreeMap<String, String>, login: super::Login) -> PrimaryProbe {
         let stop = Arc::new(AtomicBool::new(false));
         let task = {
             let stop = stop.clone();
@@ -232,11 +232,11 @@ impl PrimaryProbe {
                 while !stop.load(Ordering::Relaxed) {
                     let probes = sessions.iter_mut().map(|(pod, session)| {
                         let ip = pods[pod].clone();
-                        let password = password.clone();
+                        let login = login.clone();
                         async move {
                             let answer = tokio::time::timeout(Duration::from_secs(1), async {
                                 if session.is_none() {
-                                    *session = Some(connect(&ip, &password).await?);
+                                    *session = Some(connect(&ip, &login).await?);
                                 }
                                 let db = session.as_ref().expect("a session");
                                 let row = db

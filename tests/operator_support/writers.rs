@@ -1,4 +1,5 @@
-//! Writers straight to every pod's postgres (not through `-rw`), for the partition tests
+//! Writers straight to every pod's postgres (not through `-rw`, as the application owner of
+//! `<cluster>-app`: remote superuser logins are refused), for the partition tests
 //! (`operator_partition`, `operator_partition_observe`): every attempt is recorded as a
 //! `pgrs::chaos::WriteRecord` on one clock for the Jepsen-style checker, and a superseded
 //! primary that still acknowledges writes is seen. Also the guard that heals a pod's network
@@ -14,6 +15,8 @@ use std::time::{Duration, Instant};
 use pgrs::chaos::{WriteOutcome, WriteRecord};
 use pgrs_testbed::faults::PodNet;
 
+use crate::operator_support::Login;
+
 /// Between two write attempts of one writer.
 pub const WRITE_PERIOD: Duration = Duration::from_millis(50);
 /// A connection attempt or an INSERT without an answer by then is indeterminate.
@@ -21,14 +24,14 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub use pgrs::chaos::outcome_of;
 
-async fn connect_raw(host: &str, password: &str) -> Result<tokio_postgres::Client, WriteOutcome> {
+async fn connect_raw(host: &str, login: &Login) -> Result<tokio_postgres::Client, WriteOutcome> {
     let mut config = tokio_postgres::Config::new();
     config
         .host(host)
         .port(5432)
-        .user("postgres")
-        .password(password)
-        .dbname("postgres")
+        .user(&login.user)
+        .password(&login.password)
+        .dbname(&login.dbname)
         .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect_timeout(ANSWER_TIMEOUT);
     // Pods refuse plain connections from the pod network (`hostnossl ... reject`).
@@ -59,14 +62,14 @@ pub struct Writers {
 
 impl Writers {
     /// `pods`: pod name → pod IP.
-    pub fn start(pods: &BTreeMap<String, String>, password: &str, start: Instant) -> Writers {
+    pub fn start(pods: &BTreeMap<String, String>, login: &Login, start: Instant) -> Writers {
         let records = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let next_id = Arc::new(AtomicI64::new(1));
         let tasks = pods
             .iter()
             .map(|(pod, ip)| {
-                let (pod, ip, password) = (pod.clone(), ip.clone(), password.to_string());
+                let (pod, ip, login) = (pod.clone(), ip.clone(), login.clone());
                 let (records, stop, next_id) = (records.clone(), stop.clone(), next_id.clone());
                 tokio::spawn(async move {
                     let mut db: Option<tokio_postgres::Client> = None;
@@ -74,7 +77,7 @@ impl Writers {
                         let id = next_id.fetch_add(1, Ordering::Relaxed);
                         let sent = start.elapsed();
                         let outcome = match &db {
-                            None => match connect_raw(&ip, &password).await {
+                            None => match connect_raw(&ip, &login).await {
                                 Ok(client) => {
                                     db = Some(client);
                                     None

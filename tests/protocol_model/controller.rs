@@ -331,7 +331,7 @@ fn act(m: &ProtocolModel, s: &mut State) -> bool {
             ok
         }
         Pending::SetSync(i, sync) => {
-            // `InstanceSql::set_synchronous_standby_names`, then `applied_sync` recorded.
+            // `POST /v1/synchronous-standby-names` on its agent, then `applied_sync` recorded.
             let n = i as usize;
             let ok = s.reachable(n) && matches!(s.inst[n].pg, Pg::Primary | Pg::Replica);
             if ok {

@@ -23,6 +23,10 @@ use crate::protocol::api::{
 use crate::protocol::failsafe::{
     ConfirmRequest, FAILSAFE_CONFIRM_PATH, FAILSAFE_MEMBERS_PATH, FailsafeMembersRequest,
 };
+use crate::protocol::statements::{
+    CHECKPOINT_PATH, DROP_SLOTS_PATH, DropSlotsRequest, SUPERUSER_ACCESS_PATH,
+    SYNCHRONOUS_STANDBY_NAMES_PATH, SuperuserAccessRequest, SynchronousStandbyNamesRequest,
+};
 use crate::protocol::validate::{EmptyRequest, FieldError, Validate};
 
 /// Time limit of a probe (answered from memory).
@@ -214,7 +218,14 @@ pub async fn check_body(request: Request, next: Next) -> Response {
             PARAMETERS_PATH => parse::<ParametersRequest>(request()).await,
             FAILSAFE_MEMBERS_PATH => parse::<FailsafeMembersRequest>(request()).await,
             FAILSAFE_CONFIRM_PATH => parse::<ConfirmRequest>(request()).await,
-            START_PATH | RESTART_PATH => NoBody::from_request(request(), &()).await.map(drop),
+            DROP_SLOTS_PATH => parse::<DropSlotsRequest>(request()).await,
+            SUPERUSER_ACCESS_PATH => parse::<SuperuserAccessRequest>(request()).await,
+            SYNCHRONOUS_STANDBY_NAMES_PATH => {
+                parse::<SynchronousStandbyNamesRequest>(request()).await
+            }
+            START_PATH | RESTART_PATH | CHECKPOINT_PATH => {
+                NoBody::from_request(request(), &()).await.map(drop)
+            }
             _ => Ok(()),
         }
     };

@@ -4,6 +4,10 @@
 //!   agent's last look at postgres (no SQL per request), 2 s limit.
 //! - `GET /v1/status` ([`status`]): behind the bearer token, probed live, at most
 //!   [`guard::MAX_CONCURRENT_STATUS`] at once (more get `503` at once), 10 s limit.
+//! - `POST /v1/checkpoint`, `/v1/synchronous-standby-names`, `/v1/drop-slots`,
+//!   `/v1/superuser-access` ([`statements`]): actions
+//!   like the others, run on a local session of the agent's own, not queued behind the
+//!   supervisor's actions.
 //! - every action (`POST`): behind the token, its body checked ([`guard::check_body`]: JSON,
 //!   no unknown field, every value in bounds) before the promotion gate or the supervisor see
 //!   it, at most [`guard::MAX_CONCURRENT_ACTIONS`] at once, 600 s limit.
@@ -15,6 +19,7 @@ mod guard;
 #[cfg(test)]
 mod guard_tests;
 pub mod health;
+mod statements;
 mod status;
 
 use std::sync::Arc;
@@ -38,6 +43,9 @@ use crate::protocol::api::{
 use crate::protocol::failsafe::{
     ConfirmRequest, ConfirmResponse, FAILSAFE_CONFIRM_PATH, FAILSAFE_MEMBERS_PATH,
     FailsafeMembersRequest, FailsafeStatus,
+};
+use crate::protocol::statements::{
+    CHECKPOINT_PATH, DROP_SLOTS_PATH, SUPERUSER_ACCESS_PATH, SYNCHRONOUS_STANDBY_NAMES_PATH,
 };
 use guard::{ApiJson, Limit, NoBody};
 pub use status::build_status;
@@ -84,6 +92,13 @@ pub fn router(state: HttpState, gate: impl FnOnce(Router) -> Router) -> Router {
         .route(PARAMETERS_PATH, post(parameters))
         .route(FAILSAFE_MEMBERS_PATH, post(failsafe_members))
         .route(FAILSAFE_CONFIRM_PATH, post(failsafe_confirm))
+        .route(CHECKPOINT_PATH, post(statements::checkpoint))
+        .route(
+            SYNCHRONOUS_STANDBY_NAMES_PATH,
+            post(statements::synchronous_standby_names),
+        )
+        .route(DROP_SLOTS_PATH, post(statements::drop_slots))
+        .route(SUPERUSER_ACCESS_PATH, post(statements::superuser_access))
         .with_state(state.clone());
     let actions = gate(actions)
         .layer(middleware::from_fn(guard::check_body))

@@ -1,15 +1,19 @@
-//! `GET /v1/status`: the status document, probed live on the supervisor's kept session.
+//! `GET /v1/status`: the status document, probed live on the supervisor's kept session; with
+//! `?wait_for_change=<token>&timeout_ms=<n>` a long poll that answers as soon as the status'
+//! change token differs (a promotion or demotion finished) or after at most 3 s.
 
 use std::path::Path;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
 use chrono::Utc;
 
-use super::HttpState;
+use super::{ApiError, HttpState};
 use crate::agent::supervisor::{Phase, SupervisorHandle};
-use crate::protocol::api::{AgentStatus, DataDirHealth, Role};
+use crate::protocol::api::{AgentStatus, DataDirHealth, Role, STATUS_WAIT_MAX};
 
 fn data_dir_health(path: &Path) -> DataDirHealth {
     let free_bytes = nix::sys::statvfs::statvfs(path)
@@ -97,6 +101,36 @@ pub async fn build_status(supervisor: &SupervisorHandle) -> AgentStatus {
     status
 }
 
-pub(super) async fn status(State(state): State<HttpState>) -> Json<AgentStatus> {
-    Json(state.status().await)
+/// `?wait_for_change=<token>&timeout_ms=<n>`: a long poll (see [`AgentStatus::change_token`]).
+#[derive(Debug, Default, serde::Deserialize)]
+pub(super) struct StatusQuery {
+    wait_for_change: Option<String>,
+    timeout_ms: Option<u64>,
+}
+
+/// How often a long poll looks again (a status is one SQL round trip on the kept session).
+const LONG_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+pub(super) async fn status(
+    State(state): State<HttpState>,
+    query: Result<Query<StatusQuery>, QueryRejection>,
+) -> Result<Json<AgentStatus>, ApiError> {
+    let Query(query) = query.map_err(|rejection| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid status query: {}", rejection.body_text()),
+        )
+    })?;
+    let status = state.status().await;
+    let Some(token) = query.wait_for_change else {
+        return Ok(Json(status));
+    };
+    let wait = Duration::from_millis(query.timeout_ms.unwrap_or(0)).min(STATUS_WAIT_MAX);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut status = status;
+    while status.change_token() == token && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(LONG_POLL_INTERVAL).await;
+        status = state.status().await;
+    }
+    Ok(Json(status))
 }

@@ -76,7 +76,7 @@ pub async fn prepare_upstream(
     config: &AgentConfig,
     upstream: &Upstream,
 ) -> Result<PreparedUpstream, InstanceError> {
-    let target = config.remote_target(&upstream.host, upstream.port);
+    let target = config.replication_target(&upstream.host, upstream.port);
     let client = probe::connect(&target, config.primary_timeout)
         .await
         .map_err(|error| InstanceError::PrimaryUnreachable {
@@ -87,7 +87,7 @@ pub async fn prepare_upstream(
     prepare_upstream_with(&client, upstream, &config.binaries).await
 }
 
-/// [`prepare_upstream`] on an open superuser session to the primary.
+/// [`prepare_upstream`] on an open session to the primary (as the replication role).
 pub async fn prepare_upstream_with(
     client: &tokio_postgres::Client,
     upstream: &Upstream,
@@ -149,7 +149,7 @@ async fn drop_created_slot(config: &AgentConfig, upstream: &Upstream) {
     let Some(slot) = &upstream.slot else {
         return;
     };
-    let target = config.remote_target(&upstream.host, upstream.port);
+    let target = config.replication_target(&upstream.host, upstream.port);
     let result = match probe::connect(&target, config.primary_timeout).await {
         Ok(client) => slots::drop_inactive_slot(&client, slot)
             .await

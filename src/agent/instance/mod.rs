@@ -8,6 +8,8 @@
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 mod bootstrap;
@@ -62,6 +64,26 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Whether the superuser may log in from other hosts: shared by every copy of the
+/// configuration, so that a change reaches the next rendering of `pg_hba.conf` wherever it is.
+#[derive(Debug, Clone, Default)]
+pub struct SuperuserAccess(Arc<AtomicBool>);
+
+impl SuperuserAccess {
+    pub fn new(allowed: bool) -> Self {
+        SuperuserAccess(Arc::new(AtomicBool::new(allowed)))
+    }
+
+    pub fn allowed(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Sets it; true when it changed.
+    pub fn set(&self, allowed: bool) -> bool {
+        self.0.swap(allowed, Ordering::SeqCst) != allowed
+    }
+}
+
 /// The application's owner role (with its password) and database.
 #[derive(Debug, Clone)]
 pub struct AppAccess {
@@ -83,6 +105,9 @@ pub struct AgentConfig {
     pub binaries: PgBinaries,
     pub identity: OsIdentity,
     pub superuser: String,
+    /// `--superuser-access`, changed live by `POST /v1/superuser-access`: the superuser may log
+    /// in from other hosts; otherwise only over the socket and loopback.
+    pub superuser_access: SuperuserAccess,
     /// Rotated in place when its file changes ([`crate::agent::secret_watch`]); connections
     /// fall back to the previous value while the role's password is being changed.
     pub superuser_password: RotatingSecret,
@@ -147,15 +172,19 @@ impl AgentConfig {
             })
     }
 
-    /// Superuser connection to another instance (all instances share the superuser secret).
-    pub fn remote_target(&self, host: &str, port: u16) -> ConnectTarget {
+    /// Connection to another instance (its primary) as the replication role, never as the
+    /// superuser: what an agent does there (read the system identifier and timeline, create or
+    /// drop its slot, CHECKPOINT, `pg_rewind`'s reads) needs only the replication role's
+    /// grants ([`crate::postgres::roles::replication_grants`]), so a cluster works with remote
+    /// superuser logins refused (`--no-superuser-access`).
+    pub fn replication_target(&self, host: &str, port: u16) -> ConnectTarget {
         ConnectTarget {
             host: host.to_string(),
             port,
-            user: self.superuser.clone(),
-            password: self.superuser_password.current().expose().to_string(),
+            user: self.replication_user.clone(),
+            password: self.replication_password.current().expose().to_string(),
             fallback_password: self
-                .superuser_password
+                .replication_password
                 .previous()
                 .map(|previous| previous.expose().to_string()),
             dbname: "postgres".into(),
@@ -318,6 +347,19 @@ pub fn write_passfile(config: &AgentConfig) -> Result<(), InstanceError> {
     std::fs::rename(&staged, &path).map_err(io_error("rename the passfile to", &path))
 }
 
+/// Renders `pg_hba.conf` into `data_dir` (postgres reads it again on a reload).
+pub fn write_pg_hba(config: &AgentConfig, data_dir: &Path) -> Result<(), InstanceError> {
+    write_private_file(
+        &config.identity,
+        &data_dir.join("pg_hba.conf"),
+        &render_pg_hba(
+            &config.replication_user,
+            config.settings.tls.is_some(),
+            (!config.superuser_access.allowed()).then_some(config.superuser.as_str()),
+        ),
+    )
+}
+
 /// Renders the configuration into `data_dir`: postgresql.conf, pg_hba.conf, an empty
 /// postgresql.auto.conf, and `standby.signal` iff `upstream` is set.
 pub fn write_configuration(
@@ -332,11 +374,7 @@ pub fn write_configuration(
     });
     let conf = render_postgresql_conf(&config.settings, standby.as_ref())?;
     write_private_file(&config.identity, &data_dir.join("postgresql.conf"), &conf)?;
-    write_private_file(
-        &config.identity,
-        &data_dir.join("pg_hba.conf"),
-        &render_pg_hba(&config.replication_user, config.settings.tls.is_some()),
-    )?;
+    write_pg_hba(config, data_dir)?;
     let auto_conf = data_dir.join("postgresql.auto.conf");
     write_private_file(
         &config.identity,

@@ -54,11 +54,16 @@ impl Supervisor {
         // local postgres stops.
         let prepare = async {
             let primary = probe::connect(
-                &config.remote_target(&upstream.host, upstream.port),
+                &config.replication_target(&upstream.host, upstream.port),
                 config.primary_timeout,
             )
             .await?;
-            promote::checkpoint(&primary).await?;
+            // As the replication role: `pg_checkpoint` (PostgreSQL 15+). Without it (14, or
+            // grants not yet written by an older primary) the promotion's own CHECKPOINT has
+            // to do; a rewind that then finds nothing to do fails to stream and is re-cloned.
+            if let Err(error) = promote::checkpoint(&primary).await {
+                tracing::warn!(%error, "CHECKPOINT on the new primary failed; rewinding anyway");
+            }
             prepare_upstream_with(&primary, &upstream, &config.binaries).await?;
             Ok::<_, ActionError>(probe::probe_instance(&primary).await?.timeline)
         };
@@ -113,7 +118,7 @@ impl Supervisor {
         let source = crate::agent::config::conninfo(
             &upstream.host,
             upstream.port,
-            &config.superuser,
+            &config.replication_user,
             &config.passfile(),
             config.name(),
             Some("postgres"),
@@ -183,7 +188,7 @@ impl Supervisor {
             Some(timeline) => Some(timeline),
             None => {
                 let primary = probe::connect(
-                    &config.remote_target(&upstream.host, upstream.port),
+                    &config.replication_target(&upstream.host, upstream.port),
                     config.primary_timeout,
                 )
                 .await?;

@@ -49,7 +49,6 @@ struct Shared {
     pending_switchover: Mutex<Option<SwitchoverPlan>>,
     /// Made again when the token file changes (`secrets`).
     clients: Mutex<HashMap<String, Arc<AgentClient>>>,
-    sessions: control::SessionPool,
     forwarder: Forwarder,
     nodes: Mutex<HashMap<String, NodeRuntime>>,
     status: Mutex<Option<LocalStatus>>,
@@ -156,18 +155,6 @@ async fn poll_node(shared: Arc<Shared>, name: String) {
             .control
             .poll(shared.as_ref(), &name, Duration::from_secs(2))
             .await;
-        if shared.config.sync {
-            let replica_up = shared
-                .control
-                .reports()
-                .latest(&name)
-                .is_some_and(|r| r.status.postgres_up && r.status.role == Role::Replica);
-            // A candidate gets its synchronous_standby_names right before its promotion: open
-            // the session for that ahead of time, off the failover path.
-            if replica_up {
-                control::InstanceSql::warm(&shared.sessions, &name);
-            }
-        }
         // Poll fast while a failover or switchover is under way (the write endpoint switches as
         // soon as the new primary is seen out of recovery) and while this node is in transition.
         let pause = if shared.urgent.load(Ordering::Relaxed) {
@@ -328,10 +315,7 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
     let state = load_state(&layout, &store.get().await?)?;
     let token =
         std::fs::read_to_string(layout.token()).map_err(io_error("read", &layout.token()))?;
-    let password = std::fs::read_to_string(layout.superuser_password())
-        .map_err(io_error("read", &layout.superuser_password()))?;
     let clients = secrets::agent_clients(&config, token.trim(), None)?;
-    let tls = crate::local::tls::postgres_tls(&layout.dir)?;
     let forwarder = Forwarder::bind(SocketAddr::from(([127, 0, 0, 1], config.write_port))).await?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", config.controller_port))
         .await
@@ -350,7 +334,6 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
         last_state: Mutex::new(state),
         pending_switchover: Mutex::new(None),
         clients: Mutex::new(clients),
-        sessions: platform::session_pool(&config, password.trim(), &tls),
         forwarder,
         nodes: Mutex::new(HashMap::new()),
         status: Mutex::new(None),
@@ -363,13 +346,11 @@ pub async fn run_controller(dir: &Path) -> anyhow::Result<()> {
         layout: layout.clone(),
         config: config.clone(),
     });
-    // Rotation: the token and the superuser password are read again every 2 s.
+    // Rotation: the token is read again every 2 s.
     tokio::spawn(secrets::watch(
         shared.clone(),
         layout.clone(),
         token.trim().to_string(),
-        password.trim().to_string(),
-        tls.clone(),
     ));
     // `/metrics`: counters fed by a sampler of each round's status, the round timer below and
     // the agents' lease renewals (counted where the lease service answers them).

@@ -7,9 +7,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
-use crate::control::{
-    AgentApi, ControlEvent, ControlState, InstanceSql, PersistError, Platform, SessionPool,
-};
+use crate::control::{AgentApi, ControlEvent, ControlState, PersistError, Platform};
 use crate::coordination::LeaseStore;
 use crate::engine::{Decision, EngineInput, Severity};
 use crate::protocol::api::RejoinPath;
@@ -36,10 +34,6 @@ impl Platform for Shared {
     fn postgres_address(&self, instance: &str) -> Option<(String, u16)> {
         self.node(instance)
             .map(|n| ("127.0.0.1".to_string(), n.pg_port))
-    }
-
-    fn sql(&self) -> &dyn InstanceSql {
-        &self.sessions
     }
 
     fn emit(&self, event: ControlEvent<'_>) {
@@ -147,41 +141,4 @@ impl Platform for Shared {
             }
         });
     }
-}
-
-/// Superuser sessions to every node's postgres on loopback, over TLS verified as the nodes'
-/// certificate name (as on Kubernetes, where they cross the pod network).
-pub(super) fn session_pool(
-    config: &crate::local::layout::LocalConfig,
-    password: &str,
-    tls: &crate::postgres::probe::PostgresTls,
-) -> SessionPool {
-    SessionPool::new(session_targets(config, password, None, tls))
-}
-
-/// Where and as whom the sessions connect; `fallback` is the password before a rotation.
-pub(super) fn session_targets(
-    config: &crate::local::layout::LocalConfig,
-    password: &str,
-    fallback: Option<String>,
-    tls: &crate::postgres::probe::PostgresTls,
-) -> std::collections::HashMap<String, crate::postgres::probe::ConnectTarget> {
-    config
-        .nodes
-        .iter()
-        .map(|node| {
-            (
-                node.name.clone(),
-                crate::postgres::probe::ConnectTarget {
-                    host: "127.0.0.1".to_string(),
-                    port: node.pg_port,
-                    user: config.superuser.clone(),
-                    password: password.to_string(),
-                    fallback_password: fallback.clone(),
-                    dbname: "postgres".to_string(),
-                    tls: Some(tls.clone()),
-                },
-            )
-        })
-        .collect()
 }

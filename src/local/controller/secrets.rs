@@ -1,8 +1,7 @@
-//! Rotation in local mode: the controller reads the token and the superuser password from
-//! `<dir>/secrets/` again every [`SECRETS_POLL`], like the agents do. A new token is sent from
-//! then on, the previous one tried once on a 401 (an agent that has not read the file yet); a
-//! new superuser password is used for new sessions, the previous one tried when refused (the
-//! primary's agent has not changed the role yet). No restart of the cluster is needed.
+//! Rotation in local mode: the controller reads the token from `<dir>/secrets/` again every
+//! [`SECRETS_POLL`], like the agents do. A new token is sent from then on, the previous one
+//! tried once on a 401 (an agent that has not read the file yet). No restart of the cluster is
+//! needed. (The controller has no SQL session: a superuser password rotation is the agents'.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,7 +9,6 @@ use std::time::Duration;
 
 use crate::agent::secret_watch::SECRETS_POLL;
 use crate::local::layout::{Layout, LocalConfig};
-use crate::postgres::probe::PostgresTls;
 use crate::protocol::client::AgentClient;
 
 use super::{Shared, lock};
@@ -44,18 +42,10 @@ fn read(path: &std::path::Path) -> Option<String> {
 }
 
 /// Follows the secret files for as long as the controller runs.
-pub(super) async fn watch(
-    shared: Arc<Shared>,
-    layout: Layout,
-    mut token: String,
-    mut password: String,
-    tls: PostgresTls,
-) {
+pub(super) async fn watch(shared: Arc<Shared>, layout: Layout, mut token: String) {
     let mut previous_token: Option<(String, tokio::time::Instant)> = None;
-    let mut previous_password: Option<(String, tokio::time::Instant)> = None;
-    // What the clients and sessions were made with (the controller's start made the first).
+    // What the clients were made with (the controller's start made the first).
     let mut applied_tokens = Some((token.clone(), None));
-    let mut applied_passwords = Some((password.clone(), None));
     loop {
         tokio::time::sleep(SECRETS_POLL).await;
         let recent = |previous: &Option<(String, tokio::time::Instant)>| {
@@ -75,17 +65,6 @@ pub(super) async fn watch(
                 "the agent token changed; the previous one stays a fallback for 5 minutes"
             );
         }
-        if let Some(new) = read(&layout.superuser_password())
-            && new != password
-        {
-            previous_password = Some((
-                std::mem::replace(&mut password, new),
-                tokio::time::Instant::now(),
-            ));
-            tracing::info!(
-                "the superuser password changed; the previous one stays a fallback for 5 minutes"
-            );
-        }
         // Only a change (a new value, or a fallback's window over) makes new clients: kept
         // ones keep their connections.
         let tokens = (token.clone(), recent(&previous_token));
@@ -97,18 +76,6 @@ pub(super) async fn watch(
                 }
                 Err(error) => tracing::warn!(%error, "cannot make the agent clients again"),
             }
-        }
-        let passwords = (password.clone(), recent(&previous_password));
-        if applied_passwords.as_ref() != Some(&passwords) {
-            shared
-                .sessions
-                .set_targets(super::platform::session_targets(
-                    &shared.config,
-                    &passwords.0,
-                    passwords.1.clone(),
-                    &tls,
-                ));
-            applied_passwords = Some(passwords);
         }
     }
 }

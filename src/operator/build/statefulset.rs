@@ -84,6 +84,9 @@ pub fn agent_args(cluster: &str, spec: &PgReplicaSetSpec) -> Vec<String> {
             ms(failover.shutdown_budget_seconds)
         ),
     ];
+    if spec.enable_superuser_access {
+        args.push("--superuser-access".to_string());
+    }
     if spec.tls.enabled {
         // `$(PGRS_NAMESPACE)`: the kubelet expands it from the container's environment.
         args.extend([

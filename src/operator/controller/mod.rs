@@ -13,6 +13,7 @@ mod pipeline;
 mod platform;
 mod rollout;
 mod round;
+mod superuser;
 mod tls;
 mod upgrade;
 
@@ -34,7 +35,7 @@ use tokio::sync::Mutex;
 use tracing::Instrument as _;
 
 use crate::api::{PgReplicaSet, PgReplicaSetStatus};
-use crate::control::{ActError, ControlLoop, MonotonicClock, RoundError, SessionPool};
+use crate::control::{ActError, ControlLoop, MonotonicClock, RoundError};
 use crate::operator::build::{BuildError, names};
 
 use failover::FailoverTracker;
@@ -171,8 +172,6 @@ struct ClusterRuntime {
     /// The shared control loop: reports, engine memory (persisted in the control ConfigMap),
     /// background actions.
     control: ControlLoop,
-    /// Superuser sessions to the instances (synchronous standbys, checkpoint before demotion).
-    sessions: SessionPool,
     applied: Option<(i64, Instant)>,
     failover: FailoverTracker,
     /// Last note per Event reason, to publish a repeated one once.
@@ -186,9 +185,6 @@ struct ClusterRuntime {
     rollout: RolloutMemory,
     /// Major-version upgrade bookkeeping (`upgrade` module).
     upgrade: upgrade::UpgradeMemory,
-    /// The superuser password of the Secret and, for a while after it changed, the previous
-    /// one: the sessions fall back to it until the primary's agent has changed the role.
-    superuser_password: Option<crate::agent::rotation::Rotation>,
     /// The agent token as last read, with the previous one during a rotation.
     agent_token: Option<crate::agent::rotation::Rotation>,
     /// The certificates as last checked, and the clients built on them (`tls` module).
@@ -199,7 +195,6 @@ impl ClusterRuntime {
     fn new(previous: Option<&PgReplicaSetStatus>, state: crate::control::ControlState) -> Self {
         ClusterRuntime {
             control: ControlLoop::new(Arc::new(MonotonicClock::new()), state),
-            sessions: SessionPool::default(),
             applied: None,
             failover: FailoverTracker::new(previous),
             last_events: HashMap::new(),
@@ -208,7 +203,6 @@ impl ClusterRuntime {
             lag_high: BTreeSet::new(),
             rollout: RolloutMemory::new(previous),
             upgrade: upgrade::UpgradeMemory::new(previous),
-            superuser_password: None,
             agent_token: None,
             tls: tls::TlsMemory::default(),
         }
@@ -249,12 +243,16 @@ impl Context {
             action: "Reconcile".to_string(),
             secondary: None,
         };
-        if let Err(error) = self
-            .recorder
-            .publish(&event, &cluster.object_ref(&()))
-            .await
-        {
-            tracing::warn!(%error, reason, "failed to publish an event");
+        // Bounded like every request of a round; a lost Event does not fail the reconcile.
+        let published = pipeline::bounded(
+            || format!("publishing the Event {reason}"),
+            self.recorder.publish(&event, &cluster.object_ref(&())),
+        )
+        .await;
+        match published {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, reason, "failed to publish an event"),
+            Err(error) => tracing::warn!(%error, reason, "failed to publish an event"),
         }
     }
 }

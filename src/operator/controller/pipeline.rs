@@ -21,7 +21,27 @@ use crate::operator::pods::PodView;
 use crate::operator::status;
 use crate::operator::upgrade;
 
+use super::round::RoundMode;
 use super::{ClusterRuntime, Context, REAPPLY_EVERY, ReconcileError, URGENT_REQUEUE};
+
+/// At most this many rounds follow the first one within one reconcile (after a switchover's
+/// demote, Lease takeover and promote, the round that labels the new primary).
+const CHAINED_ROUNDS: usize = 4;
+
+/// How long one Kubernetes API request of a reconcile may take (kube sets no timeout): short
+/// against the lease duration, like the control loop's Lease read and the control state.
+pub(super) const API_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `request` bounded by [`API_TIMEOUT`]; running out is [`ReconcileError::Timeout`] naming
+/// `what` (e.g. `reading the Secret pg-secrets`).
+pub(super) async fn bounded<T>(
+    what: impl FnOnce() -> String,
+    request: impl Future<Output = T>,
+) -> Result<T, ReconcileError> {
+    tokio::time::timeout(API_TIMEOUT, request)
+        .await
+        .map_err(|_| ReconcileError::Timeout { what: what() })
+}
 
 pub(super) struct Reconciler<'a> {
     pub(super) cluster: &'a PgReplicaSet,
@@ -39,6 +59,7 @@ impl Reconciler<'_> {
     }
 
     pub(super) async fn run(&mut self) -> Result<Requeue, ReconcileError> {
+        let started = Instant::now();
         let generation = self.cluster.metadata.generation.unwrap_or_default();
         if let Err(invalid) = api::validate(self.cluster) {
             let message = format!("invalid spec: {invalid}");
@@ -52,12 +73,16 @@ impl Reconciler<'_> {
         }
         let secrets = self.secrets().await?;
         let tls = self.tls().await?;
-        let lease = Arc::new(KubeLeaseStore::new(
-            self.context.client.clone(),
-            &self.namespace(),
-            &self.name(),
-            api::seconds_to_duration(self.cluster.spec.failover.lease_duration_seconds),
-        ));
+        let lease = Arc::new(
+            KubeLeaseStore::new(
+                self.context.client.clone(),
+                &self.namespace(),
+                &self.name(),
+                api::seconds_to_duration(self.cluster.spec.failover.lease_duration_seconds),
+            )
+            // Every Lease request of the reconcile (create, the round's read, the loop's writes).
+            .with_request_timeout(API_TIMEOUT),
+        );
         // A major-version upgrade may change the pod template and hold the round back.
         let upgrade = self
             .major_upgrade(&secrets.agent_token, tls.as_deref())
@@ -72,7 +97,50 @@ impl Reconciler<'_> {
             .create_if_absent()
             .await
             .map_err(ReconcileError::Lease)?;
-        let urgent = self.round(&secrets, tls, lease).await?;
+        let before_round = started.elapsed();
+        let mut result = self
+            .round(
+                &secrets,
+                tls.clone(),
+                lease.clone(),
+                RoundMode {
+                    chained: false,
+                    may_wait: true,
+                    poll: true,
+                },
+            )
+            .await?;
+        // A failover or switchover step that ran inline (demote, a Lease write) or a promotion
+        // seen finished is followed by the next round at once, without the reconcile's reads
+        // and the requeue in between. A promotion is waited for once per reconcile.
+        let (mut chained, mut waited) = (0, result.waited);
+        while result.again && chained < CHAINED_ROUNDS {
+            chained += 1;
+            result = self
+                .round(
+                    &secrets,
+                    tls.clone(),
+                    lease.clone(),
+                    RoundMode {
+                        chained: true,
+                        may_wait: !waited,
+                        // The long poll just brought the promoted agent's status.
+                        poll: !result.promoted,
+                    },
+                )
+                .await?;
+            waited |= result.waited;
+        }
+        let urgent = result.urgent;
+        if chained > 0 {
+            // Where a failover's or switchover's reconcile spends its time (docs/failover.md).
+            tracing::info!(
+                before_round_ms = before_round.as_millis() as u64,
+                rounds = chained + 1,
+                total_ms = started.elapsed().as_millis() as u64,
+                "chained reconcile"
+            );
+        }
         let interval = Duration::from_secs(u64::from(
             self.cluster.spec.monitoring.status_interval_seconds,
         ));
@@ -130,19 +198,6 @@ impl Reconciler<'_> {
             .is_some_and(|status| status.current_primary.is_some())
     }
 
-    /// Notes the Secret's superuser password and returns the previous one while a rotation
-    /// is recent ([`crate::agent::rotation::ROTATION_WINDOW`]): the role keeps the old password
-    /// until the primary's agent sees the new file.
-    pub(super) fn superuser_fallback(&mut self, password: &str) -> Option<String> {
-        let cluster = self.name();
-        fallback(
-            &mut self.runtime.superuser_password,
-            password,
-            &cluster,
-            "superuser password",
-        )
-    }
-
     /// The same for the agent token: an agent whose Secret volume is not refreshed yet answers
     /// the new token 401, the previous one is tried then.
     pub(super) fn token_fallback(&mut self, token: &str) -> Option<String> {
@@ -161,9 +216,8 @@ impl Reconciler<'_> {
         name: &str,
     ) -> Result<Option<BTreeMap<String, ByteString>>, ReconcileError> {
         let api: Api<Secret> = Api::namespaced(self.context.client.clone(), &self.namespace());
-        let existing = api
-            .get_opt(name)
-            .await
+        let existing = bounded(|| format!("reading the Secret {name}"), api.get_opt(name))
+            .await?
             .map_err(|source| ReconcileError::Read {
                 what: format!("Secret {name}"),
                 source,
@@ -245,13 +299,15 @@ impl Reconciler<'_> {
     pub(super) async fn pods(&self) -> Result<HashMap<String, PodView>, ReconcileError> {
         let api: Api<Pod> = Api::namespaced(self.context.client.clone(), &self.namespace());
         let selector = format!("{}={}", names::LABEL_CLUSTER, self.name());
-        let list = api
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map_err(|source| ReconcileError::Read {
-                what: format!("pods with {selector}"),
-                source,
-            })?;
+        let list = bounded(
+            || format!("listing the pods with {selector}"),
+            api.list(&ListParams::default().labels(&selector)),
+        )
+        .await?
+        .map_err(|source| ReconcileError::Read {
+            what: format!("pods with {selector}"),
+            source,
+        })?;
         Ok(list
             .items
             .iter()
@@ -267,14 +323,14 @@ impl Reconciler<'_> {
         let mut status = status.clone();
         let generation = self.cluster.metadata.generation.unwrap_or_default();
         self.runtime.upgrade.stamp(&mut status, generation);
-        if let Some(previous) = self.cluster.status.as_ref() {
-            crate::operator::status::keep_transition_times(
-                &mut status.conditions,
-                &previous.conditions,
-            );
-            if previous == &status {
-                return Ok(());
-            }
+        let previous = self.cluster.status.as_ref();
+        if let Some(previous) = previous {
+            status::keep_transition_times(&mut status.conditions, &previous.conditions);
+        }
+        // Not for the heartbeat (`lastSeen`) alone: every write costs a request and, through
+        // the operator's own watch, another reconcile.
+        if !status::should_write(previous, &status, status::HEARTBEAT) {
+            return Ok(());
         }
         let api: Api<PgReplicaSet> =
             Api::namespaced(self.context.client.clone(), &self.namespace());
@@ -283,12 +339,14 @@ impl Reconciler<'_> {
             "kind": api::KIND,
             "status": status,
         });
-        api.patch_status(
-            &self.name(),
-            &PatchParams::apply(names::MANAGER).force(),
-            &Patch::Apply(&body),
+        let name = self.name();
+        let params = PatchParams::apply(names::MANAGER).force();
+        let patch = Patch::Apply(&body);
+        bounded(
+            || format!("writing the status of PgReplicaSet {name}"),
+            api.patch_status(&name, &params, &patch),
         )
-        .await
+        .await?
         .map_err(|source| ReconcileError::Status { source })?;
         Ok(())
     }
@@ -328,12 +386,13 @@ where
 {
     let name = object.meta().name.clone().unwrap_or_default();
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    api.patch(
-        &name,
-        &PatchParams::apply(names::MANAGER).force(),
-        &Patch::Apply(object),
+    let params = PatchParams::apply(names::MANAGER).force();
+    let patch = Patch::Apply(object);
+    bounded(
+        || format!("applying {} {name}", kind_of::<K>()),
+        api.patch(&name, &params, &patch),
     )
-    .await
+    .await?
     .map_err(|source| ReconcileError::Apply {
         kind: kind_of::<K>(),
         name,

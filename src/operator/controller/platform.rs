@@ -13,14 +13,11 @@ use kube::runtime::events::EventType;
 use kube::{Api, Client, ResourceExt as _};
 
 use crate::api::PgReplicaSet;
-use crate::control::{
-    AgentApi, ControlEvent, ControlState, InstanceSql, PersistError, Platform, SessionPool,
-};
+use crate::control::{AgentApi, ControlEvent, ControlState, PersistError, Platform};
 use crate::coordination::{KubeLeaseStore, LeaseStore};
 use crate::engine::Severity;
 use crate::operator::build::{self, Owner, names};
 use crate::operator::pods::PodView;
-use crate::postgres::probe::ConnectTarget;
 use crate::protocol::api::RejoinPath;
 
 use super::ReconcileError;
@@ -44,7 +41,6 @@ pub(super) struct KubePlatform<'a> {
     /// The cluster's TLS clients (`None`: plain).
     pub tls: Option<Arc<super::tls::ClusterTls>>,
     pub lease: Arc<KubeLeaseStore>,
-    pub sessions: SessionPool,
     pub events: Mutex<Vec<PendingEvent>>,
 }
 
@@ -62,34 +58,6 @@ impl KubePlatform<'_> {
             .map(|mut e| std::mem::take(&mut *e))
             .unwrap_or_default()
     }
-}
-
-/// Superuser targets of the instances that have a pod IP.
-/// `fallback` is the superuser's previous password during a rotation: the primary's agent
-/// changes the role's password only when its kubelet has refreshed the Secret volume, so the
-/// operator, which reads the Secret each reconcile, falls back to the old one until then.
-pub(super) fn superuser_targets(
-    pods: &HashMap<String, PodView>,
-    password: &str,
-    fallback: Option<&str>,
-    tls: Option<crate::postgres::probe::PostgresTls>,
-) -> HashMap<String, ConnectTarget> {
-    pods.values()
-        .filter_map(|pod| {
-            Some((
-                pod.name.clone(),
-                ConnectTarget {
-                    host: pod.ip.clone()?,
-                    port: names::POSTGRES_PORT,
-                    user: "postgres".to_string(),
-                    password: password.to_string(),
-                    fallback_password: fallback.map(str::to_string),
-                    dbname: "postgres".to_string(),
-                    tls: tls.clone(),
-                },
-            ))
-        })
-        .collect()
 }
 
 fn action_reason(kind: &str) -> &'static str {
@@ -128,10 +96,6 @@ impl Platform for KubePlatform<'_> {
     fn postgres_address(&self, instance: &str) -> Option<(String, u16)> {
         let ip = self.pods.get(instance)?.ip.clone()?;
         Some((ip, names::POSTGRES_PORT))
-    }
-
-    fn sql(&self) -> &dyn InstanceSql {
-        &self.sessions
     }
 
     fn emit(&self, event: ControlEvent<'_>) {

@@ -40,6 +40,8 @@ pub(super) struct RolloutMemory {
     slots_to_drop: BTreeSet<String>,
     /// Background restarts that failed: (instance, error).
     restart_failures: Arc<Mutex<Vec<(String, String)>>>,
+    /// What each agent was told of `spec.enableSuperuserAccess` (`superuser` module).
+    pub(super) superuser: super::superuser::Pushes,
 }
 
 impl RolloutMemory {
@@ -54,6 +56,7 @@ impl RolloutMemory {
                 .unwrap_or_default(),
             slots_to_drop: BTreeSet::new(),
             restart_failures: Arc::default(),
+            superuser: super::superuser::Pushes::default(),
         }
     }
 }
@@ -126,6 +129,7 @@ impl Reconciler<'_> {
         reports: &HashMap<String, Report>,
     ) -> RolloutOutcome {
         self.restart_failures().await;
+        self.push_superuser_access(pods, secrets, reports);
         let desired = crate::protocol::names::parameters_hash(&self.cluster.spec.parameters);
         let names: Vec<String> = groups.iter().flat_map(|g| g.instance_names()).collect();
         let views: Vec<rollout::InstanceView> = names
@@ -166,7 +170,7 @@ impl Reconciler<'_> {
             }
         }
         if let Some(p) = &primary {
-            self.drop_removed_slots(p, pods).await;
+            self.drop_removed_slots(p, pods, secrets).await;
         }
 
         // A restart that never came back stops blocking the rollout's bookkeeping (nothing else
@@ -410,7 +414,12 @@ impl Reconciler<'_> {
 
     /// Drops the replication slots of removed instances on the primary once their pods are
     /// gone (an active slot is left for the next round).
-    async fn drop_removed_slots(&mut self, primary: &str, pods: &HashMap<String, PodView>) {
+    async fn drop_removed_slots(
+        &mut self,
+        primary: &str,
+        pods: &HashMap<String, PodView>,
+        secrets: &ClusterSecrets,
+    ) {
         let gone: Vec<String> = self
             .runtime
             .rollout
@@ -426,7 +435,10 @@ impl Reconciler<'_> {
             .iter()
             .map(|n| crate::protocol::names::slot_name_for(n))
             .collect();
-        match drop_slots(&self.runtime.sessions, primary, &slots).await {
+        let Some(agent) = self.agent(primary, pods, secrets, DROP_SLOTS_TIMEOUT) else {
+            return;
+        };
+        match drop_slots(&agent, &slots).await {
             Ok(dropped) => {
                 for instance in &gone {
                     self.runtime.rollout.slots_to_drop.remove(instance);
@@ -460,20 +472,18 @@ impl Reconciler<'_> {
 /// How long dropping the slots of removed instances may take.
 const DROP_SLOTS_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Drops the slots of removed instances on `primary`, on the kept superuser session; returns
-/// those dropped. An active slot (its standby still streams) fails the call, to be retried.
+/// Drops the slots of removed instances through the primary's agent; returns those dropped.
+/// An active slot (its standby still streams) fails the call, to be retried.
 async fn drop_slots(
-    sessions: &crate::control::SessionPool,
-    primary: &str,
+    agent: &crate::protocol::client::AgentClient,
     slots: &[String],
 ) -> Result<Vec<String>, String> {
-    let slots = slots.to_vec();
-    let work = sessions.run(primary, move |client| {
-        let slots = slots.clone();
-        Box::pin(async move { crate::postgres::slots::drop_removed_slots(client, &slots).await })
-    });
-    match tokio::time::timeout(DROP_SLOTS_TIMEOUT, work).await {
-        Ok(result) => result.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer within {DROP_SLOTS_TIMEOUT:?}")),
-    }
+    let request = crate::protocol::statements::DropSlotsRequest {
+        slots: slots.to_vec(),
+    };
+    agent
+        .drop_slots(&request, DROP_SLOTS_TIMEOUT)
+        .await
+        .map(|response| response.dropped)
+        .map_err(|e| e.to_string())
 }

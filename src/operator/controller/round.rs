@@ -22,18 +22,116 @@ use crate::operator::rollout;
 use crate::operator::status::{self, SeenAt, StatusInput};
 use crate::protocol::api::Role;
 
-use super::pipeline::Reconciler;
-use super::platform::{self, KubePlatform};
+use super::pipeline::{Reconciler, bounded};
+use super::platform::KubePlatform;
 use super::{ReconcileError, now_time};
 
+/// How long a round waits for a promoting agent to report the change (bounded again by a
+/// quarter of the lease duration).
+const PROMOTION_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// Long-polls `instance`'s agent until it reports itself primary (each answer a change of
+/// its status, kept as its report; other changes, e.g. its upstream cleared, are waited
+/// through) or `wait` passed; true when it is primary.
+async fn wait_for_promotion(
+    platform: &KubePlatform<'_>,
+    shared: &crate::control::Shared,
+    instance: &str,
+    reports: &HashMap<String, Report>,
+    wait: std::time::Duration,
+) -> bool {
+    let Some(last) = reports.get(instance) else {
+        return false;
+    };
+    let Some(client) = platform
+        .pods
+        .get(instance)
+        .and_then(crate::operator::pods::PodView::agent_url)
+        .and_then(|url| {
+            super::tls::agent_client(platform.tls.as_deref(), url, platform.token.to_string())
+        })
+        .map(|client| client.with_fallback_token(platform.previous_token.clone()))
+    else {
+        return false;
+    };
+    let started = std::time::Instant::now();
+    let mut token = last.status.change_token();
+    let mut role = last.status.role;
+    while role != Role::Primary {
+        let Some(left) = wait.checked_sub(started.elapsed()).filter(|l| !l.is_zero()) else {
+            break;
+        };
+        let asked_at = shared.now();
+        match client.status_on_change(&token, left).await {
+            Ok(status) => {
+                role = status.role;
+                // The freshest report of the instance (as of the request, conservatively).
+                shared
+                    .reports()
+                    .answered(instance, asked_at, status.clone());
+                // Unchanged: the wait is over (or the agent does not long-poll).
+                if std::mem::replace(&mut token, status.change_token()) == token {
+                    break;
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%instance, %error, "failed to long-poll the promoting agent");
+                break;
+            }
+        }
+    }
+    tracing::info!(
+        %instance,
+        role = ?role,
+        waited_ms = started.elapsed().as_millis() as u64,
+        "promotion watched"
+    );
+    role == Role::Primary
+}
+
+/// A switchover request taken in by a round: its Event's note when a plan was made, and
+/// whether the annotation is to be removed.
+struct SwitchoverRequest {
+    note: Option<String>,
+    annotated: bool,
+}
+
+/// What a round tells the reconcile.
+pub(super) struct RoundResult {
+    /// The next round should come quickly (a failover, switchover, bootstrap or rollout is
+    /// under way, or the round acted).
+    pub urgent: bool,
+    /// A failover or switchover step ran inline (a demotion, a Lease write): the next step
+    /// can be decided at once, in the same reconcile.
+    pub again: bool,
+    /// The round long-polled a promoting agent (once per reconcile: it holds the reconcile).
+    pub waited: bool,
+    /// The long poll saw the promoted agent primary (its answer is its freshest report).
+    pub promoted: bool,
+}
+
+/// How a round runs.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RoundMode {
+    /// Run at once after the previous round of the same reconcile: the object the reconcile
+    /// read is no longer fresh (its switchover annotation was already taken in).
+    pub chained: bool,
+    /// A promotion under way may be waited for (bounded, [`PROMOTION_WAIT`]).
+    pub may_wait: bool,
+    /// Ask every agent for its status (else the round decides on the reports it has, each
+    /// within the engine's staleness bound: right after a long poll saw the promotion).
+    pub poll: bool,
+}
+
 impl Reconciler<'_> {
-    /// Observe → engine → act → status. Returns whether the next round should come quickly.
+    /// Observe → engine → act → status, as `mode` says.
     pub(super) async fn round(
         &mut self,
         secrets: &ClusterSecrets,
         tls: Option<Arc<super::tls::ClusterTls>>,
         lease_store: Arc<KubeLeaseStore>,
-    ) -> Result<bool, ReconcileError> {
+        mode: RoundMode,
+    ) -> Result<RoundResult, ReconcileError> {
         let name = self.name();
         let spec = &self.cluster.spec;
         let lease = self
@@ -47,16 +145,7 @@ impl Reconciler<'_> {
         let instances: Vec<String> = groups.iter().flat_map(|g| g.instance_names()).collect();
         self.forget_removed(&instances);
         let pods = self.pods().await?;
-        let fallback = self.superuser_fallback(&secrets.superuser_password);
         let previous_token = self.token_fallback(&secrets.agent_token);
-        self.runtime
-            .sessions
-            .set_targets(platform::superuser_targets(
-                &pods,
-                &secrets.superuser_password,
-                fallback.as_deref(),
-                tls.as_ref().map(|tls| tls.postgres()),
-            ));
         let platform = KubePlatform {
             client: &self.context.client,
             cluster: self.cluster,
@@ -65,7 +154,6 @@ impl Reconciler<'_> {
             previous_token,
             tls,
             lease: lease_store.clone(),
-            sessions: self.runtime.sessions.clone(),
             events: Mutex::new(Vec::new()),
         };
         let mut observation = self
@@ -76,7 +164,7 @@ impl Reconciler<'_> {
                 lease.clone(),
                 &instances,
                 engine_spec(&name, spec),
-                true,
+                mode.poll,
             )
             .await?;
         let unchanged_since = observation.input.lease.unchanged_since;
@@ -98,7 +186,13 @@ impl Reconciler<'_> {
             &instances,
         );
         fence::restrict_input(&mut observation.input, &fence_request);
-        self.request_switchover(&mut observation.input).await?;
+        // The SwitchoverRequested Event and the annotation's removal come after the actions:
+        // the demotion does not wait for them.
+        let requested = if mode.chained {
+            None
+        } else {
+            self.request_switchover(&mut observation.input).await
+        };
         let rollout_outcome = self
             .rollout(
                 &mut observation.input,
@@ -129,17 +223,35 @@ impl Reconciler<'_> {
             });
         }
 
+        // The labels follow the observed serving primary, not the actions: they are patched
+        // before the actions run, so that `-rw` does not wait for the sync setting or a rejoin.
+        let switched = self
+            .relabel(&decision, &reports, &pods, &fence_request)
+            .await?;
         let acted = self
             .runtime
             .control
             .act(&platform, &observation, &decision)
             .await;
-        for (type_, reason, note) in platform.take_events() {
-            self.context
-                .publish(self.cluster, type_, &reason, note)
-                .await;
-        }
+        let mut pending = platform.take_events();
+        pending.extend(
+            requested
+                .as_ref()
+                .and_then(|r| r.note.clone())
+                .map(|note| (EventType::Normal, "SwitchoverRequested".to_string(), note)),
+        );
+        pending
+            .extend(switched.map(|note| (EventType::Normal, "ServiceSwitched".to_string(), note)));
+        // Off the failover path: the Events of the round are sent together.
+        futures::future::join_all(pending.into_iter().map(|(type_, reason, note)| {
+            let (context, cluster) = (self.context, self.cluster);
+            async move { context.publish(cluster, type_, &reason, note).await }
+        }))
+        .await;
         let outcome = acted?;
+        if requested.is_some_and(|r| r.annotated) {
+            self.remove_switchover_annotation().await?;
+        }
         let last_holder = self.runtime.control.state().last_holder.clone();
         if self.runtime.failover.track(
             &decision,
@@ -156,8 +268,6 @@ impl Reconciler<'_> {
         self.fence_events(&fence_request).await;
 
         let reports = self.runtime.control.shared().reports().snapshot();
-        self.relabel(&decision, &reports, &pods, &fence_request)
-            .await?;
 
         let generation = self.cluster.metadata.generation.unwrap_or_default();
         let seen_at = seen_at(&reports, observation.input.now);
@@ -197,10 +307,30 @@ impl Reconciler<'_> {
         if let Some(error) = outcome.error {
             return Err(error.into());
         }
-        Ok(outcome.urgent
-            || decision.status.phase == engine::Phase::Bootstrapping
-            || !decision.actions.is_empty()
-            || rollout_outcome.busy)
+        // A promotion under way: wait for its agent to report the change (a long poll),
+        // then the next round labels the new primary at once.
+        let promoting = decision.actions.iter().find_map(|action| match action {
+            engine::Action::Promote { instance } => Some(instance.clone()),
+            _ => None,
+        });
+        let waited = promoting.is_some() && mode.may_wait;
+        let promoted = match promoting {
+            Some(instance) if mode.may_wait => {
+                let wait = PROMOTION_WAIT.min(lease.duration / 4);
+                let shared = self.runtime.control.shared().clone();
+                wait_for_promotion(&platform, &shared, &instance, &reports, wait).await
+            }
+            _ => false,
+        };
+        Ok(RoundResult {
+            again: (outcome.urgent && outcome.acted) || promoted,
+            waited,
+            promoted,
+            urgent: outcome.urgent
+                || decision.status.phase == engine::Phase::Bootstrapping
+                || !decision.actions.is_empty()
+                || rollout_outcome.busy,
+        })
     }
 
     /// Bootstrap: nobody holds the Lease, nothing runs, the engine waits for a primary. The
@@ -243,13 +373,14 @@ impl Reconciler<'_> {
     }
 
     /// Labels: `-rw` selects the serving holder only; `-ro` the replicas within the limit.
+    /// Returns the note of a `ServiceSwitched` Event when the primary's pod gained the label.
     async fn relabel(
         &mut self,
         decision: &engine::Decision,
         reports: &HashMap<String, Report>,
         pods: &HashMap<String, crate::operator::pods::PodView>,
         fence_request: &FenceRequest,
-    ) -> Result<(), ReconcileError> {
+    ) -> Result<Option<String>, ReconcileError> {
         let max_lag = self.cluster.spec.monitoring.read_replica_max_lag_bytes;
         let primary = decision.status.primary.clone();
         let primary_report = primary.as_ref().and_then(|p| reports.get(p));
@@ -274,26 +405,28 @@ impl Reconciler<'_> {
             &fence_request.fenced,
         );
         if changes.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let api: Api<Pod> = Api::namespaced(self.context.client.clone(), &self.namespace());
-        labels::relabel(&api, &changes).await?;
+        // Both groups of patches (losers first) within one bound: an interrupted relabel only
+        // leaves labels missing, which the next round adds.
+        bounded(
+            || format!("relabelling the pods of {}", self.name()),
+            labels::relabel(&api, &changes),
+        )
+        .await??;
         let gained = primary.as_ref().is_some_and(|p| {
             changes
                 .get(p)
                 .and_then(|c| c.get(names::LABEL_ROLE))
                 .is_some_and(|v| v.as_deref() == Some(names::ROLE_PRIMARY))
         });
-        if gained
-            && let Some(p) = &primary
-            && self.runtime.failover.service_switched(p, now_time())
-        {
-            let note = format!("{p} is selected by {}", names::rw_service(&self.name()));
-            self.context
-                .publish(self.cluster, EventType::Normal, "ServiceSwitched", note)
-                .await;
-        }
-        Ok(())
+        Ok(match &primary {
+            Some(p) if gained && self.runtime.failover.service_switched(p, now_time()) => Some(
+                format!("{p} is selected by {}", names::rw_service(&self.name())),
+            ),
+            _ => None,
+        })
     }
 
     /// A planned switchover, from the annotation `pgrs.dev/switchover-to` (removed once read)
@@ -302,7 +435,7 @@ impl Reconciler<'_> {
     async fn request_switchover(
         &mut self,
         input: &mut engine::EngineInput,
-    ) -> Result<(), ReconcileError> {
+    ) -> Option<SwitchoverRequest> {
         let annotated = self
             .cluster
             .annotations()
@@ -315,17 +448,19 @@ impl Reconciler<'_> {
                 .as_ref()
                 .map(|s| s.target_instance.clone())
         });
+        let mut note = None;
         if let Some(target) = target
             && input.lease.holder.as_deref() != Some(target.as_str())
             && input.memory.switchover.is_none()
         {
             match engine::plan_switchover(input, Some(&target)) {
                 Ok(plan) => {
-                    let note = format!("switchover from {} to {} requested", plan.from, plan.to);
+                    tracing::info!(from = %plan.from, to = %plan.to, "switchover requested");
+                    note = Some(format!(
+                        "switchover from {} to {} requested",
+                        plan.from, plan.to
+                    ));
                     input.memory.switchover = Some(plan);
-                    self.context
-                        .publish(self.cluster, EventType::Normal, "SwitchoverRequested", note)
-                        .await;
                 }
                 Err(refusal) => {
                     let note = format!("switchover to {target} refused: {refusal}");
@@ -339,20 +474,31 @@ impl Reconciler<'_> {
                 }
             }
         }
-        if annotated.is_some() {
-            let api: Api<PgReplicaSet> =
-                Api::namespaced(self.context.client.clone(), &self.namespace());
-            let body = serde_json::json!({
-                "metadata": { "annotations": { names::ANNOTATION_SWITCHOVER_TO: null } }
-            });
-            api.patch(&self.name(), &PatchParams::default(), &Patch::Merge(&body))
-                .await
-                .map_err(|source| ReconcileError::Apply {
-                    kind: "PgReplicaSet",
-                    name: self.name(),
-                    source,
-                })?;
-        }
+        (annotated.is_some() || note.is_some()).then(|| SwitchoverRequest {
+            note,
+            annotated: annotated.is_some(),
+        })
+    }
+
+    /// Removes `pgrs.dev/switchover-to` once its plan was recorded.
+    async fn remove_switchover_annotation(&self) -> Result<(), ReconcileError> {
+        let api: Api<PgReplicaSet> =
+            Api::namespaced(self.context.client.clone(), &self.namespace());
+        let body = serde_json::json!({
+            "metadata": { "annotations": { names::ANNOTATION_SWITCHOVER_TO: null } }
+        });
+        let name = self.name();
+        let (params, patch) = (PatchParams::default(), Patch::Merge(&body));
+        bounded(
+            || format!("removing the switchover annotation of PgReplicaSet {name}"),
+            api.patch(&name, &params, &patch),
+        )
+        .await?
+        .map_err(|source| ReconcileError::Apply {
+            kind: "PgReplicaSet",
+            name: self.name(),
+            source,
+        })?;
         Ok(())
     }
 

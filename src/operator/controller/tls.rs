@@ -1,7 +1,8 @@
 //! The cluster's TLS in the reconcile: the CA and server certificate kept in their Secrets
 //! (issued, renewed — [`crate::operator::build::tls`]) or the user's `spec.tls.serverSecret`
-//! checked, and the clients the operator reaches the instances with: SQL sessions verified as
-//! the cluster's server name, an HTTPS client for the agents pinned to the cluster CA.
+//! checked, and the client the operator reaches the instances with: an HTTPS client for the
+//! agents pinned to the cluster CA, verifying the cluster's server name (the operator has no
+//! SQL session to the instances).
 //!
 //! The Secrets are read again every [`RECHECK`] (renewal is a matter of days), at once when
 //! `spec.tls` changes, and never in between: a reconcile costs no extra API calls.
@@ -17,7 +18,6 @@ use kube::runtime::events::EventType;
 use crate::api::TlsSpec;
 use crate::operator::build::tls::{StoredTls, ca_secret, plan, tls_secret};
 use crate::operator::build::{Owner, names};
-use crate::postgres::probe::PostgresTls;
 use crate::protocol::client::AgentClient;
 use crate::tls::CertifiedKey;
 
@@ -30,21 +30,9 @@ pub const RECHECK: Duration = Duration::from_secs(300);
 /// How the operator reaches a TLS cluster's instances.
 #[derive(Debug)]
 pub struct ClusterTls {
-    pub ca_pem: String,
-    /// `<name>-instances.<namespace>.svc`: what every instance's certificate is checked for.
-    pub server_name: String,
-    /// Pinned to `ca_pem`, verifying `server_name`; kept between rounds (its connections too).
+    /// Pinned to the cluster CA, verifying `<name>-instances.<namespace>.svc` (what every
+    /// instance's certificate is checked for); kept between rounds (its connections too).
     pub http: reqwest::Client,
-}
-
-impl ClusterTls {
-    /// The SQL sessions' verification.
-    pub fn postgres(&self) -> PostgresTls {
-        PostgresTls {
-            ca_pem: self.ca_pem.clone(),
-            server_name: self.server_name.clone(),
-        }
-    }
 }
 
 /// The TLS a cluster's runtime keeps between reconciles.
@@ -91,11 +79,7 @@ impl Reconciler<'_> {
                     source,
                 }
             })?;
-            Some(Arc::new(ClusterTls {
-                ca_pem,
-                server_name,
-                http,
-            }))
+            Some(Arc::new(ClusterTls { http }))
         } else {
             None
         };

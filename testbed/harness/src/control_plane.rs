@@ -73,6 +73,9 @@ pub struct ControlPlaneOptions {
     pub extra_serving_ips: Vec<IpAddr>,
     /// Keep the state directory instead of deleting it on drop.
     pub keep_dir: bool,
+    /// Controllers run in addition to [`CONTROLLERS`] (e.g. `persistentvolume-binder-controller`
+    /// for real nodes, whose pods need bound PersistentVolumeClaims).
+    pub extra_controllers: Vec<String>,
 }
 
 /// How long each phase of the start took.
@@ -288,7 +291,13 @@ impl ControlPlane {
             "--secure-port=0".to_owned(),
             "--use-service-account-credentials=false".to_owned(),
             format!("--root-ca-file={}", ca.display()),
-            format!("--controllers={CONTROLLERS}"),
+            format!(
+                "--controllers={}",
+                std::iter::once(CONTROLLERS.to_owned())
+                    .chain(options.extra_controllers.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
             "--concurrent-statefulset-syncs=5".to_owned(),
             "--v=1".to_owned(),
         ];

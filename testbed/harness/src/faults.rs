@@ -1,8 +1,10 @@
 //! Network faults and control-plane outages on the test bed (issue 13).
 //!
-//! Every pod already has its own network namespace (see [`crate::network`]). This
+//! Every pod already has its own network namespace (see [`crate::network`]; on a real
+//! node, the one the CNI plugins set up for the pod's sandbox: `RealNode::pod_net`). This
 //! module changes what that namespace lets through, from inside it, so nothing outside
-//! the bed's own namespaces is ever touched:
+//! the bed's own namespaces is ever touched. The rules themselves are pure data
+//! (`faults/rules.rs`), the same for both kinds of pods:
 //!
 //! - [`PodNet::cut`] drops packets between the pod and a [`Peer`] (the API server as
 //!   pods reach it, the host's connections to one pod port, one IP, or everyone) in a
@@ -25,9 +27,10 @@
 
 mod nfqueue;
 mod outage;
+mod rules;
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
@@ -36,12 +39,8 @@ use std::time::{Duration, Instant};
 use crate::control_plane::{ControlPlaneError, Restartable};
 use crate::testbed::{IN_CLUSTER_API_PORT, TestBed};
 
-const CUT_IN: &str = "PGRS-CUT-IN";
-const CUT_OUT: &str = "PGRS-CUT-OUT";
-const NETEM_IN: &str = "PGRS-NETEM-IN";
-const NETEM_OUT: &str = "PGRS-NETEM-OUT";
-/// The pod's interface on the bridge (see `network.rs`).
-const POD_INTERFACE: &str = "eth0";
+pub use rules::Addresses;
+use rules::{NETEM_IN, NETEM_OUT, POD_INTERFACE, cut_rules, hooks, with_op};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
@@ -53,6 +52,23 @@ pub enum FaultError {
     NoCommand {
         command: &'static str,
         package: &'static str,
+    },
+    #[error(
+        "pod {namespace}/{name} has no running {what} on real node {node} (not started yet, or already removed)"
+    )]
+    NoContainer {
+        namespace: String,
+        name: String,
+        what: String,
+        node: String,
+    },
+    #[error("pod {pod}: failed to signal {what} (host pid {pid})")]
+    Signal {
+        pod: String,
+        what: String,
+        pid: i32,
+        #[source]
+        source: nix::Error,
     },
     #[error("pod {pod}: failed to run `{command}`")]
     Spawn {
@@ -118,7 +134,8 @@ pub enum FaultError {
 /// Who a cut separates the pod from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Peer {
-    /// The API server as pods reach it: TCP to `<gateway>:443` (the harness's proxy).
+    /// The API server as pods reach it: TCP to `<gateway>:443` (the harness's proxy) on
+    /// the fake kubelet, to the `kubernetes` Service `10.96.0.1:443` on a real node.
     /// The kubelet's probes still pass.
     ApiServer,
     /// The host's processes that dial this port of the pod: TCP between the gateway and
@@ -173,16 +190,41 @@ pub struct Netem {
     pub loss: f64,
 }
 
-/// The network namespace of one pod, found through the fake kubelet's bookkeeping.
-/// Cheap to clone; holds no resources (delay queues live in a registry of this module
-/// until [`PodNet::clear_netem`] or [`PodNet::heal_all`]).
+/// How to reach a pod's network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Netns {
+    /// A name under `/run/netns` (the fake kubelet's pods): `ip netns exec <name>`.
+    Named(String),
+    /// A namespace file, e.g. `/proc/<pid>/ns/net` of a real pod's sandbox (pause)
+    /// process: `nsenter --net=<path>`.
+    Path(PathBuf),
+}
+
+impl Netns {
+    fn path(&self) -> PathBuf {
+        match self {
+            Netns::Named(name) => PathBuf::from("/run/netns").join(name),
+            Netns::Path(path) => path.clone(),
+        }
+    }
+
+    /// A registry key (for the delay queues).
+    fn key(&self) -> String {
+        self.path().display().to_string()
+    }
+}
+
+/// The network namespace of one pod: a fake-kubelet pod ([`TestBed::pod_net`]) or a real
+/// container's pod on a real node (`RealNode::pod_net`). Cheap to clone; holds no resources
+/// (delay queues live in a registry of this module until [`PodNet::clear_netem`] or
+/// [`PodNet::heal_all`]).
 #[derive(Debug, Clone)]
 pub struct PodNet {
     /// `namespace/name`, for messages.
     pod: String,
-    netns: String,
+    netns: Netns,
     ip: Ipv4Addr,
-    gateway: Ipv4Addr,
+    addresses: Addresses,
     probe_source: Ipv4Addr,
 }
 
@@ -199,15 +241,37 @@ impl TestBed {
                 })?;
         Ok(PodNet {
             pod: format!("{namespace}/{name}"),
-            netns: sandbox.interface.netns.clone(),
+            netns: Netns::Named(sandbox.interface.netns.clone()),
             ip: sandbox.interface.ip,
-            gateway: self.gateway(),
+            addresses: Addresses {
+                gateway: self.gateway(),
+                api: SocketAddrV4::new(self.gateway(), IN_CLUSTER_API_PORT),
+            },
             probe_source: self.kubelet().network().probe_source(),
         })
     }
 }
 
 impl PodNet {
+    /// A pod's namespace from its parts (`RealNode::pod_net` uses it; the fake kubelet's
+    /// pods come from [`TestBed::pod_net`]). `probe_source`: where the kubelet's probes of
+    /// the pod come from.
+    pub fn new(
+        pod: String,
+        netns: Netns,
+        ip: Ipv4Addr,
+        addresses: Addresses,
+        probe_source: Ipv4Addr,
+    ) -> PodNet {
+        PodNet {
+            pod,
+            netns,
+            ip,
+            addresses,
+            probe_source,
+        }
+    }
+
     /// `namespace/name`.
     pub fn pod(&self) -> &str {
         &self.pod
@@ -218,27 +282,32 @@ impl PodNet {
         self.ip
     }
 
-    /// The network namespace's name under `/run/netns` (for `ip netns exec`).
+    /// The network namespace's name under `/run/netns` (for `ip netns exec`) on the fake
+    /// kubelet; on a real node, the path of the namespace file (for `nsenter --net=`).
     pub fn netns(&self) -> &str {
-        &self.netns
+        match &self.netns {
+            Netns::Named(name) => name,
+            Netns::Path(path) => path.to_str().unwrap_or_default(),
+        }
     }
 
-    /// Where the fake kubelet's probes of the pod come from: not the gateway, so that
-    /// cutting the host (`Peer::Ip(gateway)`, `Peer::HostPort`) leaves them alone.
-    /// `Peer::Ip(probe_source)` cuts the probes.
+    /// Where the kubelet's probes of the pod come from. The fake kubelet's: not the
+    /// gateway, so that cutting the host (`Peer::Ip(gateway)`, `Peer::HostPort`) leaves
+    /// them alone. A real node's kubelet probes from the node's IP, which is the gateway:
+    /// there a cut of the host cuts the probes too. `Peer::Ip(probe_source)` cuts the probes.
     pub fn probe_source(&self) -> Ipv4Addr {
         self.probe_source
     }
 
     /// The address the pod dials for the API server (`KUBERNETES_SERVICE_HOST:PORT`).
     pub fn api_address(&self) -> SocketAddr {
-        SocketAddr::from((self.gateway, IN_CLUSTER_API_PORT))
+        SocketAddr::V4(self.addresses.api)
     }
 
     /// Drops the packets between this pod and `peer` in `direction`. Idempotent.
     pub fn cut(&self, peer: Peer, direction: Direction) -> Result<(), FaultError> {
         self.ensure_chains()?;
-        for rule in self.cut_rules(peer, direction) {
+        for rule in cut_rules(&self.addresses, peer, direction) {
             if !self.rule_exists(&rule)? {
                 self.iptables(&with_op("-A", &rule))?;
             }
@@ -250,7 +319,7 @@ impl PodNet {
     /// Removes exactly the rules `cut(peer, direction)` installs. Healing a cut that is
     /// not there is not an error (so `Both` heals a one-direction cut too).
     pub fn heal(&self, peer: Peer, direction: Direction) -> Result<(), FaultError> {
-        for rule in self.cut_rules(peer, direction) {
+        for rule in cut_rules(&self.addresses, peer, direction) {
             if self.rule_exists(&rule)? {
                 self.iptables(&with_op("-D", &rule))?;
             }
@@ -301,7 +370,7 @@ impl PodNet {
                     queue,
                     netem.delay,
                 )?;
-                workers().insert((self.netns.clone(), single), worker);
+                workers().insert((self.netns.key(), single), worker);
                 let queue = queue.to_string();
                 self.iptables(&[
                     "-A",
@@ -334,7 +403,7 @@ impl PodNet {
             self.iptables(&["-F", chain])?;
         }
         // After the rule is gone no packet enters the queue; then release it.
-        drop(workers().remove(&(self.netns.clone(), direction)));
+        drop(workers().remove(&(self.netns.key(), direction)));
         Ok(())
     }
 
@@ -342,7 +411,7 @@ impl PodNet {
     /// the chains and the jumps to them. The pod's network is as the kubelet made it.
     pub fn heal_all(&self) -> Result<(), FaultError> {
         self.clear_netem()?;
-        for (hook, chain) in Self::hooks() {
+        for (hook, chain) in hooks() {
             if self.iptables_ok(&["-C", hook, "-j", chain])? {
                 self.iptables(&["-D", hook, "-j", chain])?;
             }
@@ -399,23 +468,13 @@ impl PodNet {
     }
 
     fn netns_path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.netns)
-    }
-
-    fn hooks() -> [(&'static str, &'static str); 4] {
-        // Cuts first: a packet a delay queue accepts skips the rest of the hook.
-        [
-            ("INPUT", CUT_IN),
-            ("OUTPUT", CUT_OUT),
-            ("INPUT", NETEM_IN),
-            ("OUTPUT", NETEM_OUT),
-        ]
+        self.netns.path()
     }
 
     /// Creates our chains and jumps (cuts before netem) unless they exist.
     fn ensure_chains(&self) -> Result<(), FaultError> {
         let mut position = HashMap::from([("INPUT", 1), ("OUTPUT", 1)]);
-        for (hook, chain) in Self::hooks() {
+        for (hook, chain) in hooks() {
             if !self.chain_exists(chain)? {
                 self.iptables(&["-N", chain])?;
             }
@@ -426,52 +485,6 @@ impl PodNet {
             *at += 1;
         }
         Ok(())
-    }
-
-    /// The rule specifications (chain first) of a cut.
-    fn cut_rules(&self, peer: Peer, direction: Direction) -> Vec<Vec<String>> {
-        let gateway = format!("{}/32", self.gateway);
-        let api_port = IN_CLUSTER_API_PORT.to_string();
-        direction
-            .single()
-            .iter()
-            .map(|single| {
-                let inbound = *single == Direction::Inbound;
-                let (chain, addr_flag, port_flag, if_flag) = if inbound {
-                    (CUT_IN, "-s", "--sport", "-i")
-                } else {
-                    (CUT_OUT, "-d", "--dport", "-o")
-                };
-                let mut rule = vec![chain.to_owned()];
-                match peer {
-                    Peer::ApiServer => rule.extend([
-                        addr_flag.to_owned(),
-                        gateway.clone(),
-                        "-p".to_owned(),
-                        "tcp".to_owned(),
-                        "-m".to_owned(),
-                        "tcp".to_owned(),
-                        port_flag.to_owned(),
-                        api_port.clone(),
-                    ]),
-                    // The pod serves the port: its own side of the connection is the port.
-                    Peer::HostPort(port) => rule.extend([
-                        addr_flag.to_owned(),
-                        gateway.clone(),
-                        "-p".to_owned(),
-                        "tcp".to_owned(),
-                        "-m".to_owned(),
-                        "tcp".to_owned(),
-                        if inbound { "--dport" } else { "--sport" }.to_owned(),
-                        port.to_string(),
-                    ]),
-                    Peer::Ip(ip) => rule.extend([addr_flag.to_owned(), format!("{ip}/32")]),
-                    Peer::Everyone => rule.extend([if_flag.to_owned(), POD_INTERFACE.to_owned()]),
-                }
-                rule.extend(["-j".to_owned(), "DROP".to_owned()]);
-                rule
-            })
-            .collect()
     }
 
     fn rule_exists(&self, rule: &[String]) -> Result<bool, FaultError> {
@@ -508,16 +521,22 @@ impl PodNet {
         &self,
         args: &[S],
     ) -> Result<(String, std::process::Output), FaultError> {
-        let ip = find_command("ip", "iproute2")?;
         let iptables = find_command("iptables", "iptables")?;
         let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
-        let command = format!(
-            "ip netns exec {} iptables -w {}",
-            self.netns,
-            args.join(" ")
-        );
-        let out = Command::new(ip)
-            .args(["netns", "exec", &self.netns])
+        let (mut enter, prefix) = match &self.netns {
+            Netns::Named(name) => {
+                let mut enter = Command::new(find_command("ip", "iproute2")?);
+                enter.args(["netns", "exec", name]);
+                (enter, format!("ip netns exec {name}"))
+            }
+            Netns::Path(path) => {
+                let mut enter = Command::new(find_command("nsenter", "util-linux")?);
+                enter.arg(format!("--net={}", path.display()));
+                (enter, format!("nsenter --net={}", path.display()))
+            }
+        };
+        let command = format!("{prefix} iptables -w {}", args.join(" "));
+        let out = enter
             .arg(iptables)
             .arg("-w")
             .args(&args)
@@ -529,13 +548,6 @@ impl PodNet {
             })?;
         Ok((command, out))
     }
-}
-
-/// `op` (`-A`, `-C`, `-D`) followed by a rule specification.
-fn with_op(op: &str, rule: &[String]) -> Vec<String> {
-    std::iter::once(op.to_owned())
-        .chain(rule.iter().cloned())
-        .collect()
 }
 
 /// Delay queues by (network namespace, single direction).

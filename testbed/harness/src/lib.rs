@@ -12,6 +12,7 @@ pub mod network;
 pub mod node;
 pub mod pki;
 pub mod process;
+pub mod real_cluster;
 pub mod testbed;
 pub mod wait;
 

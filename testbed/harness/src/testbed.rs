@@ -14,10 +14,13 @@ use kube::{Api, Client};
 use crate::control_plane::{ControlPlane, ControlPlaneError, ControlPlaneOptions, StartTimings};
 use crate::kubelet::{FakeKubelet, ImageMap, KubeletConfig, KubeletError, NODE_NAME};
 use crate::network::{NetworkError, PodNetwork};
-use crate::process::tail_file;
+use crate::process::{Component, tail_file};
 
 /// Port pods dial for the API (`KUBERNETES_SERVICE_PORT`), on the pods' gateway.
 pub const IN_CLUSTER_API_PORT: u16 = 443;
+/// The `kubernetes` Service's ClusterIP (the first address of
+/// [`crate::control_plane::SERVICE_CIDR`]): in the serving certificate, for real nodes' pods.
+pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TestBedError {
@@ -47,6 +50,8 @@ pub enum TestBedError {
     NoDefaultServiceAccount { name: String, timeout: Duration },
     #[error("the shared test bed failed to start: {0}")]
     Shared(String),
+    #[error("failed to start what real nodes need (kube-scheduler, volumes)")]
+    RealCluster(#[from] crate::real_cluster::RealClusterError),
 }
 
 /// Options for [`TestBed::start`].
@@ -56,12 +61,19 @@ pub struct TestBedOptions {
     pub keep_dir: bool,
     /// Images the fake kubelet runs; `None` = [`ImageMap::from_env`].
     pub images: Option<ImageMap>,
+    /// Pods are for real nodes (`crate::node::RealNode`): kube-scheduler runs, the fake
+    /// kubelet binds no pod and its Node is cordoned, and pending PersistentVolumeClaims get
+    /// hostPath PersistentVolumes (`crate::real_cluster`). Needs `kube-scheduler` in the
+    /// binaries (`testbed/build.sh`).
+    pub real_nodes: bool,
 }
 
 /// A running test bed. Shut down on drop (or at process exit for [`shared`]).
 pub struct TestBed {
     control_plane: Arc<Mutex<Option<ControlPlane>>>,
     kubelet: FakeKubelet,
+    /// kube-scheduler, when the bed is for real nodes.
+    scheduler: Mutex<Option<Component>>,
     network: Arc<PodNetwork>,
     admin_kubeconfig: PathBuf,
     dir: PathBuf,
@@ -100,8 +112,18 @@ impl TestBed {
         let net = network.clone();
         let keep_dir = options.keep_dir;
         let images = options.images.clone().unwrap_or_else(ImageMap::from_env);
-        let (control_plane, kubelet) = runtime
-            .block_on(runtime.spawn(async move { start_parts(net, keep_dir, images).await }))
+        let real_nodes = options.real_nodes;
+        let (control_plane, kubelet, scheduler) = runtime
+            .block_on(runtime.spawn(async move {
+                let parts = start_parts(net, keep_dir, images, real_nodes).await?;
+                // If the real-node parts fail, the control plane in `parts` stops on drop.
+                let scheduler = if real_nodes {
+                    Some(start_real_cluster(&parts.0, &parts.1).await?)
+                } else {
+                    None
+                };
+                Ok::<_, TestBedError>((parts.0, parts.1, scheduler))
+            }))
             .map_err(|e| TestBedError::Join(e.to_string()))??;
         let warm_start = started.elapsed();
         // Straight to stderr, not eprintln!: the test harness would capture that.
@@ -122,6 +144,7 @@ impl TestBed {
             server_url: control_plane.server_url(),
             control_plane: Arc::new(Mutex::new(Some(control_plane))),
             kubelet,
+            scheduler: Mutex::new(scheduler),
             network,
             keep_dir,
             warm_start,
@@ -261,6 +284,16 @@ impl TestBed {
         let mut out = self
             .with_control_plane(|cp| cp.log_tails(lines))
             .unwrap_or_default();
+        if let Some(scheduler) = self.scheduler.lock().ok().and_then(|s| {
+            s.as_ref()
+                .map(|c| (c.log_path().to_owned(), c.log_tail(lines)))
+        }) {
+            out.push_str(&format!(
+                "\n----- kube-scheduler ({}) -----\n{}",
+                scheduler.0.display(),
+                scheduler.1
+            ));
+        }
         let pods = self.dir.join("kubelet/pods");
         let mut entries: Vec<PathBuf> = std::fs::read_dir(&pods)
             .into_iter()
@@ -301,6 +334,9 @@ impl TestBed {
         let Some(mut control_plane) = guard.take() else {
             return;
         };
+        if let Some(mut scheduler) = self.scheduler.lock().ok().and_then(|mut s| s.take()) {
+            scheduler.stop(Duration::from_secs(5));
+        }
         self.kubelet.shutdown();
         control_plane.stop();
         self.network.destroy();
@@ -321,11 +357,19 @@ async fn start_parts(
     network: Arc<PodNetwork>,
     keep_dir: bool,
     images: ImageMap,
+    real_nodes: bool,
 ) -> Result<(ControlPlane, FakeKubelet), TestBedError> {
     let gateway = network.gateway();
     let control_plane = ControlPlane::start(ControlPlaneOptions {
-        extra_serving_ips: vec![IpAddr::V4(gateway)],
+        // The `kubernetes` Service's ClusterIP is what real nodes' pods dial (a real node
+        // DNATs it to the proxy below).
+        extra_serving_ips: vec![IpAddr::V4(gateway), IpAddr::V4(KUBERNETES_SERVICE_IP)],
         keep_dir,
+        extra_controllers: if real_nodes {
+            vec![crate::real_cluster::PV_BINDER_CONTROLLER.to_owned()]
+        } else {
+            Vec::new()
+        },
     })
     .await?;
     // Pods have their own loopback: they reach the API through the gateway, where
@@ -348,11 +392,31 @@ async fn start_parts(
             api_port: IN_CLUSTER_API_PORT,
             state_dir: control_plane.dir().join("kubelet"),
             images,
+            bind_unscheduled: !real_nodes,
         },
         network,
     )
     .await?;
     Ok((control_plane, kubelet))
+}
+
+/// kube-scheduler, the fake Node cordoned, the PersistentVolume provisioner.
+async fn start_real_cluster(
+    control_plane: &ControlPlane,
+    kubelet: &FakeKubelet,
+) -> Result<Component, TestBedError> {
+    let client = control_plane.admin_client().await?;
+    crate::real_cluster::cordon(&client, &kubelet.config().node_name).await?;
+    tokio::spawn(crate::real_cluster::provision_volumes(
+        client,
+        control_plane.dir().join("volumes"),
+    ));
+    Ok(crate::real_cluster::start_scheduler(
+        control_plane.binaries(),
+        control_plane.admin_kubeconfig(),
+        &control_plane.dir().join("logs"),
+    )
+    .await?)
 }
 
 async fn proxy(listener: tokio::net::TcpListener, api_port: u16) {

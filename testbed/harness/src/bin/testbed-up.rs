@@ -15,6 +15,7 @@ fn main() {
     let bed = match TestBed::start(TestBedOptions {
         keep_dir: std::env::var_os("PGRS_TESTBED_KEEP").is_some(),
         images: None,
+        real_nodes: false,
     }) {
         Ok(bed) => bed,
         Err(e) => {

@@ -56,6 +56,9 @@ pub struct KubeletConfig {
     /// Pod directories and PersistentVolumeClaim data live here.
     pub state_dir: PathBuf,
     pub images: ImageMap,
+    /// Bind every unscheduled pod to this node (what a scheduler would do). Off when real
+    /// nodes and kube-scheduler run instead ([`crate::TestBedOptions::real_nodes`]).
+    pub bind_unscheduled: bool,
 }
 
 /// Shared by the dispatcher and the pod tasks.
@@ -302,7 +305,7 @@ fn handle(
     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     match node {
         None => {
-            if pod.metadata.deletion_timestamp.is_some() {
+            if pod.metadata.deletion_timestamp.is_some() || !ctx.config.bind_unscheduled {
                 return;
             }
             let fresh = binding

@@ -3,8 +3,10 @@
 //! registered with the bed's API server. Pods bound to it (`spec.nodeName`) run as real
 //! containers of images imported from archives: nothing is ever pulled.
 //!
-//! The bed's fake kubelet still runs and still binds every unscheduled pod to itself; there
-//! is no scheduler, so a pod meant for this node names it in `spec.nodeName`.
+//! On a bed started with `TestBedOptions::real_nodes`, kube-scheduler places pods on real
+//! nodes; otherwise the fake kubelet binds every unscheduled pod to itself, and a pod meant
+//! for this node names it in `spec.nodeName`. Pods reach the API server at the `kubernetes`
+//! Service's ClusterIP through a DNAT rule (`service_route`).
 //!
 //! Per node: a temp dir (containerd root/state/socket, kubelet root, pod logs, CNI config
 //! and IPAM state), a 10.214.X.0/24 pod subnet behind the bridge `pgrsnodeX` (X handed out
@@ -15,6 +17,10 @@
 
 mod binaries;
 mod config;
+mod credential;
+mod faults;
+mod service_route;
+mod teardown;
 
 use std::fs::File;
 use std::io::Write;
@@ -28,6 +34,8 @@ use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 
 pub use binaries::{BUILD_REV, FILES, NodeBinaries, NodeBinariesError, NodeVersions, RUNC};
+use credential::{account_name, node_account, node_credential};
+use teardown::{kill_all_tasks, kill_leftover_shims, unmount_under};
 
 use crate::TestBed;
 use crate::process::{Component, ProcessError, free_port, tail_file};
@@ -77,6 +85,12 @@ pub enum NodeError {
     Client(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the test bed's start-up task failed: {0}")]
     Join(String),
+    #[error("failed to remove the not-ready taint from Node {node}")]
+    Untaint {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
 }
 
 /// Options for [`RealNode::start`].
@@ -130,6 +144,7 @@ pub struct RealNode {
     kubectl: PathBuf,
     admin_kubeconfig: PathBuf,
     timings: NodeTimings,
+    service_route: Option<service_route::ServiceRoute>,
     stopped: bool,
     _lock: File,
 }
@@ -161,6 +176,7 @@ impl RealNode {
             lock,
             name,
             kubelet_kubeconfig,
+            api_proxy: (bed.gateway(), crate::testbed::IN_CLUSTER_API_PORT),
         };
         let handle = bed.runtime_handle();
         let node = std::thread::scope(|scope| {
@@ -286,6 +302,9 @@ impl RealNode {
         kill_leftover_shims(&self.socket);
         let containerd_done = started.elapsed();
         unmount_under(&self.dir);
+        if let Some(route) = self.service_route.take() {
+            route.remove();
+        }
         let _ = Command::new("ip")
             .args(["link", "del", &bridge_name(self.index)])
             .output();
@@ -322,6 +341,8 @@ struct Setup {
     name: String,
     /// The kubelet's kubeconfig (text): the node's ServiceAccount token.
     kubelet_kubeconfig: String,
+    /// The bed's API proxy, where the `kubernetes` Service is DNATed.
+    api_proxy: (Ipv4Addr, u16),
 }
 
 impl Setup {
@@ -359,6 +380,7 @@ impl Setup {
                 kubelet: Duration::ZERO,
                 total: Duration::ZERO,
             },
+            service_route: None,
             stopped: false,
             _lock: lock,
         };
@@ -377,6 +399,14 @@ impl Setup {
             command.args(&args);
             run(command)?;
         }
+        node.service_route = Some(service_route::ServiceRoute::add(
+            &bridge,
+            (
+                crate::testbed::KUBERNETES_SERVICE_IP,
+                crate::testbed::IN_CLUSTER_API_PORT,
+            ),
+            self.api_proxy,
+        )?);
         for d in paths.dirs() {
             mkdir(&d)?;
         }
@@ -480,6 +510,7 @@ impl Setup {
             }
         })
         .await?;
+        untaint_not_ready(&nodes, &name).await?;
         let total = started.elapsed();
         node.timings = NodeTimings {
             containerd: containerd_ready,
@@ -489,6 +520,36 @@ impl Setup {
         };
         Ok(node)
     }
+}
+
+/// The kubelet registers its Node with the taint `node.kubernetes.io/not-ready:NoSchedule`;
+/// kube-controller-manager's node-lifecycle controller, which would remove it once the Node is
+/// Ready, does not run on the bed (it would also judge the fake kubelet's Node), so the
+/// harness removes it here, once.
+async fn untaint_not_ready(nodes: &Api<Node>, name: &str) -> Result<(), NodeError> {
+    let untaint = |source| NodeError::Untaint {
+        node: name.to_owned(),
+        source,
+    };
+    let node = nodes.get(name).await.map_err(untaint)?;
+    let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
+    let kept: Vec<_> = taints
+        .iter()
+        .filter(|t| t.key != "node.kubernetes.io/not-ready")
+        .cloned()
+        .collect();
+    if kept.len() == taints.len() {
+        return Ok(());
+    }
+    nodes
+        .patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"taints": kept}})),
+        )
+        .await
+        .map(|_| ())
+        .map_err(untaint)
 }
 
 /// Polls `probe` every 200 ms; fails when containerd or the kubelet exits, or after
@@ -527,68 +588,6 @@ where
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// The ServiceAccount (in kube-system) whose token the kubelet uses, and the name of its
-/// ClusterRoleBinding to `system:node`.
-fn account_name(index: u8) -> String {
-    format!("pgrs-testbed-node-{index}")
-}
-
-fn node_account(index: u8) -> String {
-    format!("system:serviceaccount:kube-system:{}", account_name(index))
-}
-
-/// The kubelet's credential: a token of a ServiceAccount bound to the `system:node`
-/// ClusterRole (everything a kubelet does, as the Node authorizer would grant it, but not
-/// limited to this node's objects). A real node identity (`system:node:<name>` in
-/// `system:nodes`) needs a certificate from the cluster CA, whose key the test bed does not
-/// keep.
-fn node_credential(
-    kubectl: &Path,
-    admin_kubeconfig: &Path,
-    index: u8,
-) -> Result<String, NodeError> {
-    let account = account_name(index);
-    let manifest = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "List",
-        "items": [{
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {"name": account, "namespace": "kube-system"}
-        }, {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": account},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": "system:node"
-            },
-            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": "kube-system"}]
-        }]
-    });
-    let file = std::env::temp_dir().join(format!("pgrs-node-{index}-{}.json", std::process::id()));
-    write(&file, &manifest.to_string())?;
-    let mut apply = Command::new(kubectl);
-    apply
-        .env("KUBECONFIG", admin_kubeconfig)
-        .arg("apply")
-        .arg("--filename")
-        .arg(&file);
-    let applied = run(apply);
-    let _ = std::fs::remove_file(&file);
-    applied?;
-    let mut token = Command::new(kubectl);
-    token.env("KUBECONFIG", admin_kubeconfig).args([
-        "create",
-        "token",
-        &account,
-        "--namespace=kube-system",
-        "--duration=48h",
-    ]);
-    Ok(run(token)?.trim().to_owned())
 }
 
 fn bridge_name(index: u8) -> String {
@@ -656,68 +655,6 @@ fn import(binaries: &NodeBinaries, socket: &Path, archive: &Path) -> Result<(), 
     let mut command = ctr(binaries, socket);
     command.args(["images", "import", "--local"]).arg(archive);
     run(command).map(|_| ())
-}
-
-/// SIGKILLs and deletes every task (pod sandboxes and containers) of the CRI's namespace.
-fn kill_all_tasks(binaries: &NodeBinaries, socket: &Path) {
-    let mut list = ctr(binaries, socket);
-    list.args(["tasks", "ls", "--quiet"]);
-    let Ok(ids) = run(list) else { return };
-    for id in ids.lines().map(str::trim).filter(|id| !id.is_empty()) {
-        let mut kill = ctr(binaries, socket);
-        kill.args(["tasks", "kill", "--all", "--signal=SIGKILL", id]);
-        let _ = run(kill);
-    }
-    for id in ids.lines().map(str::trim).filter(|id| !id.is_empty()) {
-        let mut delete = ctr(binaries, socket);
-        delete.args(["tasks", "delete", "--force", id]);
-        let _ = run(delete);
-    }
-}
-
-/// runc shims outlive containerd: SIGKILL those of this node's containerd (their command
-/// line names its socket).
-fn kill_leftover_shims(socket: &Path) {
-    let socket = socket.display().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.contains("containerd-shim-runc-v2") && cmdline.contains(&socket) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
-
-/// Lazily unmounts every mount point under `dir`, deepest first.
-fn unmount_under(dir: &Path) {
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let mut points: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for point in points {
-        let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
-    }
 }
 
 fn mkdir(path: &Path) -> Result<(), NodeError> {
