@@ -180,12 +180,12 @@ impl Reconciler<'_> {
     async fn write_secret(&self, secret: Secret) -> Result<(), ReconcileError> {
         let name = secret.metadata.name.clone().unwrap_or_default();
         let api: Api<Secret> = Api::namespaced(self.context.client.clone(), &self.namespace());
-        api.patch(
-            &name,
-            &PatchParams::apply(names::MANAGER).force(),
-            &Patch::Apply(&secret),
+        let patch = PatchParams::apply(names::MANAGER).force();
+        super::pipeline::bounded(
+            || format!("applying the Secret {name}"),
+            api.patch(&name, &patch, &Patch::Apply(&secret)),
         )
-        .await
+        .await?
         .map(|_| ())
         .map_err(|source| ReconcileError::Apply {
             kind: "Secret",
