@@ -93,7 +93,12 @@ async fn replica_bootstrap_failures_name_the_cause() {
     let data_dir = spec.data_dir.clone();
     let (status, log) = spec.run_expecting_exit(EXIT);
     assert!(!status.success());
-    assert!(log.contains("pg_basebackup"), "{log}");
+    // The bootstrap's first remote session (the checks before pg_basebackup) logs in as the
+    // replication role too: it fails there, naming the primary and the role.
+    assert!(
+        log.contains("failed to reach the primary 127.0.0.1:"),
+        "{log}"
+    );
     assert!(
         log.contains("password authentication failed for user \"replicator\""),
         "{log}"
