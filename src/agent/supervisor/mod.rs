@@ -75,7 +75,8 @@ pub struct SupervisorState {
     /// A promotion was signalled and its post-promotion work is not done yet: a retried
     /// promote finishes it.
     pub promotion_pending: bool,
-    /// This agent creates the data directory (initdb of a first primary).
+    /// This agent creates the data directory (initdb of a first primary); cleared once
+    /// postgres first runs.
     pub new_data_dir: bool,
     /// The major-version upgrade run at startup, if any.
     pub major_upgrade: Option<crate::protocol::api::MajorUpgradeReport>,

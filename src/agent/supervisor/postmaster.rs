@@ -123,6 +123,11 @@ impl Supervisor {
         self.update(|s| {
             s.phase = phase;
             s.last_error = None;
+            // A data directory that has served is no longer a first bootstrap's: a later
+            // restart runs on the start budget, not the bootstrap budget.
+            if phase == Phase::Running {
+                s.new_data_dir = false;
+            }
         });
         tracing::info!(?pid, in_recovery, "postgres is up");
         Ok(())
