@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::validate::{FieldError, Validate};
+use crate::protocol::validate::{FieldError, Validate, refuse, slot};
 
 pub const CHECKPOINT_PATH: &str = "/v1/checkpoint";
 pub const SYNCHRONOUS_STANDBY_NAMES_PATH: &str = "/v1/synchronous-standby-names";
@@ -61,13 +61,6 @@ impl SynchronousStandbyNamesRequest {
             .map(|m| format!("\"{}\"", m.replace('"', "\"\"")))
             .collect();
         format!("ANY {} ({})", self.k, quoted.join(", "))
-    }
-}
-
-fn refuse(field: impl Into<String>, problem: impl Into<String>) -> FieldError {
-    FieldError {
-        field: field.into(),
-        problem: problem.into(),
     }
 }
 
@@ -140,23 +133,8 @@ impl Validate for DropSlotsRequest {
                 format!("must name 1 to {MAX_SYNC_MEMBERS} slots"),
             ));
         }
-        for (i, slot) in self.slots.iter().enumerate() {
-            let field = format!("slots[{i}]");
-            if slot.is_empty() || slot.len() > MAX_MEMBER_LEN {
-                return Err(refuse(
-                    field,
-                    format!("must be 1 to {MAX_MEMBER_LEN} bytes"),
-                ));
-            }
-            if !slot
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            {
-                return Err(refuse(
-                    field,
-                    "may contain only lower-case letters, digits and underscores",
-                ));
-            }
+        for (i, name) in self.slots.iter().enumerate() {
+            slot(&format!("slots[{i}]"), Some(name))?;
         }
         Ok(())
     }

@@ -32,7 +32,7 @@ pub struct FieldError {
     pub problem: String,
 }
 
-fn refuse(field: impl Into<String>, problem: impl Into<String>) -> FieldError {
+pub(crate) fn refuse(field: impl Into<String>, problem: impl Into<String>) -> FieldError {
     FieldError {
         field: field.into(),
         problem: problem.into(),
@@ -79,7 +79,9 @@ fn port(field: &str, value: u16) -> Result<(), FieldError> {
     Ok(())
 }
 
-fn slot(field: &str, value: Option<&str>) -> Result<(), FieldError> {
+/// A replication slot name, when given: 1 to [`MAX_SLOT_LEN`] lower-case letters, digits and
+/// underscores.
+pub(crate) fn slot(field: &str, value: Option<&str>) -> Result<(), FieldError> {
     let Some(value) = value else {
         return Ok(());
     };
