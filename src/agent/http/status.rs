@@ -121,13 +121,12 @@ pub(super) async fn status(
             format!("invalid status query: {}", rejection.body_text()),
         )
     })?;
-    let status = state.status().await;
+    let mut status = state.status().await;
     let Some(token) = query.wait_for_change else {
         return Ok(Json(status));
     };
     let wait = Duration::from_millis(query.timeout_ms.unwrap_or(0)).min(STATUS_WAIT_MAX);
     let deadline = tokio::time::Instant::now() + wait;
-    let mut status = status;
     while status.change_token() == token && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(LONG_POLL_INTERVAL).await;
         status = state.status().await;
